@@ -1,0 +1,375 @@
+//! The composition root: build the store, rules and limiter from the
+//! configuration, serve gRPC and HTTP, and drain on shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use metrics::gauge;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{RulesSource, ServeArgs, StoreUrl};
+use crate::grpc::{RateLimitHandler, SERVICE_NAME};
+use crate::health::Readiness;
+use crate::limiter::{KeyHasher, PlanOptions};
+use crate::rules::postgres::PostgresSource;
+use crate::rules::{watch, RuleSet};
+use crate::service::{ApiKeyPolicy, LimiterSettings, RateLimiter, RulesHandle};
+use crate::storage::memory::MemoryStore;
+use crate::storage::redis::{RedisOptions, RedisStore, RedisTarget};
+use crate::storage::CounterStore;
+use crate::telemetry::{self, names};
+use crate::tls::{self, TlsFiles, TlsReloader};
+use crate::usage::UsageRecorder;
+use crate::{database, http, proto};
+
+/// How long shutdown waits for the last usage records to be written.
+const USAGE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `serve` needs, built by [`build`] or by a test.
+#[derive(Clone)]
+pub struct Deps {
+    pub limiter: Arc<RateLimiter>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: PrometheusHandle,
+    /// How long in-flight calls may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// Serve gRPC over TLS with these (reloading) certificates.
+    pub tls: Option<Arc<TlsReloader>>,
+}
+
+/// Serves the rate-limit API (with health and reflection) on `grpc` and the
+/// HTTP endpoints on `http` until `shutdown` completes; then reports
+/// NOT_SERVING, stops accepting, and gives in-flight calls up to the grace
+/// period to finish.
+pub async fn serve(
+    grpc: TcpListener,
+    http: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let _store_health = AbortOnDrop(tokio::spawn(report_store_health(
+        health.clone(),
+        deps.limiter.store().clone(),
+    )));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    // grpcurl before 1.8.8 only speaks v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building gRPC reflection")?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let grpc_router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RateLimitHandler::new(deps.limiter.clone()).into_server());
+    let grpc_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match &deps.tls {
+            Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
+                tls::incoming(grpc, tls.clone()),
+                stopped(stop_rx.clone()),
+            )),
+            None => Box::pin(grpc_router.serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                stopped(stop_rx.clone()),
+            )),
+        };
+    let router = http::router(http::HttpState {
+        limiter: deps.limiter.clone(),
+        readiness: deps.readiness.clone(),
+        metrics: deps.metrics.clone(),
+    });
+    let http_server = axum::serve(http, router).with_graceful_shutdown(stopped(stop_rx));
+
+    let servers = async {
+        tokio::try_join!(
+            async { grpc_server.await.context("gRPC server failed") },
+            async { http_server.await.context("HTTP server failed") },
+        )
+        .map(|_| ())
+    };
+    tokio::pin!(servers);
+    tokio::select! {
+        result = &mut servers => return result,
+        () = shutdown => {}
+    }
+
+    tracing::info!(grace = ?deps.shutdown_grace, "shutting down: draining in-flight calls");
+    deps.readiness.set_draining();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    let result = match tokio::time::timeout(deps.shutdown_grace, servers).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!("grace period over; closing the remaining connections");
+            Ok(())
+        }
+    };
+    // After the last call: its decision is in the usage queue too.
+    if let Some(usage) = deps.limiter.usage() {
+        if !usage.close(USAGE_CLOSE_TIMEOUT).await {
+            tracing::warn!("usage records not all written at shutdown");
+        }
+    }
+    result
+}
+
+/// The gRPC health service name that reports the counter store's state.
+/// The rate-limit service itself stays SERVING while the store fails: it
+/// still answers, by the failure mode.
+pub const STORE_HEALTH_SERVICE: &str = "sluice.CounterStore";
+
+/// Mirrors `CounterStore::health` into gRPC health, as `/readyz` shows it.
+async fn report_store_health(
+    health: tonic_health::server::HealthReporter,
+    store: Arc<dyn CounterStore>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut last = None;
+    loop {
+        ticker.tick().await;
+        let status = match store.health() {
+            crate::storage::StoreHealth::Up => ServingStatus::Serving,
+            crate::storage::StoreHealth::Down(_) => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            health
+                .set_service_status(STORE_HEALTH_SERVICE, status)
+                .await;
+            last = Some(status);
+        }
+    }
+}
+
+/// Aborts a background task when dropped: `serve` returns from several
+/// places, and its helpers must not outlive it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Builds everything `serve` needs from the command line, and starts the
+/// background tasks (rule reloads, counter expiry).
+pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let readiness = Arc::new(Readiness::default());
+
+    let rules: RulesHandle = Arc::new(ArcSwap::from_pointee(RuleSet::new()));
+    let mut usage = None;
+    match &args.rules {
+        RulesSource::Files(path) => {
+            watch::load_into(path, &rules, &readiness)
+                .map_err(|errors| anyhow::anyhow!("invalid rules:\n{errors}"))?;
+            tokio::spawn(watch::watch(
+                path.clone(),
+                args.rules_poll,
+                rules.clone(),
+                readiness.clone(),
+            ));
+        }
+        RulesSource::Postgres => {
+            let (mut source, primary) = postgres_source(args, &rules, &readiness)?;
+            source.start_up(args.require_rules).await?;
+            tokio::spawn(source.run());
+            usage = Some(UsageRecorder::start(
+                primary,
+                args.usage_flush,
+                args.usage_queue.get(),
+            ));
+        }
+    }
+
+    let hasher = match &args.key_secret {
+        Some(secret) => KeyHasher::from_secret(secret.0.as_bytes()),
+        None => KeyHasher::random(),
+    };
+    let store: Arc<dyn CounterStore> = match &args.store {
+        StoreUrl::Memory => {
+            let store = Arc::new(MemoryStore::new(args.memory_max_keys.get(), clock.clone()));
+            tokio::spawn(sweep(store.clone()));
+            store
+        }
+        StoreUrl::Redis(url) => redis_store(RedisTarget::Standalone(url.clone()), args)?,
+        StoreUrl::Cluster { nodes, .. } => redis_store(RedisTarget::Cluster(nodes.clone()), args)?,
+    };
+
+    let mut limiter = RateLimiter::new(
+        rules,
+        store,
+        hasher,
+        LimiterSettings {
+            plan: PlanOptions {
+                default_algorithm: args.default_algorithm,
+                global_shadow: args.shadow_mode,
+            },
+            failure_mode: args.failure_mode,
+            store_timeout: args.store_timeout,
+            rate_limit_headers: args.rate_limit_headers,
+        },
+        clock,
+    );
+    if args.rules == RulesSource::Postgres {
+        limiter = limiter.with_api_keys(ApiKeyPolicy {
+            descriptor: args.api_key_descriptor.clone(),
+            unknown: args.unknown_key,
+        });
+    }
+    if let Some(usage) = usage {
+        limiter = limiter.with_usage(usage);
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let reloader = TlsReloader::new(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })
+            .context("loading TLS certificates")?;
+            tokio::spawn(reloader.clone().watch(Duration::from_secs(1)));
+            Some(reloader)
+        }
+        _ => None,
+    };
+    Ok(Deps {
+        limiter: Arc::new(limiter),
+        tls,
+        readiness,
+        metrics: telemetry::prometheus(),
+        shutdown_grace: args.shutdown_grace,
+    })
+}
+
+/// The PostgreSQL rules source and the primary's pool (for usage writes).
+/// Pools connect lazily: start-up decides what to do when PostgreSQL is down.
+fn postgres_source(
+    args: &ServeArgs,
+    rules: &RulesHandle,
+    readiness: &Arc<Readiness>,
+) -> anyhow::Result<(PostgresSource, sqlx::PgPool)> {
+    let password = args.database_password.as_ref();
+    let primary_url = args
+        .database_url
+        .as_ref()
+        .context("--rules postgres needs --database-url")?;
+    let primary = database::options(&primary_url.0, password).map_err(anyhow::Error::msg)?;
+    let replica = args
+        .database_replica_url
+        .as_ref()
+        .map(|url| database::options(&url.0, password))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let timeout = args.database_timeout;
+    let primary_pool = database::lazy_pool(primary.clone(), 4, timeout);
+    let source = PostgresSource::new(
+        primary_pool.clone(),
+        replica.map(|r| database::lazy_pool(r, 2, timeout)),
+        database::lazy_pool(primary, 1, timeout),
+        timeout,
+        rules.clone(),
+        readiness.clone(),
+        args.rules_snapshot.clone(),
+    );
+    Ok((source, primary_pool))
+}
+
+/// The Redis store; it connects in the background, so sluice starts (and
+/// answers by the failure mode) while Redis is down.
+fn redis_store(target: RedisTarget, args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
+    let mut options = RedisOptions::new(args.store_timeout);
+    options.breaker_failures = args.breaker_failures.get();
+    options.breaker_cooldown = args.breaker_cooldown;
+    options.local_cache_size = args.local_cache_size;
+    options.password = args.redis_password.as_ref().map(|p| p.0.clone());
+    if let Some(path) = &args.redis_ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading --redis-ca-cert {}", path.display()))?;
+        options.ca_cert = Some(pem);
+    }
+    // The client's messages name what is wrong, never the URL itself, and
+    // the target's Debug redacts the password.
+    let store = RedisStore::new(&target, options)
+        .map_err(|e| anyhow::anyhow!("invalid Redis store {target:?}: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+/// Expires idle in-process counters and reports how many are live.
+async fn sweep(store: Arc<MemoryStore>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticker.tick().await;
+        store.sweep();
+        gauge!(names::STORE_KEYS, "store" => "memory").set(store.len() as f64);
+    }
+}
+
+/// `sluice serve`: bind, serve, and stop on SIGTERM or Ctrl-C.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let deps = build(&args).await?;
+    let grpc = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.grpc_addr))?;
+    let http = TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", args.http_addr))?;
+    tracing::info!(
+        grpc = %args.grpc_addr,
+        http = %args.http_addr,
+        store = ?args.store,
+        rules = %args.rules,
+        "sluice serving"
+    );
+    serve(grpc, http, deps, shutdown_signal()).await
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

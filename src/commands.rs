@@ -1,0 +1,102 @@
+//! The one-shot subcommands: `check` and `rules validate`; those that work
+//! on PostgreSQL are in [`postgres`].
+
+pub mod postgres;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::CheckArgs;
+use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
+use crate::proto::rls::{
+    rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient,
+    RateLimitRequest,
+};
+use crate::rules::yaml;
+
+/// `sluice check`: one call to a running sluice, printed for a human.
+pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let addr = if args.addr.contains("://") {
+        args.addr.clone()
+    } else {
+        format!("http://{}", args.addr)
+    };
+    let channel = tonic::transport::Endpoint::from_shared(addr)?
+        .connect_timeout(args.timeout)
+        .timeout(args.timeout)
+        .connect()
+        .await?;
+    let mut client = RateLimitServiceClient::new(channel);
+    let request = RateLimitRequest {
+        domain: args.domain.clone(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: args
+                .entries
+                .iter()
+                .map(|(key, value)| Entry {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            limit: None,
+            hits_addend: args.hits,
+        }],
+        hits_addend: 0,
+    };
+    let response = client.should_rate_limit(request).await?.into_inner();
+    let overall = response.overall_code();
+    println!("overall: {}", overall.as_str_name());
+    for (i, s) in response.statuses.iter().enumerate() {
+        let mut line = format!("descriptor[{i}]: {}", s.code().as_str_name());
+        if let Some(limit) = &s.current_limit {
+            line += &format!(
+                " limit={}/{}",
+                limit.requests_per_unit,
+                limit.unit().as_str_name().to_ascii_lowercase()
+            );
+            if !limit.name.is_empty() {
+                line += &format!(" name={}", limit.name);
+            }
+            line += &format!(" remaining={}", s.limit_remaining);
+        }
+        if let Some(d) = &s.duration_until_reset {
+            line += &format!(" reset={}.{:03}s", d.seconds, d.nanos / 1_000_000);
+        }
+        println!("{line}");
+    }
+    for h in &response.response_headers_to_add {
+        println!("header: {}: {}", h.key, h.value);
+    }
+    Ok(if overall == Code::OverLimit {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `sluice rules validate`: every error, one per line; non-zero on any.
+pub fn validate(path: &Path) -> ExitCode {
+    match yaml::load_path(path) {
+        Ok(set) => {
+            // Sorted: the set keeps its domains in a hash map.
+            let mut domains: Vec<_> = set.domains().collect();
+            domains.sort_unstable();
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            let rules = set.rules().len();
+            println!(
+                "ok: {rules} rule{} in {} domain{} ({})",
+                plural(rules),
+                domains.len(),
+                plural(domains.len()),
+                domains.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

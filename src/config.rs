@@ -1,0 +1,663 @@
+//! The command line. Every `serve` flag also reads a `SLUICE_*` environment
+//! variable (flag > env > default), so Helm values become env vars. Values
+//! are parsed into types and checked before any port is bound.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::limiter::Algorithm;
+use crate::service::{FailureMode, UnknownKey};
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A rate-limit decision service for Envoy and Kong"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC and HTTP servers.
+    Serve(Box<ServeArgs>),
+    /// Ask a running sluice for a decision and print it.
+    Check(CheckArgs),
+    /// Work with rule files, and with rules in PostgreSQL.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Create or upgrade the PostgreSQL schema (idempotent).
+    Migrate(DatabaseArgs),
+    /// Plans and their monthly quotas, in PostgreSQL.
+    #[command(subcommand)]
+    Plans(PlansCommand),
+    /// Tenants, in PostgreSQL.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// API keys, stored in PostgreSQL only as keyed hashes.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// A tenant's allowed and denied requests per domain in one month (UTC).
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Check a rules file or directory; print every error as `FILE: message`.
+    Validate {
+        /// A YAML file or a directory of them.
+        path: PathBuf,
+    },
+    /// Validate rule files as `validate` does, then replace each of their
+    /// domains' rules in PostgreSQL, all in one transaction.
+    Apply {
+        /// A YAML file or a directory of them.
+        path: PathBuf,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Print a domain's rules from PostgreSQL as YAML.
+    Export {
+        #[arg(long)]
+        domain: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// Whose rules: the domain's (default), or those replacing them for the
+/// keys of one plan or one tenant.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct ScopeArgs {
+    /// The rules for the API keys of this plan.
+    #[arg(long)]
+    pub plan: Option<String>,
+    /// The rules for the API keys of this tenant.
+    #[arg(long)]
+    pub tenant: Option<String>,
+}
+
+/// Where PostgreSQL is, for the one-shot commands.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL (the primary), e.g. postgres://sluice@db:5432/sluice.
+    #[arg(long, env = "SLUICE_DATABASE_URL", value_parser = parse_database_url)]
+    pub database_url: DatabaseUrl,
+    /// Password, overriding any in the URL (from a Secret).
+    #[arg(long, env = "SLUICE_DATABASE_PASSWORD", value_parser = parse_secret, hide_env_values = true)]
+    pub database_password: Option<Secret>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlansCommand {
+    /// List plans and their quotas.
+    List(DatabaseArgs),
+    /// Create a plan or change its monthly quota.
+    Set {
+        name: String,
+        /// Requests per month (30 days) for each tenant on the plan; `none`
+        /// for no quota.
+        #[arg(long, value_parser = parse_quota)]
+        monthly_quota: Quota,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quota {
+    None,
+    Requests(u32),
+}
+
+fn parse_quota(s: &str) -> Result<Quota, String> {
+    if s == "none" {
+        return Ok(Quota::None);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Quota::Requests(n)),
+        _ => Err(format!(
+            "expected 'none' or a number of requests from 1 to {}",
+            u32::MAX
+        )),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// Create a tenant on a plan.
+    Create {
+        name: String,
+        #[arg(long)]
+        plan: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List tenants with their plans and live keys.
+    List(DatabaseArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Issue a key: print it once; only its keyed hash is stored.
+    Issue {
+        #[arg(long)]
+        tenant: String,
+        /// Give this key another plan's limits than its tenant's.
+        #[arg(long)]
+        plan: Option<String>,
+        /// The secret the servers hash keys with (their --key-secret).
+        #[arg(long, env = "SLUICE_KEY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+        key_secret: Secret,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Revoke a key by its prefix (as `keys list` shows it).
+    Revoke {
+        prefix: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List a tenant's keys by prefix.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    #[arg(long)]
+    pub tenant: String,
+    /// The month, e.g. 2026-11.
+    #[arg(long, value_parser = parse_month)]
+    pub month: (i32, u32),
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+fn parse_month(s: &str) -> Result<(i32, u32), String> {
+    let bad = || format!("expected a month as YYYY-MM, got '{s}'");
+    let (y, m) = s.split_once('-').ok_or_else(bad)?;
+    let year: i32 = y.parse().map_err(|_| bad())?;
+    let month: u32 = m.parse().map_err(|_| bad())?;
+    if y.len() != 4 || m.len() != 2 || !(1..=12).contains(&month) {
+        return Err(bad());
+    }
+    Ok((year, month))
+}
+
+/// Where `serve` reads its rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RulesSource {
+    /// A YAML file or directory, reloaded on change.
+    Files(PathBuf),
+    /// PostgreSQL (with `--database-url`), reloaded on NOTIFY.
+    Postgres,
+}
+
+impl fmt::Display for RulesSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RulesSource::Files(p) => write!(f, "{}", p.display()),
+            RulesSource::Postgres => f.write_str("postgres"),
+        }
+    }
+}
+
+fn parse_rules_source(s: &str) -> Result<RulesSource, String> {
+    Ok(match s {
+        "postgres" => RulesSource::Postgres,
+        path => RulesSource::Files(PathBuf::from(path)),
+    })
+}
+
+/// A database URL; `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(DatabaseUrl(s.to_owned()))
+    } else {
+        Err(format!(
+            "expected a postgres:// or postgresql:// URL, got '{}'",
+            redact_url(s)
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The sluice gRPC address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub addr: String,
+    #[arg(long)]
+    pub domain: String,
+    /// A descriptor entry `key=value`; repeat for a nested descriptor.
+    #[arg(short = 'd', long = "descriptor", value_parser = parse_entry, required = true)]
+    pub entries: Vec<(String, String)>,
+    /// Hits to add (0 checks without consuming).
+    #[arg(long)]
+    pub hits: Option<u64>,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_entry(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got '{s}'"))
+}
+
+/// Where counters live.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Memory,
+    /// `redis://` or `rediss://`, one server.
+    Redis(String),
+    /// `redis+cluster://host1:port,host2:port` (seed nodes), or `rediss+cluster://`.
+    Cluster {
+        nodes: Vec<String>,
+        tls: bool,
+    },
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Memory => f.write_str("memory"),
+            StoreUrl::Redis(url) => write!(f, "{}", redact_url(url)),
+            StoreUrl::Cluster { nodes, tls } => {
+                let nodes: Vec<_> = nodes.iter().map(|n| redact_url(n)).collect();
+                write!(f, "cluster(tls={tls}, {nodes:?})")
+            }
+        }
+    }
+}
+
+/// Replaces the password in a URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn parse_store(s: &str) -> Result<StoreUrl, String> {
+    if s == "memory" {
+        return Ok(StoreUrl::Memory);
+    }
+    if let Some(rest) = s
+        .strip_prefix("redis+cluster://")
+        .map(|r| (r, false))
+        .or_else(|| s.strip_prefix("rediss+cluster://").map(|r| (r, true)))
+    {
+        let (list, tls) = rest;
+        let scheme = if tls { "rediss" } else { "redis" };
+        // Credentials, if any, come before the first host and apply to all.
+        let (auth, hosts) = match list.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), list),
+        };
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{auth}{}", h.trim_end_matches('/')))
+            .collect();
+        if nodes.is_empty() {
+            return Err("redis+cluster:// needs at least one seed node host:port".into());
+        }
+        return Ok(StoreUrl::Cluster { nodes, tls });
+    }
+    if s.starts_with("redis://") || s.starts_with("rediss://") {
+        return Ok(StoreUrl::Redis(s.to_owned()));
+    }
+    Err(format!(
+        "unknown store '{}': expected memory, redis://, rediss:// or redis+cluster://",
+        redact_url(s)
+    ))
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_owned()))
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address (Envoy's rate-limit API, health, reflection).
+    #[arg(long, env = "SLUICE_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address (/json, /metrics, /healthz, /readyz).
+    #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// A rules file or directory (envoyproxy/ratelimit YAML), reloaded on
+    /// change; or `postgres`: rules and API keys from --database-url.
+    #[arg(long, env = "SLUICE_RULES", default_value = "examples/rules", value_parser = parse_rules_source)]
+    pub rules: RulesSource,
+
+    /// How often to look for changed rule files.
+    #[arg(long, env = "SLUICE_RULES_POLL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub rules_poll: Duration,
+
+    /// PostgreSQL primary, with --rules postgres: NOTIFY, usage writes, and
+    /// reads when no replica is given.
+    #[arg(long, env = "SLUICE_DATABASE_URL", value_parser = parse_database_url)]
+    pub database_url: Option<DatabaseUrl>,
+
+    /// A streaming replica of the primary to read rules and keys from.
+    #[arg(long, env = "SLUICE_DATABASE_REPLICA_URL", value_parser = parse_database_url)]
+    pub database_replica_url: Option<DatabaseUrl>,
+
+    /// PostgreSQL password, overriding any in the URLs (from a Secret).
+    #[arg(long, env = "SLUICE_DATABASE_PASSWORD", value_parser = parse_secret, hide_env_values = true)]
+    pub database_password: Option<Secret>,
+
+    /// The longest a PostgreSQL connection attempt or query may take.
+    #[arg(long, env = "SLUICE_DATABASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_timeout: Duration,
+
+    /// Where to keep the last rules and keys loaded from PostgreSQL, to
+    /// start from when PostgreSQL is down at start-up.
+    #[arg(long, env = "SLUICE_RULES_SNAPSHOT")]
+    pub rules_snapshot: Option<PathBuf>,
+
+    /// With --rules postgres: refuse to start when PostgreSQL is down and
+    /// there is no snapshot (default: start with no limits).
+    #[arg(long, env = "SLUICE_REQUIRE_RULES", default_value_t = false)]
+    pub require_rules: bool,
+
+    /// The descriptor entry key that carries an API key.
+    #[arg(long, env = "SLUICE_API_KEY_DESCRIPTOR", default_value = "api_key")]
+    pub api_key_descriptor: String,
+
+    /// What a request with an unknown or revoked API key gets.
+    #[arg(long, env = "SLUICE_UNKNOWN_KEY", value_enum, default_value = "deny")]
+    pub unknown_key: UnknownKey,
+
+    /// How often usage and violations are written to PostgreSQL.
+    #[arg(long, env = "SLUICE_USAGE_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub usage_flush: Duration,
+
+    /// Most decisions waiting to be counted; beyond it they are dropped
+    /// (and counted in sluice_usage_dropped_total), never waited for.
+    #[arg(long, env = "SLUICE_USAGE_QUEUE", default_value = "65536")]
+    pub usage_queue: std::num::NonZeroUsize,
+
+    /// Counter store: memory, redis://host:6379/0, rediss://..., redis+cluster://h1:7000,h2:7001.
+    #[arg(long, env = "SLUICE_STORE", default_value = "memory", value_parser = parse_store)]
+    pub store: StoreUrl,
+
+    /// Redis password, overriding any in the store URL (from a Secret).
+    #[arg(long, env = "SLUICE_REDIS_PASSWORD", value_parser = parse_secret, hide_env_values = true)]
+    pub redis_password: Option<Secret>,
+
+    /// Secret for the keyed hashes of client identifiers; instances that
+    /// share counters must share it. Required with a Redis store.
+    #[arg(long, env = "SLUICE_KEY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub key_secret: Option<Secret>,
+
+    /// What to answer when the store cannot: allow (OK) or deny (UNAVAILABLE).
+    #[arg(long, env = "SLUICE_FAILURE_MODE", value_enum, default_value = "allow")]
+    pub failure_mode: FailureMode,
+
+    /// The longest a decision waits for the store.
+    #[arg(long, env = "SLUICE_STORE_TIMEOUT", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub store_timeout: Duration,
+
+    /// CA certificates (PEM) to trust for rediss:// instead of the web PKI roots.
+    #[arg(long, env = "SLUICE_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<PathBuf>,
+
+    /// Consecutive failed store calls, spanning at least --store-timeout,
+    /// that open the circuit breaker (Redis).
+    #[arg(long, env = "SLUICE_BREAKER_FAILURES", default_value = "5")]
+    pub breaker_failures: std::num::NonZeroU32,
+
+    /// While the breaker is open, Redis is probed once per cool-down;
+    /// decisions resume within one cool-down of Redis answering again.
+    #[arg(long, env = "SLUICE_BREAKER_COOLDOWN", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub breaker_cooldown: Duration,
+
+    /// Most over-limit counters answered locally, without Redis, until
+    /// they can admit again; 0 turns the cache off.
+    #[arg(long, env = "SLUICE_LOCAL_CACHE_SIZE", default_value = "100000")]
+    pub local_cache_size: usize,
+
+    /// Algorithm for rules that name none.
+    #[arg(long, env = "SLUICE_DEFAULT_ALGORITHM", default_value = "sliding_window", value_parser = parse_algorithm)]
+    pub default_algorithm: Algorithm,
+
+    /// Global shadow mode: count and report, but never deny.
+    #[arg(long, env = "SLUICE_SHADOW_MODE", default_value_t = false)]
+    pub shadow_mode: bool,
+
+    /// Add RateLimit-Limit/Remaining/Reset headers to responses.
+    #[arg(long, env = "SLUICE_RATE_LIMIT_HEADERS", default_value_t = false)]
+    pub rate_limit_headers: bool,
+
+    /// Most counters the in-process store holds.
+    #[arg(long, env = "SLUICE_MEMORY_MAX_KEYS", default_value = "1000000")]
+    pub memory_max_keys: std::num::NonZeroUsize,
+
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `sluice=debug,info`.
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Send traces over OTLP/gRPC to this endpoint, e.g. http://otel-collector:4317.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM); reloaded on change.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// On SIGTERM: how long in-flight calls may take to finish.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    Algorithm::parse(s).ok_or_else(|| {
+        format!("unknown algorithm '{s}' (expected sliding_window, fixed_window or gcra)")
+    })
+}
+
+impl ServeArgs {
+    /// Checks what clap cannot check alone.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.store != StoreUrl::Memory && self.key_secret.is_none() {
+            return Err(
+                "--key-secret (SLUICE_KEY_SECRET) is required with a Redis store: \
+                 instances sharing counters must hash client identifiers with the same secret"
+                    .into(),
+            );
+        }
+        if self.store_timeout.is_zero() {
+            return Err("--store-timeout must be greater than zero".into());
+        }
+        if self.breaker_cooldown.is_zero() {
+            return Err("--breaker-cooldown must be greater than zero".into());
+        }
+        if self.rules_poll.is_zero() {
+            return Err("--rules-poll must be greater than zero".into());
+        }
+        if self.rules == RulesSource::Postgres {
+            if self.database_url.is_none() {
+                return Err("--rules postgres needs --database-url (SLUICE_DATABASE_URL)".into());
+            }
+            if self.key_secret.is_none() {
+                return Err(
+                    "--rules postgres needs --key-secret (SLUICE_KEY_SECRET): API keys \
+                     are stored as hashes keyed with it"
+                        .into(),
+                );
+            }
+            if self.api_key_descriptor.is_empty() {
+                return Err("--api-key-descriptor must not be empty".into());
+            }
+            if self.database_timeout.is_zero() || self.usage_flush.is_zero() {
+                return Err(
+                    "--database-timeout and --usage-flush must be greater than zero".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_parse_and_redact() {
+        assert_eq!(parse_store("memory").unwrap(), StoreUrl::Memory);
+        let s = parse_store("redis+cluster://:pw@a:7000,b:7001").unwrap();
+        assert_eq!(
+            s,
+            StoreUrl::Cluster {
+                nodes: vec!["redis://:pw@a:7000".into(), "redis://:pw@b:7001".into()],
+                tls: false
+            }
+        );
+        assert!(!format!("{s:?}").contains("pw"));
+        let r = parse_store("redis://user:hunter2@h:6379/0").unwrap();
+        assert_eq!(format!("{r:?}"), "redis://user:***@h:6379/0");
+        assert!(parse_store("http://x").is_err());
+    }
+
+    #[test]
+    fn every_serve_flag_reads_an_env_var() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        for arg in serve.get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.as_deref().is_some_and(|e| e.starts_with("SLUICE_")),
+                "--{} has no SLUICE_* env var",
+                arg.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let cli = Cli::try_parse_from(["sluice", "serve", "--key-secret", "hunter2"]).unwrap();
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let argv = ["sluice", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => *args,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn postgres_rules_need_a_database_and_a_key_secret() {
+        let args = serve(&["--rules", "postgres"]);
+        assert_eq!(args.rules, RulesSource::Postgres);
+        assert!(args.validate().unwrap_err().contains("--database-url"));
+        let args = serve(&[
+            "--rules",
+            "postgres",
+            "--database-url",
+            "postgres://u:pw@h/db",
+        ]);
+        assert!(args.validate().unwrap_err().contains("--key-secret"));
+        let args = serve(&[
+            "--rules",
+            "postgres",
+            "--database-url",
+            "postgres://u:pw@h/db",
+            "--key-secret",
+            "s",
+        ]);
+        args.validate().unwrap();
+        assert!(!format!("{args:?}").contains("pw"));
+        assert_eq!(args.unknown_key, UnknownKey::Deny);
+        assert_eq!(args.api_key_descriptor, "api_key");
+        let args = serve(&["--rules", "examples/rules"]);
+        assert_eq!(args.rules, RulesSource::Files("examples/rules".into()));
+        assert!(Cli::try_parse_from(["sluice", "serve", "--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn months_and_quotas_parse() {
+        assert_eq!(parse_month("2026-11"), Ok((2026, 11)));
+        assert!(parse_month("2026-13").is_err());
+        assert!(parse_month("2026-1").is_err());
+        assert_eq!(parse_quota("none"), Ok(Quota::None));
+        assert_eq!(parse_quota("5"), Ok(Quota::Requests(5)));
+        assert!(parse_quota("0").is_err());
+    }
+
+    #[test]
+    fn redis_needs_a_key_secret() {
+        let Command::Serve(args) =
+            Cli::try_parse_from(["sluice", "serve", "--store", "redis://h:6379"])
+                .unwrap()
+                .command
+        else {
+            panic!("not serve");
+        };
+        assert!(args.validate().unwrap_err().contains("--key-secret"));
+    }
+}

@@ -1,0 +1,145 @@
+//! Proto <-> domain conversions for the rate-limit API.
+
+use crate::limiter::{Code, Descriptor, Entry, LimitOverride, Request, RequestError, Unit};
+use crate::proto::common::RateLimitDescriptor;
+use crate::proto::envoy::config::core::v3::HeaderValue;
+use crate::proto::envoy::r#type::v3::RateLimitUnit;
+use crate::proto::rls::{rate_limit_response as rsp, RateLimitRequest, RateLimitResponse};
+use crate::service::Verdict;
+
+/// Borrows a domain request from a decoded message. Request-level
+/// `hits_addend` 0 means 1; a descriptor's own `hits_addend` wins.
+pub fn request_from_proto(message: &RateLimitRequest) -> Result<Request<'_>, RequestError> {
+    let hits = u64::from(message.hits_addend.max(1));
+    let descriptors = message
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(index, d)| descriptor_from_proto(index, d))
+        .collect::<Result<_, _>>()?;
+    Ok(Request {
+        domain: &message.domain,
+        descriptors,
+        hits,
+    })
+}
+
+fn descriptor_from_proto(
+    index: usize,
+    d: &RateLimitDescriptor,
+) -> Result<Descriptor<'_>, RequestError> {
+    let limit_override = match &d.limit {
+        None => None,
+        Some(o) => Some(LimitOverride {
+            requests_per_unit: o.requests_per_unit,
+            unit: unit_from_proto(o.unit).ok_or_else(|| RequestError::BadOverrideUnit {
+                index,
+                reason: format!("unknown rate limit unit {}", o.unit),
+            })?,
+        }),
+    };
+    Ok(Descriptor {
+        entries: d
+            .entries
+            .iter()
+            .map(|e| Entry {
+                key: &e.key,
+                value: &e.value,
+            })
+            .collect(),
+        limit_override,
+        hits: d.hits_addend,
+    })
+}
+
+fn unit_from_proto(unit: i32) -> Option<Unit> {
+    Some(match RateLimitUnit::try_from(unit).ok()? {
+        RateLimitUnit::Unknown => return None,
+        RateLimitUnit::Second => Unit::Second,
+        RateLimitUnit::Minute => Unit::Minute,
+        RateLimitUnit::Hour => Unit::Hour,
+        RateLimitUnit::Day => Unit::Day,
+        RateLimitUnit::Week => Unit::Week,
+        RateLimitUnit::Month => Unit::Month,
+        RateLimitUnit::Year => Unit::Year,
+    })
+}
+
+fn unit_to_proto(unit: Unit) -> rsp::rate_limit::Unit {
+    use rsp::rate_limit::Unit as P;
+    match unit {
+        Unit::Second => P::Second,
+        Unit::Minute => P::Minute,
+        Unit::Hour => P::Hour,
+        Unit::Day => P::Day,
+        Unit::Week => P::Week,
+        Unit::Month => P::Month,
+        Unit::Year => P::Year,
+    }
+}
+
+fn code_to_proto(code: Code) -> rsp::Code {
+    match code {
+        Code::Ok => rsp::Code::Ok,
+        Code::OverLimit => rsp::Code::OverLimit,
+    }
+}
+
+pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
+    RateLimitResponse {
+        overall_code: code_to_proto(v.overall) as i32,
+        statuses: v
+            .statuses
+            .iter()
+            .map(|s| rsp::DescriptorStatus {
+                code: code_to_proto(s.code) as i32,
+                current_limit: s.limit.as_ref().map(|l| rsp::RateLimit {
+                    name: l.name.as_deref().unwrap_or_default().to_owned(),
+                    requests_per_unit: l.requests_per_unit,
+                    unit: unit_to_proto(l.unit) as i32,
+                }),
+                limit_remaining: s.remaining,
+                duration_until_reset: s.reset.map(|d| prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                }),
+                quota: s.quota.map(|(requests, until_us)| rsp::Quota {
+                    requests,
+                    id: String::new(),
+                    expiration_specifier: Some(rsp::quota::ExpirationSpecifier::ValidUntil(
+                        prost_types::Timestamp {
+                            seconds: (until_us / 1_000_000) as i64,
+                            nanos: ((until_us % 1_000_000) * 1_000) as i32,
+                        },
+                    )),
+                }),
+            })
+            .collect(),
+        response_headers_to_add: v
+            .response_headers
+            .iter()
+            .map(|(k, val)| HeaderValue {
+                key: (*k).to_owned(),
+                value: val.clone(),
+                raw_value: Vec::new(),
+            })
+            .collect(),
+        request_headers_to_add: Vec::new(),
+        raw_body: Vec::new(),
+        dynamic_metadata: (!v.metadata.is_empty()).then(|| prost_types::Struct {
+            fields: v
+                .metadata
+                .iter()
+                .map(|(k, val)| {
+                    (
+                        k.clone(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(val.clone())),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        quota: None,
+    }
+}

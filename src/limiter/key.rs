@@ -1,0 +1,304 @@
+//! Counter keys. A key is a keyed BLAKE3 hash of the domain and the
+//! descriptor's entries, so no raw client identifier (IP, API key, device id)
+//! ever reaches a store, a log line or a metric.
+
+use std::fmt::{self, Write as _};
+
+use super::{Algorithm, Entry};
+
+/// Derives counter keys from descriptor values with a secret key.
+/// Instances that share counters must share the secret.
+#[derive(Clone)]
+pub struct KeyHasher {
+    key: [u8; 32],
+}
+
+impl fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHasher(<redacted>)")
+    }
+}
+
+const CONTEXT: &str = "sluice 2026-11 counter keys v1";
+
+impl KeyHasher {
+    /// Derives the hashing key from an operator-supplied secret of any length.
+    pub fn from_secret(secret: &[u8]) -> KeyHasher {
+        KeyHasher {
+            key: blake3::derive_key(CONTEXT, secret),
+        }
+    }
+
+    /// A random key: fine for the in-process store, whose counters die with
+    /// the process anyway.
+    pub fn random() -> KeyHasher {
+        let mut key = [0u8; 32];
+        // The OS RNG failing is not something sluice can recover from.
+        getrandom::fill(&mut key).unwrap_or_else(|e| panic!("OS random source failed: {e}"));
+        KeyHasher { key }
+    }
+
+    /// The key of one counter. `shared[i]`, when set, replaces the value of
+    /// entry `i` (a `share_threshold` wildcard: all matching values share one
+    /// counter, keyed by the pattern).
+    pub fn counter_key(
+        &self,
+        domain: &str,
+        entries: &[Entry<'_>],
+        shared: &[Option<&str>],
+        algorithm: Algorithm,
+        period_s: u64,
+    ) -> CounterKey {
+        // The same length-prefixed fields as the streaming hasher below,
+        // gathered on the stack and hashed in one call when they fit: for
+        // keys this short, the hasher's per-update work was most of the cost.
+        let mut fields = InlineFields::new();
+        let mut fits = fields.push(domain.as_bytes());
+        for (i, e) in entries.iter().enumerate() {
+            fits = fits
+                && fields.push(e.key.as_bytes())
+                && fields.push(field_value(shared, i, e).as_bytes());
+        }
+        let digest = if fits {
+            blake3::keyed_hash(&self.key, fields.bytes())
+        } else {
+            let mut h = blake3::Hasher::new_keyed(&self.key);
+            write_field(&mut h, domain.as_bytes());
+            for (i, e) in entries.iter().enumerate() {
+                write_field(&mut h, e.key.as_bytes());
+                write_field(&mut h, field_value(shared, i, e).as_bytes());
+            }
+            h.finalize()
+        };
+        let mut hash = [0u8; 16];
+        hash.copy_from_slice(&digest.as_bytes()[..16]);
+        CounterKey {
+            hash,
+            algorithm,
+            period_s,
+        }
+    }
+
+    /// The counter of a tenant's monthly quota, shared by all its keys and
+    /// domains. Its own namespace: request domains are never empty.
+    pub fn quota_key(&self, tenant_id: &str, period_s: u64) -> CounterKey {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        write_field(&mut h, b"");
+        write_field(&mut h, b"tenant-quota");
+        write_field(&mut h, tenant_id.as_bytes());
+        let mut hash = [0u8; 16];
+        hash.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        CounterKey {
+            hash,
+            algorithm: Algorithm::FixedWindow,
+            period_s,
+        }
+    }
+
+    /// A short keyed hash of a client identifier, for log lines and usage
+    /// records that must name a client without revealing it.
+    pub fn client_id(&self, value: &str) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        write_field(&mut h, b"client");
+        write_field(&mut h, value.as_bytes());
+        hex(&h.finalize().as_bytes()[..8])
+    }
+
+    /// Hash of an API key, as stored in PostgreSQL.
+    pub fn api_key(&self, raw_key: &str) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        write_field(&mut h, b"api-key");
+        write_field(&mut h, raw_key.as_bytes());
+        hex(h.finalize().as_bytes())
+    }
+}
+
+/// Entry `i`'s value, or the shared pattern that replaces it.
+fn field_value<'v>(shared: &[Option<&'v str>], i: usize, e: &Entry<'v>) -> &'v str {
+    shared.get(i).copied().flatten().unwrap_or(e.value)
+}
+
+/// Length-prefixed, so ("ab","c") and ("a","bc") hash differently.
+fn write_field(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u32).to_le_bytes());
+    h.update(bytes);
+}
+
+/// [`write_field`]'s encoding into a stack buffer, for one-call hashing.
+struct InlineFields {
+    buf: [u8; InlineFields::CAPACITY],
+    len: usize,
+}
+
+impl InlineFields {
+    /// Room for a domain and a few entries of typical length; longer keys
+    /// take the streaming path.
+    const CAPACITY: usize = 256;
+
+    fn new() -> InlineFields {
+        InlineFields {
+            buf: [0; InlineFields::CAPACITY],
+            len: 0,
+        }
+    }
+
+    /// Appends one field; `false` (and nothing written) when it does not fit.
+    fn push(&mut self, bytes: &[u8]) -> bool {
+        let end = self.len + 4 + bytes.len();
+        let Some(out) = self.buf.get_mut(self.len..end) else {
+            return false;
+        };
+        out[..4].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out[4..].copy_from_slice(bytes);
+        self.len = end;
+        true
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Identifies one counter: hashed descriptor, algorithm and period. Small and
+/// `Copy`, so the in-process store uses it as its map key directly.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub hash: [u8; 16],
+    pub algorithm: Algorithm,
+    pub period_s: u64,
+}
+
+impl CounterKey {
+    /// Appends the Redis key, `sluice:{<hash>}:<algorithm>:<period>`, to
+    /// `buf`. The braces are a Cluster hash tag: one counter, one slot.
+    pub fn write_redis_key(&self, prefix: &str, buf: &mut String) {
+        buf.push_str(prefix);
+        buf.push('{');
+        for b in self.hash {
+            let _ = write!(buf, "{b:02x}");
+        }
+        buf.push_str("}:");
+        buf.push_str(match self.algorithm {
+            Algorithm::SlidingWindow => "sw",
+            Algorithm::FixedWindow => "fw",
+            Algorithm::Gcra => "gcra",
+        });
+        let _ = write!(buf, ":{}", self.period_s);
+    }
+
+    pub fn redis_key(&self, prefix: &str) -> String {
+        let mut s = String::with_capacity(prefix.len() + 48);
+        self.write_redis_key(prefix, &mut s);
+        s
+    }
+}
+
+impl fmt::Debug for CounterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redis_key(""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<Entry<'a>> {
+        pairs
+            .iter()
+            .map(|&(key, value)| Entry { key, value })
+            .collect()
+    }
+
+    #[test]
+    fn keys_never_contain_raw_values() {
+        let h = KeyHasher::from_secret(b"s3cret");
+        let e = entries(&[("remote_address", "203.0.113.7")]);
+        let key = h
+            .counter_key("weather", &e, &[], Algorithm::FixedWindow, 60)
+            .redis_key("sluice:");
+        assert!(!key.contains("203.0.113.7"), "{key}");
+        assert!(
+            key.starts_with("sluice:{") && key.ends_with("}:fw:60"),
+            "{key}"
+        );
+    }
+
+    #[test]
+    fn keys_depend_on_secret_values_and_boundaries() {
+        let a = KeyHasher::from_secret(b"one");
+        let b = KeyHasher::from_secret(b"two");
+        let e = entries(&[("k", "v")]);
+        let ka = a.counter_key("d", &e, &[], Algorithm::Gcra, 1);
+        assert_eq!(ka, a.counter_key("d", &e, &[], Algorithm::Gcra, 1));
+        assert_ne!(ka, b.counter_key("d", &e, &[], Algorithm::Gcra, 1));
+        let split1 = entries(&[("ab", "c")]);
+        let split2 = entries(&[("a", "bc")]);
+        assert_ne!(
+            a.counter_key("d", &split1, &[], Algorithm::Gcra, 1),
+            a.counter_key("d", &split2, &[], Algorithm::Gcra, 1)
+        );
+    }
+
+    #[test]
+    fn shared_values_collapse_to_one_counter() {
+        let h = KeyHasher::from_secret(b"x");
+        let shared = [Some("api/*")];
+        let k1 = h.counter_key(
+            "d",
+            &entries(&[("path", "api/a")]),
+            &shared,
+            Algorithm::Gcra,
+            1,
+        );
+        let k2 = h.counter_key(
+            "d",
+            &entries(&[("path", "api/b")]),
+            &shared,
+            Algorithm::Gcra,
+            1,
+        );
+        assert_eq!(k1, k2);
+    }
+
+    #[test]
+    fn long_keys_hash_as_short_ones_do() {
+        // Keys past the inline buffer take the streaming path; both must
+        // hash the same length-prefixed fields.
+        let h = KeyHasher::from_secret(b"x");
+        let streamed = |domain: &str, entries: &[Entry<'_>]| {
+            let mut s = blake3::Hasher::new_keyed(&h.key);
+            write_field(&mut s, domain.as_bytes());
+            for e in entries {
+                write_field(&mut s, e.key.as_bytes());
+                write_field(&mut s, e.value.as_bytes());
+            }
+            s.finalize().as_bytes()[..16].to_vec()
+        };
+        let long = "v".repeat(InlineFields::CAPACITY);
+        for value in ["short", &long[..200], &long[..], ""] {
+            let e = entries(&[("k", value), ("k2", "w")]);
+            let key = h.counter_key("d", &e, &[], Algorithm::Gcra, 1);
+            assert_eq!(
+                key.hash.to_vec(),
+                streamed("d", &e),
+                "value of {} bytes",
+                value.len()
+            );
+        }
+    }
+
+    #[test]
+    fn debug_output_is_redacted() {
+        let h = KeyHasher::from_secret(b"topsecret");
+        assert_eq!(format!("{h:?}"), "KeyHasher(<redacted>)");
+    }
+}

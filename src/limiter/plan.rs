@@ -1,0 +1,422 @@
+//! `plan` turns a request into counter operations; `decide` turns the
+//! counters' outcomes into the answer. Between them sits one call to the
+//! store, the only I/O of a decision.
+
+use std::sync::Arc;
+
+use super::window::{CounterSpec, Outcome};
+use super::{Algorithm, Code, CounterKey, KeyHasher, Request, Unit};
+use crate::rules::model::{ApiKey, Rule, RuleLimit, RuleSet};
+
+/// Server-wide settings that shape a plan and a decision.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanOptions {
+    /// For rules that name no algorithm, and for limit overrides.
+    pub default_algorithm: Algorithm,
+    /// Global shadow mode: count everything, deny nothing.
+    pub global_shadow: bool,
+}
+
+/// One counter to check and update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterOp {
+    pub key: CounterKey,
+    pub spec: CounterSpec,
+    /// 0 checks without consuming.
+    pub hits: u64,
+}
+
+/// Who sent a descriptor, as the shell found from its API-key entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Caller<'r> {
+    /// No API key, or an unknown one answered with the anonymous limits:
+    /// the domain's rules.
+    #[default]
+    Anonymous,
+    /// A live key: its tenant's or plan's rules, and its tenant's quota.
+    Key(&'r ApiKey),
+    /// An unknown or revoked key, refused.
+    Refused,
+}
+
+/// The name reported for a tenant's monthly quota.
+pub const MONTHLY_QUOTA: &str = "monthly_quota";
+
+/// What a descriptor of the request turned into.
+#[derive(Clone, Debug)]
+pub enum PlanItem<'r> {
+    /// No rule matched, or the domain is unknown: OK without a limit.
+    NoLimit,
+    /// Sent with an unknown or revoked API key: over the limit, nothing counted.
+    Refused,
+    /// An `unlimited` rule matched: OK, nothing counted.
+    Unlimited { rule: &'r Rule },
+    /// Matched, but another matched rule `replaces` it: nothing counted.
+    Replaced { rule: &'r Rule },
+    /// Counted by `ops[op]`. `rule` is `None` for a caller's limit override.
+    Limited {
+        rule: Option<&'r Rule>,
+        requests_per_unit: u32,
+        unit: Unit,
+        op: usize,
+    },
+}
+
+/// A tenant's monthly quota, counted by `ops[op]` and reported on the
+/// status of descriptor `descriptor` (the first one sent with the tenant's key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaItem {
+    pub descriptor: usize,
+    pub op: usize,
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan<'r> {
+    pub domain_known: bool,
+    pub items: Vec<PlanItem<'r>>,
+    pub ops: Vec<CounterOp>,
+    pub quotas: Vec<QuotaItem>,
+}
+
+/// Matches every descriptor of a validated request against the rules.
+pub fn plan<'r>(
+    request: &Request<'_>,
+    rules: &'r RuleSet,
+    hasher: &KeyHasher,
+    options: PlanOptions,
+) -> Plan<'r> {
+    plan_for(request, rules, &[], hasher, options)
+}
+
+/// [`plan`] for a request whose descriptors were sent by `callers` (one per
+/// descriptor; missing ones are anonymous). A key's descriptor is matched
+/// against its tenant's or plan's rules; each tenant's monthly quota is
+/// counted once per request, alongside the per-unit limits.
+pub fn plan_for<'r>(
+    request: &Request<'_>,
+    rules: &'r RuleSet,
+    callers: &[Caller<'r>],
+    hasher: &KeyHasher,
+    options: PlanOptions,
+) -> Plan<'r> {
+    let caller = |i: usize| callers.get(i).copied().unwrap_or_default();
+    let domain_known = rules.has_domain(request.domain);
+    let mut items = Vec::with_capacity(request.descriptors.len());
+    let mut ops = Vec::with_capacity(request.descriptors.len());
+    let mut quotas = Vec::new();
+    let mut tenants_counted: Vec<&str> = Vec::new();
+    let mut count_quota = |index: usize, hits: u64, ops: &mut Vec<CounterOp>| {
+        let Caller::Key(key) = caller(index) else {
+            return;
+        };
+        let Some(limit) = key.monthly_quota else {
+            return;
+        };
+        if tenants_counted.contains(&&*key.tenant_id) {
+            return;
+        }
+        tenants_counted.push(&key.tenant_id);
+        let unit = Unit::Month;
+        quotas.push(QuotaItem {
+            descriptor: index,
+            op: ops.len(),
+            limit,
+        });
+        ops.push(CounterOp {
+            key: hasher.quota_key(&key.tenant_id, unit.seconds()),
+            spec: CounterSpec {
+                algorithm: Algorithm::FixedWindow,
+                limit: u64::from(limit),
+                period_us: unit.period_us(),
+                burst: u64::from(limit),
+            },
+            hits,
+        });
+    };
+
+    if !domain_known {
+        for (i, d) in request.descriptors.iter().enumerate() {
+            if matches!(caller(i), Caller::Refused) {
+                items.push(PlanItem::Refused);
+                continue;
+            }
+            items.push(PlanItem::NoLimit);
+            count_quota(i, d.hits.unwrap_or(request.hits), &mut ops);
+        }
+        return Plan {
+            domain_known,
+            items,
+            ops,
+            quotas,
+        };
+    }
+
+    let matches: Vec<_> = request
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match (d.limit_override, caller(i)) {
+            (Some(_), _) | (None, Caller::Refused) => None,
+            (None, Caller::Anonymous) => rules.lookup(request.domain, &d.entries),
+            (None, Caller::Key(key)) => rules.lookup_for_key(request.domain, key, &d.entries),
+        })
+        .collect();
+    // A rule named in another matched rule's `replaces` is dropped.
+    let replaced = |rule: &Rule| {
+        rule.name.as_ref().is_some_and(|name| {
+            matches
+                .iter()
+                .flatten()
+                .any(|m| m.rule.replaces.iter().any(|r| r == name))
+        })
+    };
+
+    for (index, (descriptor, matched)) in request.descriptors.iter().zip(&matches).enumerate() {
+        let hits = descriptor.hits.unwrap_or(request.hits);
+        if matches!(caller(index), Caller::Refused) {
+            items.push(PlanItem::Refused);
+            continue;
+        }
+        count_quota(index, hits, &mut ops);
+        let (rule, requests_per_unit, unit, algorithm, burst, shared): (_, _, _, _, _, &[_]) =
+            match (descriptor.limit_override, matched) {
+                (Some(o), _) => (
+                    None,
+                    o.requests_per_unit,
+                    o.unit,
+                    options.default_algorithm,
+                    o.requests_per_unit,
+                    &[],
+                ),
+                (None, None) => {
+                    items.push(PlanItem::NoLimit);
+                    continue;
+                }
+                (None, Some(m)) => match m.rule.limit {
+                    RuleLimit::Unlimited => {
+                        items.push(PlanItem::Unlimited { rule: m.rule });
+                        continue;
+                    }
+                    _ if replaced(m.rule) => {
+                        items.push(PlanItem::Replaced { rule: m.rule });
+                        continue;
+                    }
+                    RuleLimit::Limited {
+                        requests_per_unit,
+                        unit,
+                        algorithm,
+                        burst,
+                    } => (
+                        Some(m.rule),
+                        requests_per_unit,
+                        unit,
+                        // A quota resets at window boundaries; it never slides.
+                        if m.rule.quota_mode {
+                            Algorithm::FixedWindow
+                        } else {
+                            algorithm.unwrap_or(options.default_algorithm)
+                        },
+                        burst.unwrap_or(requests_per_unit),
+                        &m.shared[..],
+                    ),
+                },
+            };
+        let key = hasher.counter_key(
+            request.domain,
+            &descriptor.entries,
+            shared,
+            algorithm,
+            unit.seconds(),
+        );
+        items.push(PlanItem::Limited {
+            rule,
+            requests_per_unit,
+            unit,
+            op: ops.len(),
+        });
+        ops.push(CounterOp {
+            key,
+            spec: CounterSpec {
+                algorithm,
+                limit: u64::from(requests_per_unit),
+                period_us: unit.period_us(),
+                burst: u64::from(burst),
+            },
+            hits,
+        });
+    }
+    Plan {
+        domain_known,
+        items,
+        ops,
+        quotas,
+    }
+}
+
+/// The limit reported back to the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentLimit {
+    pub requests_per_unit: u32,
+    pub unit: Unit,
+    pub name: Option<Arc<str>>,
+}
+
+/// The answer for one descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DescriptorDecision<'r> {
+    pub code: Code,
+    pub limit: Option<CurrentLimit>,
+    pub remaining: u32,
+    pub reset_us: Option<u64>,
+    /// For `quota_mode` rules: what is left and for how long.
+    pub quota: Option<(u32, u64)>,
+    /// The rule that matched (none for overrides and unmatched descriptors).
+    pub rule: Option<&'r Rule>,
+    /// Over the limit, but let through by the rule's shadow mode.
+    pub shadowed: bool,
+    /// Admitted with 80% or more of the limit in use.
+    pub near_limit: bool,
+    /// Sent with an unknown or revoked API key, and refused for it.
+    pub refused: bool,
+    /// The limit reported is the tenant's monthly quota, which denied the
+    /// descriptor or bounds it more than its own limit.
+    pub tenant_quota: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision<'r> {
+    pub overall: Code,
+    pub statuses: Vec<DescriptorDecision<'r>>,
+    /// Over the limit, but let through by the global shadow mode.
+    pub global_shadowed: bool,
+}
+
+impl<'r> Decision<'r> {
+    /// The status that bounds the caller most: an over-limit one, else the
+    /// limited one with the least remaining.
+    pub fn most_constrained(&self) -> Option<&DescriptorDecision<'r>> {
+        self.statuses
+            .iter()
+            .filter(|s| s.limit.is_some())
+            .min_by_key(|s| (s.code != Code::OverLimit, s.remaining))
+    }
+}
+
+/// Combines the store's outcomes (one per `plan.ops`) into the answer.
+pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -> Decision<'r> {
+    let mut statuses: Vec<_> = plan
+        .items
+        .iter()
+        .map(|item| match *item {
+            PlanItem::NoLimit => unlimited_status(None, 0),
+            PlanItem::Refused => DescriptorDecision {
+                code: Code::OverLimit,
+                refused: true,
+                ..unlimited_status(None, 0)
+            },
+            PlanItem::Replaced { rule } => unlimited_status(Some(rule), 0),
+            PlanItem::Unlimited { rule } => unlimited_status(Some(rule), u32::MAX),
+            PlanItem::Limited {
+                rule,
+                requests_per_unit,
+                unit,
+                op,
+            } => {
+                let outcome = outcomes[op];
+                let shadow = rule.is_some_and(|r| r.shadow_mode);
+                let remaining = u32::try_from(outcome.remaining).unwrap_or(u32::MAX);
+                DescriptorDecision {
+                    code: if outcome.admitted || shadow {
+                        Code::Ok
+                    } else {
+                        Code::OverLimit
+                    },
+                    limit: Some(CurrentLimit {
+                        requests_per_unit,
+                        unit,
+                        name: rule.and_then(|r| r.name.clone()),
+                    }),
+                    remaining,
+                    reset_us: Some(outcome.reset_us),
+                    quota: rule
+                        .filter(|r| r.quota_mode)
+                        .map(|_| (remaining, outcome.reset_us)),
+                    rule,
+                    shadowed: shadow && !outcome.admitted,
+                    near_limit: outcome.admitted
+                        && outcome.used * 10 >= capacity(&plan.ops[op].spec) * 8,
+                    refused: false,
+                    tenant_quota: false,
+                }
+            }
+        })
+        .collect();
+    for quota in &plan.quotas {
+        let (Some(outcome), Some(status)) =
+            (outcomes.get(quota.op), statuses.get_mut(quota.descriptor))
+        else {
+            continue;
+        };
+        let remaining = u32::try_from(outcome.remaining).unwrap_or(u32::MAX);
+        let bounds_more = status.limit.is_none() || remaining < status.remaining;
+        if outcome.admitted && !(bounds_more && status.code == Code::Ok) {
+            continue;
+        }
+        status.code = if outcome.admitted {
+            status.code
+        } else {
+            Code::OverLimit
+        };
+        status.limit = Some(CurrentLimit {
+            requests_per_unit: quota.limit,
+            unit: Unit::Month,
+            name: Some(Arc::from(MONTHLY_QUOTA)),
+        });
+        status.remaining = remaining;
+        status.reset_us = Some(outcome.reset_us);
+        status.shadowed = false;
+        status.near_limit = outcome.admitted && outcome.used * 10 >= u64::from(quota.limit) * 8;
+        status.tenant_quota = true;
+    }
+    let over = statuses.iter().any(|s| s.code == Code::OverLimit);
+    let global_shadowed = over && options.global_shadow;
+    Decision {
+        overall: if over && !global_shadowed {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        },
+        statuses,
+        global_shadowed,
+    }
+}
+
+/// What `Outcome::used` is measured against: the bucket for GCRA, the
+/// window's limit otherwise.
+fn capacity(spec: &CounterSpec) -> u64 {
+    match spec.algorithm {
+        Algorithm::Gcra => spec.burst,
+        Algorithm::SlidingWindow | Algorithm::FixedWindow => spec.limit,
+    }
+}
+
+fn unlimited_status(rule: Option<&Rule>, remaining: u32) -> DescriptorDecision<'_> {
+    DescriptorDecision {
+        code: Code::Ok,
+        limit: None,
+        remaining,
+        reset_us: None,
+        quota: None,
+        rule,
+        shadowed: false,
+        near_limit: false,
+        refused: false,
+        tenant_quota: false,
+    }
+}
+
+#[cfg(test)]
+mod tenant_tests;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,470 @@
+//! envoyproxy/ratelimit's YAML rules format, read unchanged, plus sluice's
+//! optional `algorithm` and `burst` in `rate_limit`.
+//!
+//! Parsing is two passes: serde reads the structure (unknown fields, bad
+//! types and duplicate keys fail with their path), then a walk checks the
+//! meaning and builds the lookup tree, collecting every error it finds.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::model::{Level, Node, Rule, RuleLimit, RuleSet, ValueMatch};
+use super::{RuleError, RuleErrors};
+use crate::limiter::{Algorithm, Unit};
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlRoot {
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub domain: Option<String>,
+    #[serde(default, deserialize_with = "opt_list")]
+    pub descriptors: Vec<YamlDescriptor>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlDescriptor {
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub key: Option<String>,
+    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<YamlRateLimit>,
+    #[serde(default, deserialize_with = "opt_list", skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<YamlDescriptor>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow_mode: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quota_mode: bool,
+    /// Accepted for compatibility. sluice's metric labels carry the rule path
+    /// from the configuration, never request values, so these add nothing.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub detailed_metric: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub value_to_metric: bool,
+    /// On a wildcard value: every matching value shares one counter.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub share_threshold: bool,
+    #[serde(
+        default,
+        deserialize_with = "unique_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub metadata: BTreeMap<String, Scalar>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlRateLimit {
+    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_unit: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub unlimited: bool,
+    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "opt_list", skip_serializing_if = "Vec::is_empty")]
+    pub replaces: Vec<YamlReplaces>,
+    /// sluice extension: `sliding_window` (server default), `fixed_window`, `gcra`.
+    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// sluice extension: the GCRA bucket size (default: `requests_per_unit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct YamlReplaces {
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub name: Option<String>,
+}
+
+/// A scalar read as text: YAML `value: 200` is the string "200", as the
+/// Go YAML library envoyproxy/ratelimit uses reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Scalar)
+    }
+}
+
+/// A scalar's text exactly as written. serde_yaml_ng hands a plain scalar to
+/// a string as its source text (`1.50`, `0x1F`, `007`), which is what Go's
+/// yaml does for envoyproxy/ratelimit; going through `serde_yaml_ng::Value`
+/// would normalise numbers first (`1.50` -> "1.5", `0x1F` -> "31") and the
+/// rule would no longer match the value the file shows.
+fn opt_scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+/// A mapping whose keys must be unique. serde's `BTreeMap` keeps the last of
+/// two equal keys silently; a rules file with `team` twice is a mistake.
+fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Scalar>, D::Error> {
+    struct UniqueMap;
+
+    impl<'de> Visitor<'de> for UniqueMap {
+        type Value = BTreeMap<String, Scalar>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping of strings")
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, Scalar>()? {
+                if out.contains_key(&key) {
+                    return Err(de::Error::custom(format!(
+                        "duplicate entry with key \"{key}\""
+                    )));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+
+    d.deserialize_map(UniqueMap)
+}
+
+fn opt_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Parses one file's text. `file` names it in errors.
+pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
+    let err = |path: String, message: String| {
+        RuleErrors(vec![RuleError {
+            file: file.to_owned(),
+            path,
+            message,
+        }])
+    };
+    if text.trim().is_empty() {
+        return Err(err(String::new(), "config file cannot have empty domain".into()));
+    }
+    // serde_yaml_ng reports the path itself: "descriptors[1]: unknown field
+    // `bogus`, expected ... at line 6 column 5". Split it off so errors read
+    // `FILE: PATH: message` like the semantic ones.
+    serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
+        let text = e.to_string();
+        match text.split_once(": ") {
+            Some((path, message)) if !path.contains(' ') => err(path.to_owned(), message.to_owned()),
+            _ => err(String::new(), text),
+        }
+    })
+}
+
+/// Checks one parsed file and compiles its tree.
+pub fn compile(file: &str, root: &YamlRoot) -> Result<(String, Level), RuleErrors> {
+    let mut errors = Vec::new();
+    let domain = root.domain.clone().unwrap_or_default();
+    if domain.is_empty() {
+        errors.push(RuleError {
+            file: file.to_owned(),
+            path: String::new(),
+            message: "config file cannot have empty domain".into(),
+        });
+    }
+    let mut walker = Walker {
+        file,
+        errors: &mut errors,
+    };
+    let level = walker.level(&root.descriptors, "", &domain);
+    if errors.is_empty() {
+        Ok((domain, level))
+    } else {
+        Err(RuleErrors(errors))
+    }
+}
+
+struct Walker<'a> {
+    file: &'a str,
+    errors: &'a mut Vec<RuleError>,
+}
+
+impl Walker<'_> {
+    fn error(&mut self, path: &str, message: String) {
+        self.errors.push(RuleError {
+            file: self.file.to_owned(),
+            path: path.to_owned(),
+            message,
+        });
+    }
+
+    fn level(&mut self, descriptors: &[YamlDescriptor], parent: &str, rule_path: &str) -> Level {
+        let mut level = Level::default();
+        for (i, d) in descriptors.iter().enumerate() {
+            let path = if parent.is_empty() {
+                format!("descriptors[{i}]")
+            } else {
+                format!("{parent}.descriptors[{i}]")
+            };
+            let key = d.key.as_deref().unwrap_or("");
+            if key.is_empty() {
+                self.error(&path, "descriptor has empty key".into());
+                continue;
+            }
+            let value = d.value.as_deref().filter(|v| !v.is_empty());
+            let segment = match value {
+                Some(v) => format!("{key}_{v}"),
+                None => key.to_owned(),
+            };
+            let full = format!("{rule_path}.{segment}");
+            let matcher = ValueMatch::parse(value);
+            if d.share_threshold && !matches!(matcher, ValueMatch::Prefix(_)) {
+                self.error(
+                    &path,
+                    "share_threshold needs a wildcard value (one ending in '*')".into(),
+                );
+            }
+            let node = Node {
+                rule: d.rate_limit.as_ref().and_then(|rl| self.rule(&path, &full, d, rl)),
+                children: self.level(&d.descriptors, &path, &full),
+                shared_pattern: (d.share_threshold && matches!(matcher, ValueMatch::Prefix(_)))
+                    .then(|| Arc::from(value.unwrap_or_default())),
+            };
+            if level.insert(key, matcher, node).is_err() {
+                self.error(&path, format!("duplicate descriptor composite key '{full}'"));
+            }
+        }
+        level
+    }
+
+    fn rule(
+        &mut self,
+        path: &str,
+        full: &str,
+        d: &YamlDescriptor,
+        rl: &YamlRateLimit,
+    ) -> Option<Arc<Rule>> {
+        let before = self.errors.len();
+        let unit = rl.unit.as_deref().filter(|u| !u.is_empty());
+        let limit = if rl.unlimited {
+            if unit.is_some() {
+                self.error(path, "should not specify rate limit unit when unlimited".into());
+            }
+            if rl.algorithm.is_some() || rl.burst.is_some() {
+                self.error(path, "should not specify algorithm or burst when unlimited".into());
+            }
+            RuleLimit::Unlimited
+        } else {
+            let unit = match unit.map(|u| (u, Unit::parse(u))) {
+                Some((_, Some(unit))) => unit,
+                Some((raw, None)) => {
+                    self.error(path, format!("invalid rate limit unit '{raw}'"));
+                    Unit::Second
+                }
+                None => {
+                    self.error(path, "invalid rate limit unit ''".into());
+                    Unit::Second
+                }
+            };
+            let requests_per_unit = match rl.requests_per_unit {
+                None => {
+                    self.error(
+                        path,
+                        "requests_per_unit is required (without it every request would be blocked)"
+                            .into(),
+                    );
+                    0
+                }
+                Some(0) => {
+                    self.error(
+                        path,
+                        "requests_per_unit must be at least 1 (0 would block every request)".into(),
+                    );
+                    0
+                }
+                Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+                    self.error(path, format!("requests_per_unit {n} is larger than {}", u32::MAX));
+                    0
+                }),
+            };
+            let algorithm = rl.algorithm.as_deref().and_then(|a| {
+                let parsed = Algorithm::parse(a);
+                if parsed.is_none() {
+                    self.error(
+                        path,
+                        format!(
+                            "unknown algorithm '{a}' (expected sliding_window, fixed_window or gcra)"
+                        ),
+                    );
+                }
+                parsed
+            });
+            let burst = rl.burst.and_then(|b| {
+                if algorithm != Some(Algorithm::Gcra) {
+                    self.error(path, "burst applies only to algorithm gcra".into());
+                    None
+                } else if b == 0 || b > u64::from(u32::MAX) {
+                    self.error(path, format!("burst must be between 1 and {}", u32::MAX));
+                    None
+                } else {
+                    Some(b as u32)
+                }
+            });
+            RuleLimit::Limited {
+                requests_per_unit,
+                unit,
+                algorithm,
+                burst,
+            }
+        };
+        let name = rl.name.as_deref().filter(|n| !n.is_empty());
+        let mut replaces = Vec::with_capacity(rl.replaces.len());
+        for r in &rl.replaces {
+            match r.name.as_deref().unwrap_or("") {
+                "" => self.error(path, "should not have an empty replaces entry".into()),
+                n if Some(n) == name => {
+                    self.error(path, "replaces should not contain name of same descriptor".into())
+                }
+                n => replaces.push(Arc::from(n)),
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(Arc::new(Rule {
+            path: full.into(),
+            limit,
+            name: name.map(Arc::from),
+            replaces,
+            shadow_mode: d.shadow_mode,
+            quota_mode: d.quota_mode,
+            metadata: d
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect(),
+        }))
+    }
+}
+
+/// Builds one rule set from several parsed files; a domain may appear once.
+pub fn compile_all(files: &[(String, YamlRoot)]) -> Result<RuleSet, RuleErrors> {
+    let mut set = RuleSet::new();
+    let mut errors = Vec::new();
+    let mut seen = HashSet::new();
+    for (file, root) in files {
+        match compile(file, root) {
+            Ok((domain, level)) => {
+                if !seen.insert(domain.clone()) || !set.insert_domain(&domain, level) {
+                    errors.push(RuleError {
+                        file: file.clone(),
+                        path: String::new(),
+                        message: format!("duplicate domain '{domain}' in config file"),
+                    });
+                }
+            }
+            Err(RuleErrors(mut e)) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(RuleErrors(errors))
+    }
+}
+
+/// The rule files under `path`: the file itself, or the `*.yaml`/`*.yml`
+/// files directly in the directory, sorted. Names starting with `.` are
+/// skipped, which also skips Kubernetes' `..data` ConfigMap plumbing.
+pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RuleErrors> {
+    let io_err = |p: &Path, e: std::io::Error| {
+        RuleErrors(vec![RuleError {
+            file: p.display().to_string(),
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    };
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| io_err(path, e))? {
+        let entry = entry.map_err(|e| io_err(path, e))?;
+        let p = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if name.starts_with('.') || !is_yaml || !p.is_file() {
+            continue;
+        }
+        files.push(p);
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads, parses and compiles a file or a directory of files, reporting
+/// every error of every file.
+pub fn load_path(path: &Path) -> Result<RuleSet, RuleErrors> {
+    load_files(path).map(|(set, _)| set)
+}
+
+/// As [`load_path`], also returning each parsed file (named as in errors),
+/// for `sluice rules apply`, which validates exactly as `validate` does.
+pub fn load_files(path: &Path) -> Result<(RuleSet, Vec<(String, YamlRoot)>), RuleErrors> {
+    let files = rule_files(path)?;
+    let mut parsed = Vec::with_capacity(files.len());
+    let mut errors = Vec::new();
+    for file in &files {
+        let name = display_name(path, file);
+        match std::fs::read_to_string(file) {
+            Ok(text) => match parse_str(&name, &text) {
+                Ok(root) => parsed.push((name, root)),
+                Err(RuleErrors(mut e)) => errors.append(&mut e),
+            },
+            Err(e) => errors.push(RuleError {
+                file: name,
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    match compile_all(&parsed) {
+        Ok(set) if errors.is_empty() => Ok((set, parsed)),
+        Ok(_) => Err(RuleErrors(errors)),
+        Err(RuleErrors(mut e)) => {
+            errors.append(&mut e);
+            Err(RuleErrors(errors))
+        }
+    }
+}
+
+/// Files in a directory are named relative to it (`weather.yaml`); a single
+/// file keeps the path it was given.
+fn display_name(root: &Path, file: &Path) -> String {
+    file.strip_prefix(root)
+        .ok()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(file)
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,295 @@
+//! The imperative shell around the core: load the rules, plan, call the
+//! store once (bounded by the store timeout), decide, record metrics. The
+//! gRPC and JSON front ends both call [`RateLimiter::should_rate_limit`].
+//!
+//! With rules from PostgreSQL it also finds each descriptor's API key in
+//! the rules snapshot (never a query per request) and hands each decision
+//! to the usage recorder, which never blocks.
+
+mod api_keys;
+mod metric_handles;
+
+pub use api_keys::{ApiKeyPolicy, UnknownKey};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use metrics::counter;
+
+use crate::clock::Clock;
+use crate::limiter::{
+    self, Code, CurrentLimit, KeyHasher, Outcome, PlanOptions, Request, RequestError,
+};
+use crate::rules::RuleSet;
+use crate::storage::{CounterStore, StoreError};
+use crate::telemetry::names;
+use crate::usage::UsageRecorder;
+
+/// The rules in force, swapped whole by whichever source reloads them.
+pub type RulesHandle = Arc<ArcSwap<RuleSet>>;
+
+/// What to answer when the store cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureMode {
+    /// Answer OK (the gateways' own default is to let traffic through).
+    Allow,
+    /// Answer UNAVAILABLE, so the gateway's `failure_mode_deny` decides.
+    Deny,
+}
+
+#[derive(Clone, Debug)]
+pub struct LimiterSettings {
+    pub plan: PlanOptions,
+    pub failure_mode: FailureMode,
+    pub store_timeout: Duration,
+    /// Add `RateLimit-Limit/Remaining/Reset` response headers.
+    pub rate_limit_headers: bool,
+}
+
+pub struct RateLimiter {
+    rules: RulesHandle,
+    store: Arc<dyn CounterStore>,
+    hasher: KeyHasher,
+    settings: LimiterSettings,
+    clock: Arc<dyn Clock>,
+    api_keys: Option<ApiKeyPolicy>,
+    usage: Option<UsageRecorder>,
+    metrics: metric_handles::DecisionMetrics,
+}
+
+/// The answer, owned, ready for either front end to encode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub overall: Code,
+    pub statuses: Vec<Status>,
+    pub response_headers: Vec<(&'static str, String)>,
+    /// Metadata of the matched rules, for Envoy's dynamic metadata.
+    pub metadata: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    pub limit: Option<CurrentLimit>,
+    pub remaining: u32,
+    pub reset: Option<Duration>,
+    /// Quota left and when it expires (µs since the epoch).
+    pub quota: Option<(u32, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    #[error(transparent)]
+    Unavailable(StoreError),
+}
+
+impl RateLimiter {
+    pub fn new(
+        rules: RulesHandle,
+        store: Arc<dyn CounterStore>,
+        hasher: KeyHasher,
+        settings: LimiterSettings,
+        clock: Arc<dyn Clock>,
+    ) -> RateLimiter {
+        RateLimiter {
+            rules,
+            store,
+            hasher,
+            settings,
+            clock,
+            api_keys: None,
+            usage: None,
+            metrics: Default::default(),
+        }
+    }
+
+    /// Looks up API keys in descriptors (rules from PostgreSQL).
+    pub fn with_api_keys(mut self, policy: ApiKeyPolicy) -> RateLimiter {
+        self.api_keys = Some(policy);
+        self
+    }
+
+    /// Counts decisions for usage records.
+    pub fn with_usage(mut self, usage: UsageRecorder) -> RateLimiter {
+        self.usage = Some(usage);
+        self
+    }
+
+    pub fn usage(&self) -> Option<&UsageRecorder> {
+        self.usage.as_ref()
+    }
+
+    pub fn rules(&self) -> &RulesHandle {
+        &self.rules
+    }
+
+    pub fn store(&self) -> &Arc<dyn CounterStore> {
+        &self.store
+    }
+
+    pub fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+
+    /// Decides one request.
+    pub async fn should_rate_limit(&self, request: &Request<'_>) -> Result<Verdict, DecideError> {
+        if let Err(e) = request.validate() {
+            counter!(names::INVALID_REQUESTS).increment(1);
+            return Err(e.into());
+        }
+        let rules = self.rules.load();
+        let callers = match &self.api_keys {
+            Some(policy) => policy.callers(request, &rules, &self.hasher),
+            None => Vec::new(),
+        };
+        let plan = limiter::plan_for(request, &rules, &callers, &self.hasher, self.settings.plan);
+        let domain_label = if plan.domain_known {
+            request.domain
+        } else {
+            counter!(names::UNKNOWN_DOMAIN).increment(1);
+            names::UNKNOWN_DOMAIN_LABEL
+        };
+
+        let outcomes = if plan.ops.is_empty() {
+            Vec::new()
+        } else {
+            let vetoes = vetoes(&plan, self.settings.plan);
+            match self.apply(&plan.ops, &vetoes).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    let verdict = self.answer_failure(domain_label, plan.items.len(), e);
+                    if let (Some(usage), Ok(_)) = (&self.usage, &verdict) {
+                        // Let through by the failure mode: allowed, uncounted.
+                        usage.record_allowed(request, &callers, self.clock.now_us());
+                    }
+                    return verdict;
+                }
+            }
+        };
+        let decision = limiter::decide(&plan, &outcomes, self.settings.plan);
+        let now_us = self.clock.now_us();
+        if let Some(usage) = &self.usage {
+            usage.record_decision(request, &callers, &decision, &self.hasher, now_us);
+        }
+
+        self.metrics.record(domain_label, &decision);
+
+        let mut response_headers = Vec::new();
+        if self.settings.rate_limit_headers {
+            if let Some(s) = decision.most_constrained() {
+                if let Some(limit) = &s.limit {
+                    let reset_s = s.reset_us.unwrap_or(0).div_ceil(1_000_000);
+                    response_headers.push(("RateLimit-Limit", limit.requests_per_unit.to_string()));
+                    response_headers.push(("RateLimit-Remaining", s.remaining.to_string()));
+                    response_headers.push(("RateLimit-Reset", reset_s.to_string()));
+                }
+            }
+        }
+        let mut metadata = Vec::new();
+        for s in &decision.statuses {
+            if let Some(rule) = s.rule {
+                metadata.extend(rule.metadata.iter().cloned());
+            }
+        }
+        Ok(Verdict {
+            overall: decision.overall,
+            statuses: decision
+                .statuses
+                .iter()
+                .map(|s| Status {
+                    code: s.code,
+                    limit: s.limit.clone(),
+                    remaining: s.remaining,
+                    reset: s.reset_us.map(Duration::from_micros),
+                    quota: s.quota.map(|(left, valid_for)| (left, now_us + valid_for)),
+                })
+                .collect(),
+            response_headers,
+            metadata,
+        })
+    }
+
+    /// One store call, never longer than the store timeout.
+    async fn apply(
+        &self,
+        ops: &[limiter::CounterOp],
+        vetoes: &[bool],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let timeout = self.settings.store_timeout;
+        let started = std::time::Instant::now();
+        let result =
+            match tokio::time::timeout(timeout, self.store.apply_request(ops, vetoes)).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            };
+        self.metrics
+            .store_duration(self.store.kind())
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn answer_failure(
+        &self,
+        domain_label: &str,
+        descriptors: usize,
+        error: StoreError,
+    ) -> Result<Verdict, DecideError> {
+        counter!(names::STORE_ERRORS, "kind" => error.kind()).increment(1);
+        let mode = match self.settings.failure_mode {
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
+        };
+        counter!(names::FAILURE_MODE_ANSWERS, "mode" => mode).increment(1);
+        // Per-request detail only at debug: during an outage every call fails,
+        // and the store reports its own state changes once.
+        tracing::debug!(domain = domain_label, error = %error, failure_mode = mode, "store failed; answering by the failure mode");
+        match self.settings.failure_mode {
+            FailureMode::Allow => {
+                counter!(names::DECISIONS, "domain" => domain_label.to_owned(), "code" => Code::Ok.as_str())
+                    .increment(1);
+                Ok(Verdict {
+                    overall: Code::Ok,
+                    statuses: vec![
+                        Status {
+                            code: Code::Ok,
+                            limit: None,
+                            remaining: 0,
+                            reset: None,
+                            quota: None,
+                        };
+                        descriptors
+                    ],
+                    response_headers: Vec::new(),
+                    metadata: Vec::new(),
+                })
+            }
+            FailureMode::Deny => Err(DecideError::Unavailable(error)),
+        }
+    }
+}
+
+/// Which of a plan's counter operations deny the whole request when they
+/// are denied, as `limiter::decide` judges: all but those of shadow-mode
+/// rules, and none in global shadow mode. The store consumes nothing for a
+/// request one of them denies.
+fn vetoes(plan: &limiter::Plan<'_>, options: PlanOptions) -> Vec<bool> {
+    let mut vetoes = vec![!options.global_shadow; plan.ops.len()];
+    for item in &plan.items {
+        if let limiter::PlanItem::Limited {
+            rule: Some(rule),
+            op,
+            ..
+        } = item
+        {
+            if rule.shadow_mode {
+                if let Some(veto) = vetoes.get_mut(*op) {
+                    *veto = false;
+                }
+            }
+        }
+    }
+    vetoes
+}

@@ -1,0 +1,381 @@
+//! The in-process counter store: the default, so `sluice serve` needs
+//! nothing else. Sharded maps behind short-lived locks, idle keys expired by
+//! a sweeper, and a hard bound on the number of keys.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::{CounterOp, CounterStore, StoreError};
+use crate::clock::Clock;
+use crate::limiter::{check, CounterKey, CounterState, Outcome};
+
+const SHARDS: usize = 64;
+
+/// Counters in this process's memory.
+///
+/// A std `Mutex` per shard, not an async one: the critical section is a map
+/// lookup and a few integer operations and never awaits, so a blocking lock
+/// is both correct and cheaper (as mini-redis argues for its `Db`).
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    max_keys_per_shard: usize,
+    max_keys: usize,
+    len: AtomicUsize,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<CounterKey, Slot>,
+}
+
+struct Slot {
+    state: CounterState,
+    expires_at_us: u64,
+}
+
+impl MemoryStore {
+    /// A store holding at most `max_keys` counters.
+    pub fn new(max_keys: usize, clock: Arc<dyn Clock>) -> MemoryStore {
+        let max_keys = max_keys.max(SHARDS);
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            max_keys_per_shard: max_keys.div_ceil(SHARDS),
+            max_keys,
+            len: AtomicUsize::new(0),
+            clock,
+        }
+    }
+
+    /// Number of live counters (approximate between sweeps).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard_index(&self, key: &CounterKey) -> usize {
+        // The key is already a uniform hash; its first byte picks the shard.
+        usize::from(key.hash[0]) % SHARDS
+    }
+
+    fn shard(&self, key: &CounterKey) -> &Mutex<Shard> {
+        &self.shards[self.shard_index(key)]
+    }
+
+    /// Applies one operation under its shard's lock.
+    pub fn apply_one(&self, op: &CounterOp, now_us: u64) -> Result<Outcome, StoreError> {
+        let mut shard = self
+            .shard(&op.key)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = shard
+            .map
+            .get(&op.key)
+            .filter(|slot| slot.expires_at_us > now_us)
+            .map(|slot| slot.state);
+        let checked = check(&op.spec, state, now_us, op.hits);
+        if let Some(new_state) = checked.state {
+            let slot = Slot {
+                state: new_state,
+                expires_at_us: checked.expires_at_us,
+            };
+            if let Some(existing) = shard.map.get_mut(&op.key) {
+                *existing = slot;
+            } else {
+                if shard.map.len() >= self.max_keys_per_shard {
+                    let removed = shard.evict_expired(now_us);
+                    self.len.fetch_sub(removed, Ordering::Relaxed);
+                    if shard.map.len() >= self.max_keys_per_shard {
+                        return Err(StoreError::Full {
+                            max_keys: self.max_keys,
+                        });
+                    }
+                }
+                shard.map.insert(op.key, slot);
+                self.len.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(checked.outcome)
+    }
+
+    /// Applies a whole request atomically under the locks of every shard it
+    /// touches: when an operation marked in `vetoes` is denied, nothing
+    /// changes (see [`CounterStore::apply_request`]).
+    pub fn apply_request_at(
+        &self,
+        ops: &[CounterOp],
+        vetoes: &[bool],
+        now_us: u64,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if ops.len() < 2 {
+            // One operation: a denied one changes nothing anyway.
+            return ops.iter().map(|op| self.apply_one(op, now_us)).collect();
+        }
+        let mut shard_ids: Vec<usize> = ops.iter().map(|op| self.shard_index(&op.key)).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        // Locked in index order, so requests never wait on each other in a
+        // cycle; `apply_one` holds one lock at a time.
+        let mut guards: Vec<MutexGuard<'_, Shard>> = shard_ids
+            .iter()
+            .map(|&i| self.shards[i].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let guard_of = |key: &CounterKey| {
+            let index = self.shard_index(key);
+            shard_ids.binary_search(&index).unwrap_or_else(|at| at)
+        };
+
+        // What the request would do, in order; an operation on a key an
+        // earlier one changed sees that change.
+        let mut pending: Vec<(CounterKey, CounterState, u64)> = Vec::new();
+        let mut checked = Vec::with_capacity(ops.len());
+        for op in ops {
+            let state = pending
+                .iter()
+                .rev()
+                .find(|(key, ..)| *key == op.key)
+                .map(|&(_, state, _)| state)
+                .or_else(|| guards[guard_of(&op.key)].live_state(&op.key, now_us));
+            let c = check(&op.spec, state, now_us, op.hits);
+            if let Some(state) = c.state {
+                pending.push((op.key, state, c.expires_at_us));
+            }
+            checked.push(c);
+        }
+
+        let vetoed = checked
+            .iter()
+            .zip(vetoes)
+            .any(|(c, veto)| *veto && !c.outcome.admitted);
+        if vetoed {
+            return Ok(ops
+                .iter()
+                .zip(&checked)
+                .map(|(op, c)| {
+                    if c.outcome.admitted {
+                        let state = guards[guard_of(&op.key)].live_state(&op.key, now_us);
+                        check(&op.spec, state, now_us, 0).outcome
+                    } else {
+                        c.outcome
+                    }
+                })
+                .collect());
+        }
+
+        // Make room for the new keys before changing anything, so a full
+        // store fails the request whole.
+        let mut new_keys = vec![0usize; shard_ids.len()];
+        for (i, (key, ..)) in pending.iter().enumerate() {
+            let g = guard_of(key);
+            let seen_before = pending[..i].iter().any(|(k, ..)| k == key);
+            if !seen_before && !guards[g].map.contains_key(key) {
+                new_keys[g] += 1;
+            }
+        }
+        for (g, &adding) in new_keys.iter().enumerate() {
+            if adding > 0 && guards[g].map.len() + adding > self.max_keys_per_shard {
+                let removed = guards[g].evict_expired(now_us);
+                self.len.fetch_sub(removed, Ordering::Relaxed);
+                if guards[g].map.len() + adding > self.max_keys_per_shard {
+                    return Err(StoreError::Full {
+                        max_keys: self.max_keys,
+                    });
+                }
+            }
+        }
+        for (key, state, expires_at_us) in pending {
+            let slot = Slot {
+                state,
+                expires_at_us,
+            };
+            if guards[guard_of(&key)].map.insert(key, slot).is_none() {
+                self.len.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(checked.into_iter().map(|c| c.outcome).collect())
+    }
+
+    /// When the counter's stored state may be dropped (µs since the epoch),
+    /// if it has any; the storage contract tests compare it across stores.
+    pub fn expires_at_us(&self, key: &CounterKey) -> Option<u64> {
+        let shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        shard.map.get(key).map(|slot| slot.expires_at_us)
+    }
+
+    /// Drops every expired counter; returns how many were dropped.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now_us();
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            removed += shard.evict_expired(now);
+        }
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+}
+
+impl Shard {
+    fn live_state(&self, key: &CounterKey, now_us: u64) -> Option<CounterState> {
+        self.map
+            .get(key)
+            .filter(|slot| slot.expires_at_us > now_us)
+            .map(|slot| slot.state)
+    }
+
+    fn evict_expired(&mut self, now_us: u64) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, slot| slot.expires_at_us > now_us);
+        before - self.map.len()
+    }
+}
+
+#[async_trait]
+impl CounterStore for MemoryStore {
+    async fn apply(&self, ops: &[CounterOp]) -> Result<Vec<Outcome>, StoreError> {
+        let now = self.clock.now_us();
+        ops.iter().map(|op| self.apply_one(op, now)).collect()
+    }
+
+    async fn apply_request(
+        &self,
+        ops: &[CounterOp],
+        vetoes: &[bool],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        self.apply_request_at(ops, vetoes, self.clock.now_us())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::limiter::{Algorithm, CounterSpec, KeyHasher};
+
+    fn op(hasher: &KeyHasher, value: &str, limit: u64, hits: u64) -> CounterOp {
+        let entries = [crate::limiter::Entry { key: "k", value }];
+        CounterOp {
+            key: hasher.counter_key("d", &entries, &[], Algorithm::FixedWindow, 60),
+            spec: CounterSpec {
+                algorithm: Algorithm::FixedWindow,
+                limit,
+                period_us: 60_000_000,
+                burst: limit,
+            },
+            hits,
+        }
+    }
+
+    #[test]
+    fn expired_keys_are_swept_and_the_bound_holds() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = MemoryStore::new(SHARDS, clock.clone());
+        let h = KeyHasher::from_secret(b"t");
+        let mut full = 0;
+        for i in 0..SHARDS * 4 {
+            if store
+                .apply_one(&op(&h, &i.to_string(), 5, 1), clock.now_us())
+                .is_err()
+            {
+                full += 1;
+            }
+        }
+        assert!(store.len() <= SHARDS, "len {} over bound", store.len());
+        assert!(full > 0, "the bound was never hit");
+        let live = store.len();
+        assert_eq!(live, SHARDS * 4 - full);
+        assert_eq!(store.sweep(), 0, "nothing has expired yet");
+
+        clock.advance(120_000_000);
+        assert_eq!(store.sweep(), live);
+        assert!(store.is_empty());
+        assert!(store
+            .apply_one(&op(&h, "fresh", 5, 1), clock.now_us())
+            .is_ok());
+    }
+
+    #[test]
+    fn a_vetoed_request_changes_no_counter() {
+        let store = MemoryStore::new(1_000, Arc::new(ManualClock::new(0)));
+        let h = KeyHasher::from_secret(b"t");
+        let (tight, wide) = (op(&h, "tight", 1, 1), op(&h, "wide", 5, 1));
+        let both = [tight, wide];
+        let outcomes = store.apply_request_at(&both, &[true, true], 0).unwrap();
+        assert!(outcomes.iter().all(|o| o.admitted));
+        assert_eq!(outcomes[1].remaining, 4);
+        for _ in 0..3 {
+            let outcomes = store.apply_request_at(&both, &[true, true], 0).unwrap();
+            assert!(!outcomes[0].admitted);
+            assert!(outcomes[1].admitted);
+            assert_eq!(
+                outcomes[1].remaining, 4,
+                "the denied request consumed `wide`"
+            );
+        }
+        // Without a veto (a shadow-mode rule denies), the others count.
+        let outcomes = store.apply_request_at(&both, &[false, true], 0).unwrap();
+        assert!(!outcomes[0].admitted);
+        assert_eq!(outcomes[1].remaining, 3);
+    }
+
+    #[test]
+    fn a_request_sees_its_own_earlier_operations_on_a_key() {
+        let store = MemoryStore::new(1_000, Arc::new(ManualClock::new(0)));
+        let h = KeyHasher::from_secret(b"t");
+        let twice = [op(&h, "k", 3, 2), op(&h, "k", 3, 2)];
+        let outcomes = store.apply_request_at(&twice, &[true, true], 0).unwrap();
+        assert!(outcomes[0].admitted && !outcomes[1].admitted);
+        // Vetoed: the first operation's 2 hits were not kept either.
+        let check = store.apply_one(&op(&h, "k", 3, 0), 0).unwrap();
+        assert_eq!(check.remaining, 3);
+        let both = [op(&h, "k", 3, 1), op(&h, "k", 3, 2)];
+        let outcomes = store.apply_request_at(&both, &[true, true], 0).unwrap();
+        assert_eq!(outcomes[1].remaining, 0);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_full_store_fails_a_request_whole() {
+        let store = MemoryStore::new(SHARDS, Arc::new(ManualClock::new(0)));
+        let h = KeyHasher::from_secret(b"t");
+        // Fill every shard, then find two fresh keys in different shards:
+        // one full shard must stop both.
+        let mut i = 0;
+        while store.len() < SHARDS {
+            let _ = store.apply_one(&op(&h, &format!("fill{i}"), 5, 1), 0);
+            i += 1;
+        }
+        let ops = [op(&h, "fresh-a", 5, 1), op(&h, "fresh-b", 5, 1)];
+        assert!(matches!(
+            store.apply_request_at(&ops, &[true, true], 0),
+            Err(StoreError::Full { .. })
+        ));
+        assert_eq!(store.len(), SHARDS);
+    }
+
+    #[test]
+    fn expired_state_is_ignored_before_the_sweep() {
+        let clock = Arc::new(ManualClock::new(0));
+        let store = MemoryStore::new(1_000, clock.clone());
+        let h = KeyHasher::from_secret(b"t");
+        assert!(store.apply_one(&op(&h, "a", 1, 1), 0).unwrap().admitted);
+        assert!(!store.apply_one(&op(&h, "a", 1, 1), 1).unwrap().admitted);
+        // The next window starts a new count even though no sweep ran.
+        assert!(
+            store
+                .apply_one(&op(&h, "a", 1, 1), 60_000_000)
+                .unwrap()
+                .admitted
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! Counter stores. One async trait, applied once per request with all of its
+//! counter operations; the in-process store is the default, Redis is shared.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use crate::limiter::CounterOp;
+use crate::limiter::Outcome;
+
+/// Checks and updates counters atomically, one outcome per operation, in
+/// order. A denied operation leaves its counter unchanged.
+#[async_trait]
+pub trait CounterStore: Send + Sync + 'static {
+    async fn apply(&self, ops: &[CounterOp]) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Applies one request's operations so that a denied request consumes
+    /// nothing: when an operation marked in `vetoes` (one that denies the
+    /// whole request; not a shadow-mode rule's) is denied, no counter
+    /// changes, and every admitted operation reports what a check with 0
+    /// hits would. Otherwise it is [`CounterStore::apply`].
+    ///
+    /// envoyproxy/ratelimit counts a request against every descriptor even
+    /// when one denies it, so a client hammering a tight limit drains its
+    /// wider ones; this is the method that prevents that.
+    ///
+    /// The default asks first with 0 hits (a hit is admitted exactly when a
+    /// 0-hit check is admitted with `remaining >= hits`), then applies: two
+    /// calls, and only for requests with several operations. Concurrent
+    /// requests may slip in between the two, so a store that can check and
+    /// update several counters atomically should override it, as the
+    /// in-process store does.
+    async fn apply_request(
+        &self,
+        ops: &[CounterOp],
+        vetoes: &[bool],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if ops.len() < 2 || !vetoes.contains(&true) || ops.iter().all(|op| op.hits == 0) {
+            return self.apply(ops).await;
+        }
+        let probes: Vec<CounterOp> = ops.iter().map(|op| CounterOp { hits: 0, ..*op }).collect();
+        let probed = self.apply(&probes).await?;
+        let blocked = |i: usize| {
+            vetoes.get(i).copied().unwrap_or(false)
+                && !(probed[i].admitted && probed[i].remaining >= ops[i].hits)
+        };
+        if !(0..ops.len()).any(blocked) {
+            return self.apply(ops).await;
+        }
+        // Denied: the blocking operations again with their hits, which they
+        // cannot consume, for their own outcomes (how long to wait); the
+        // others only checked.
+        let retry: Vec<CounterOp> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| CounterOp {
+                hits: if blocked(i) { op.hits } else { 0 },
+                ..*op
+            })
+            .collect();
+        self.apply(&retry).await
+    }
+
+    /// Whether the store can answer now, for readiness probes.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Up
+    }
+
+    /// A short name for logs and `/readyz`: `memory`, `redis`, `redis-cluster`.
+    fn kind(&self) -> &'static str;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreHealth {
+    Up,
+    /// Failing; answers come from the failure mode. The reason is for humans.
+    Down(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("store connection failed: {0}")]
+    Connection(String),
+    #[error("cluster redirection failed: {0}")]
+    Redirect(String),
+    #[error("counter script failed: {0}")]
+    Script(String),
+    #[error("in-process store is full ({max_keys} keys); raise --memory-max-keys")]
+    Full { max_keys: usize },
+    #[error("store circuit breaker is open")]
+    BreakerOpen,
+}
+
+impl StoreError {
+    /// Transient errors may succeed on a later call; all of sluice's store
+    /// errors are answered by the failure mode, but only transient ones count
+    /// towards the circuit breaker.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, StoreError::Script(_))
+    }
+
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Connection(_) => "connection",
+            StoreError::Redirect(_) => "cluster_redirect",
+            StoreError::Script(_) => "script",
+            StoreError::Full { .. } => "full",
+            StoreError::BreakerOpen => "breaker_open",
+        }
+    }
+}

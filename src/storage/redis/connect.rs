@@ -1,0 +1,260 @@
+//! How sluice connects to a Redis node: URL, credentials, TLS roots and
+//! timeouts ([`Connector`]), and one multiplexed connection per node that
+//! reconnects at a bounded pace ([`NodeConnection`]).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
+    TlsCertificates,
+};
+
+use crate::storage::StoreError;
+
+/// Everything needed to open a connection to any node of one deployment.
+#[derive(Clone)]
+pub struct Connector {
+    info: ConnectionInfo,
+    /// PEM roots to trust instead of the bundled web PKI roots.
+    ca_cert: Option<Vec<u8>>,
+    config: AsyncConnectionConfig,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // ConnectionInfo's own Debug prints the password.
+        f.debug_struct("Connector")
+            .field("addr", &self.address())
+            .field("tls", &self.is_tls())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// `url` is `redis://[user:password@]host:port[/db]` or `rediss://...`;
+    /// `password`, when given, replaces the URL's.
+    pub fn new(
+        url: &str,
+        password: Option<&str>,
+        ca_cert: Option<Vec<u8>>,
+        store_timeout: Duration,
+    ) -> Result<Connector, RedisError> {
+        let mut info = url.into_connection_info()?;
+        if let Some(password) = password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let config = AsyncConnectionConfig::new()
+            // A call never waits longer than the store timeout for an answer.
+            .set_response_timeout(Some(store_timeout))
+            // Connecting happens in the background (the calls waiting on it
+            // give up at their own deadline), so it may take longer than one
+            // call: a TLS handshake on a busy host can exceed 50 ms, and
+            // cutting it short would fail every attempt.
+            .set_connection_timeout(Some(store_timeout.max(Duration::from_secs(1))));
+        Ok(Connector {
+            info,
+            ca_cert,
+            config,
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.info.addr(), ConnectionAddr::TcpTls { .. })
+    }
+
+    /// `host:port` of the configured node.
+    pub fn address(&self) -> String {
+        match self.info.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                format!("{host}:{port}")
+            }
+            ConnectionAddr::Unix(path) => path.display().to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// The same settings for another node (Cluster discovery).
+    pub fn for_node(&self, host: &str, port: u16) -> Connector {
+        let addr = match self.info.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        Connector {
+            info: self.info.clone().set_addr(addr),
+            ca_cert: self.ca_cert.clone(),
+            config: self.config.clone(),
+        }
+    }
+
+    fn client(&self) -> Result<Client, RedisError> {
+        match &self.ca_cert {
+            Some(pem) if self.is_tls() => Client::build_with_tls(
+                self.info.clone(),
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            _ => Client::open(self.info.clone()),
+        }
+    }
+}
+
+// === NodeConnection ===
+
+/// One multiplexed connection to one node, shared by all concurrent calls,
+/// that reconnects on demand: at once after a connection drops, then at most
+/// once per `pace` while connecting fails. Calls that find no connection
+/// join the attempt under way, or fail at once between attempts: a node
+/// that is down costs one connection attempt per `pace`, never one per
+/// call. (The redis crate's `ConnectionManager` starts a new attempt for
+/// every call that fails, which is a reconnect storm at our call rates.)
+pub struct NodeConnection {
+    address: String,
+    client: Client,
+    config: AsyncConnectionConfig,
+    pace: Duration,
+    connected: ArcSwapOption<MultiplexedConnection>,
+    state: Mutex<Attempts>,
+    /// µs after `epoch` before which no new attempt starts.
+    next_attempt_us: AtomicU64,
+    epoch: Instant,
+}
+
+/// A connection attempt that every waiting call shares.
+type Attempt = Shared<BoxFuture<'static, Result<Arc<MultiplexedConnection>, String>>>;
+
+#[derive(Default)]
+struct Attempts {
+    under_way: Option<Attempt>,
+    /// Why the last attempt failed; cleared by a success.
+    last_error: Option<String>,
+}
+
+impl NodeConnection {
+    /// Does not connect: the first call (or the start-up probe) does.
+    pub fn new(connector: &Connector, pace: Duration) -> Result<Arc<NodeConnection>, RedisError> {
+        Ok(Arc::new(NodeConnection {
+            address: connector.address(),
+            client: connector.client()?,
+            config: connector.config.clone(),
+            pace,
+            connected: ArcSwapOption::empty(),
+            state: Mutex::default(),
+            next_attempt_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }))
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Why the node cannot be reached, if connecting to it failed last.
+    pub fn failing(&self) -> Option<String> {
+        if self.connected.load().is_some() {
+            return None;
+        }
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .clone()
+    }
+
+    /// Lets the next [`NodeConnection::get`] attempt to connect even if
+    /// the last attempt failed less than `pace` ago: the breaker's probe is
+    /// the paced attempt, and must not be turned away by the pace.
+    pub fn allow_attempt_now(&self) {
+        self.next_attempt_us.store(0, Ordering::Relaxed);
+    }
+
+    /// The connection, connecting first if needed.
+    pub async fn get(self: &Arc<Self>) -> Result<Arc<MultiplexedConnection>, StoreError> {
+        if let Some(conn) = self.connected.load_full() {
+            return Ok(conn);
+        }
+        let attempt = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(conn) = self.connected.load_full() {
+                return Ok(conn);
+            }
+            match &state.under_way {
+                Some(attempt) => attempt.clone(),
+                None => {
+                    let now = self.epoch.elapsed().as_micros() as u64;
+                    let next = self.next_attempt_us.load(Ordering::Relaxed);
+                    if now < next {
+                        return Err(StoreError::Connection(format!(
+                            "{}: {}; next attempt in {:?}",
+                            self.address,
+                            state.last_error.as_deref().unwrap_or("not connected"),
+                            Duration::from_micros(next - now)
+                        )));
+                    }
+                    let attempt = Self::connect(Arc::downgrade(self)).boxed().shared();
+                    // Spawned, so it finishes (and is recorded) even if every
+                    // caller waiting on it gives up.
+                    tokio::spawn(attempt.clone());
+                    state.under_way = Some(attempt.clone());
+                    attempt
+                }
+            }
+        };
+        attempt
+            .await
+            .map_err(|e| StoreError::Connection(format!("{}: {e}", self.address)))
+    }
+
+    async fn connect(node: Weak<NodeConnection>) -> Result<Arc<MultiplexedConnection>, String> {
+        let Some(node) = node.upgrade() else {
+            return Err("store dropped".into());
+        };
+        let result = node
+            .client
+            .get_multiplexed_async_connection_with_config(&node.config)
+            .await
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        let mut state = node.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.under_way = None;
+        match &result {
+            Ok(conn) => {
+                node.connected.store(Some(conn.clone()));
+                state.last_error = None;
+            }
+            Err(e) => {
+                let next = node.epoch.elapsed() + node.pace;
+                node.next_attempt_us
+                    .store(next.as_micros() as u64, Ordering::Relaxed);
+                state.last_error = Some(e.clone());
+            }
+        }
+        result
+    }
+
+    /// After a call on `conn` failed: a broken connection is dropped, so
+    /// the next call reconnects (at once: the pace applies to failures to
+    /// connect). Timeouts and server errors keep it.
+    pub fn failed(&self, conn: &Arc<MultiplexedConnection>, error: &RedisError) {
+        if error.is_unrecoverable_error() {
+            let current = self.connected.load();
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                // Only if no one replaced it meanwhile.
+                self.connected.compare_and_swap(&current, None);
+            }
+        }
+    }
+}

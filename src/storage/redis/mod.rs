@@ -1,0 +1,471 @@
+//! Counters in Redis or a Redis Cluster, shared by every sluice instance.
+//!
+//! A call goes: local over-limit cache (answers known denials without
+//! Redis) -> circuit breaker (answers at once while Redis is failing) -> one
+//! `EVALSHA` per operation, one pipeline per node, under the store timeout.
+//!
+//! | module        | job |
+//! |---------------|-----|
+//! | `scripts`     | the Lua scripts (`storage/scripts/*.lua`), calls and replies |
+//! | `connect`     | URL, credentials, TLS roots, timeouts for any node |
+//! | `standalone`  | one server, one multiplexed connection |
+//! | `cluster`     | slots -> masters, one pipeline per master, redirects |
+//! | `slot`        | CRC16 key slots |
+//! | `breaker`     | the circuit breaker |
+//! | `local_cache` | the over-limit cache |
+
+mod breaker;
+mod cluster;
+mod connect;
+mod local_cache;
+pub mod scripts;
+mod slot;
+mod standalone;
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use metrics::counter;
+use redis::{RedisError, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use self::breaker::Breaker;
+use self::cluster::Cluster;
+use self::connect::Connector;
+use self::local_cache::OverLimitCache;
+use self::scripts::Scripts;
+use self::standalone::Standalone;
+use super::{CounterOp, CounterStore, StoreError, StoreHealth};
+use crate::clock::Clock;
+use crate::limiter::Outcome;
+use crate::telemetry::names;
+
+pub use self::slot::key_slot;
+
+/// Where the counters live.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://` or `rediss://` URL of one server.
+    Standalone(String),
+    /// Seed node URLs of a Cluster; the rest is discovered.
+    Cluster(Vec<String>),
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisTarget::Standalone(url) => {
+                write!(f, "Standalone({})", crate::config::redact_url(url))
+            }
+            RedisTarget::Cluster(urls) => {
+                let urls: Vec<_> = urls.iter().map(|u| crate::config::redact_url(u)).collect();
+                write!(f, "Cluster({urls:?})")
+            }
+        }
+    }
+}
+
+/// How the store behaves; `RedisOptions::new(timeout)` gives the defaults.
+#[derive(Clone)]
+pub struct RedisOptions {
+    /// No call waits longer for Redis.
+    pub store_timeout: Duration,
+    /// Consecutive failed calls, spanning at least the store timeout, that
+    /// open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before each probe.
+    pub breaker_cooldown: Duration,
+    /// Most counters the over-limit cache remembers; 0 disables it.
+    pub local_cache_size: usize,
+    /// Replaces the password in the URL(s).
+    pub password: Option<String>,
+    /// PEM certificates to trust for `rediss://` instead of the web PKI roots.
+    pub ca_cert: Option<Vec<u8>>,
+    /// TESTS ONLY: pass this clock's time to the scripts instead of letting
+    /// them read Redis' `TIME`, to replay exact sequences. Production never
+    /// sets it: sluice instances agree because they share Redis' clock.
+    pub test_clock: Option<Arc<dyn Clock>>,
+}
+
+impl RedisOptions {
+    pub fn new(store_timeout: Duration) -> RedisOptions {
+        RedisOptions {
+            store_timeout,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_millis(500),
+            local_cache_size: 100_000,
+            password: None,
+            ca_cert: None,
+            test_clock: None,
+        }
+    }
+}
+
+impl fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("store_timeout", &self.store_timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("local_cache_size", &self.local_cache_size)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_cert", &self.ca_cert.is_some())
+            .field("test_clock", &self.test_clock.is_some())
+            .finish()
+    }
+}
+
+/// The operations of one store call that go to Redis.
+pub struct Call<'a> {
+    pub ops: &'a [&'a CounterOp],
+    /// `None`: the scripts read Redis' clock.
+    pub now_us: Option<u64>,
+}
+
+enum Backend {
+    Standalone(Standalone),
+    Cluster(Arc<Cluster>),
+}
+
+impl Backend {
+    async fn run(&self, scripts: &Scripts, call: &Call<'_>) -> Result<Vec<Outcome>, StoreError> {
+        match self {
+            Backend::Standalone(s) => s.run(scripts, call).await,
+            Backend::Cluster(c) => c.run(scripts, call).await,
+        }
+    }
+
+    async fn probe(&self, scripts: &Scripts) -> Result<(), StoreError> {
+        match self {
+            Backend::Standalone(s) => s.probe(scripts).await,
+            Backend::Cluster(c) => c.probe(scripts).await,
+        }
+    }
+}
+
+/// Counters in Redis (standalone or Cluster). Cheap to share: clone the `Arc`.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: &'static str,
+    target: String,
+    backend: Backend,
+    scripts: Scripts,
+    breaker: Breaker,
+    cache: Option<OverLimitCache>,
+    timeout: Duration,
+    /// Local monotonic time for the over-limit cache (or the test clock).
+    epoch: Instant,
+    test_clock: Option<Arc<dyn Clock>>,
+    /// Wakes the supervisor when the breaker opens.
+    opened: Arc<Notify>,
+    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("kind", &self.inner.kind)
+            .field("target", &self.inner.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Builds the store without waiting for Redis: sluice starts and serves
+    /// (by the failure mode) even while Redis is down. A background task
+    /// connects, loads the scripts, and later probes while the breaker is
+    /// open. Fails only on an invalid URL. Needs a Tokio runtime.
+    pub fn new(target: &RedisTarget, options: RedisOptions) -> Result<RedisStore, RedisError> {
+        let timeout = options.store_timeout;
+        let connector = |url: &str| {
+            Connector::new(
+                url,
+                options.password.as_deref(),
+                options.ca_cert.clone(),
+                timeout,
+            )
+        };
+        let (kind, backend, target) = match target {
+            RedisTarget::Standalone(url) => {
+                let standalone =
+                    Standalone::new(&connector(url)?, timeout, options.breaker_cooldown)?;
+                let address = standalone.address().to_owned();
+                ("redis", Backend::Standalone(standalone), address)
+            }
+            RedisTarget::Cluster(urls) => {
+                let seeds = urls
+                    .iter()
+                    .map(|u| connector(u))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let cluster = Cluster::new(seeds, timeout, options.breaker_cooldown);
+                let address = cluster.seeds().collect::<Vec<_>>().join(",");
+                (
+                    "redis-cluster",
+                    Backend::Cluster(Arc::new(cluster)),
+                    address,
+                )
+            }
+        };
+        let inner = Arc::new(Inner {
+            kind,
+            target,
+            backend,
+            scripts: Scripts::new(),
+            breaker: Breaker::new(
+                kind,
+                options.breaker_failures,
+                timeout,
+                options.breaker_cooldown,
+            ),
+            cache: OverLimitCache::new(options.local_cache_size),
+            timeout,
+            epoch: Instant::now(),
+            test_clock: options.test_clock,
+            opened: Arc::new(Notify::new()),
+            supervisor: std::sync::Mutex::new(None),
+        });
+        let task = tokio::spawn(supervise(Arc::downgrade(&inner), inner.opened.clone()));
+        *inner.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(RedisStore { inner })
+    }
+
+    /// Whether the circuit breaker is open (calls answered by the failure mode).
+    pub fn breaker_open(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// Entries in the over-limit cache.
+    pub fn local_cache_len(&self) -> usize {
+        self.inner.cache.as_ref().map_or(0, OverLimitCache::len)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn local_now_us(&self) -> u64 {
+        match &self.test_clock {
+            Some(clock) => clock.now_us(),
+            None => self.epoch.elapsed().as_micros() as u64,
+        }
+    }
+
+    /// Counts a failed call; opens the breaker on the last straw.
+    fn failed(&self, error: &StoreError) {
+        if self.breaker.record_failure(error) {
+            self.opened.notify_one();
+        }
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<(), StoreError> {
+        match tokio::time::timeout(timeout, self.backend.probe(&self.scripts)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Connects at start-up, then probes every cool-down while the breaker is
+/// open; closes it on the first answer. Ends when the store is dropped.
+async fn supervise(store: Weak<Inner>, opened: Arc<Notify>) {
+    let Some(inner) = store.upgrade() else { return };
+    // Probes run in the background, so they may wait longer than a call;
+    // but not so long that a recovered Redis waits on a stale probe.
+    let probe_timeout = inner.timeout.max(Duration::from_millis(250));
+    let startup_timeout = inner.timeout.max(Duration::from_secs(2));
+    let cooldown = inner.breaker.cooldown();
+    match inner.probe(startup_timeout).await {
+        Ok(()) => inner.breaker.close(),
+        Err(e) => {
+            inner.breaker.open(&format!("unreachable at start-up: {e}"));
+        }
+    }
+    drop(inner);
+    loop {
+        let open = match store.upgrade() {
+            Some(inner) => inner.breaker.is_open(),
+            None => return,
+        };
+        if !open {
+            // A permit is stored if the breaker opened since we looked.
+            opened.notified().await;
+            continue;
+        }
+        tokio::time::sleep(cooldown).await;
+        let Some(inner) = store.upgrade() else { return };
+        match inner.probe(probe_timeout).await {
+            Ok(()) => inner.breaker.close(),
+            Err(e) => {
+                counter!(names::REDIS_PROBE_FAILURES, "store" => inner.kind).increment(1);
+                tracing::debug!(store = inner.kind, error = %e, "counter store probe failed");
+            }
+        }
+    }
+}
+
+/// Counts a call as failed if it is dropped before it finishes: the
+/// service's timeout drops it when Redis hangs, and a hang must open the
+/// breaker just as an error does.
+struct InFlight<'a> {
+    inner: &'a Inner,
+    finished: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.inner.failed(&StoreError::Timeout(self.inner.timeout));
+        }
+    }
+}
+
+#[async_trait]
+impl CounterStore for RedisStore {
+    async fn apply(&self, ops: &[CounterOp]) -> Result<Vec<Outcome>, StoreError> {
+        let inner = &*self.inner;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
+        let mut remote: Vec<&CounterOp> = Vec::with_capacity(ops.len());
+        let mut remote_index: Vec<usize> = Vec::with_capacity(ops.len());
+        match &inner.cache {
+            Some(cache) => {
+                let now = inner.local_now_us();
+                for (i, op) in ops.iter().enumerate() {
+                    match cache.check(op, now) {
+                        Some(outcome) => outcomes[i] = Some(outcome),
+                        None => {
+                            remote.push(op);
+                            remote_index.push(i);
+                        }
+                    }
+                }
+                let local = ops.len() - remote.len();
+                if local > 0 {
+                    counter!(names::LOCAL_CACHE_ANSWERS, "store" => inner.kind)
+                        .increment(local as u64);
+                }
+            }
+            None => {
+                remote.extend(ops.iter());
+                remote_index.extend(0..ops.len());
+            }
+        }
+        if remote.is_empty() {
+            return complete(outcomes);
+        }
+        if !inner.breaker.allows() {
+            return Err(StoreError::BreakerOpen);
+        }
+
+        let sent_us = inner.local_now_us();
+        let call = Call {
+            ops: &remote,
+            now_us: inner.test_clock.as_ref().map(|c| c.now_us()),
+        };
+        let mut in_flight = InFlight {
+            inner,
+            finished: false,
+        };
+        let result =
+            match tokio::time::timeout(inner.timeout, inner.backend.run(&inner.scripts, &call))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Timeout(inner.timeout)),
+            };
+        in_flight.finished = true;
+        let answers = match result {
+            Ok(answers) => answers,
+            Err(e) => {
+                inner.failed(&e);
+                return Err(e);
+            }
+        };
+        inner.breaker.record_success();
+        for ((&i, op), outcome) in remote_index.iter().zip(&remote).zip(answers) {
+            if let Some(cache) = &inner.cache {
+                cache.record(op, &outcome, sent_us);
+            }
+            outcomes[i] = Some(outcome);
+        }
+        complete(outcomes)
+    }
+
+    /// Down while the breaker is open or still connecting, and also while
+    /// any node cannot be reached (then only its calls fail, and the
+    /// breaker stays closed while others succeed).
+    fn health(&self) -> StoreHealth {
+        let health = self.inner.breaker.health();
+        if health != StoreHealth::Up {
+            return health;
+        }
+        match &self.inner.backend {
+            Backend::Standalone(s) => match s.failing() {
+                Some(why) => StoreHealth::Down(format!("not connected: {why}")),
+                None => health,
+            },
+            Backend::Cluster(c) => {
+                let failing = c.failing_masters();
+                if failing.is_empty() {
+                    health
+                } else {
+                    StoreHealth::Down(format!("masters not answering: {}", failing.join(", ")))
+                }
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind
+    }
+}
+
+// === helpers shared by the backends ===
+
+/// Every operation answered, or a script error naming the gap.
+fn complete(outcomes: Vec<Option<Outcome>>) -> Result<Vec<Outcome>, StoreError> {
+    outcomes
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| StoreError::Script("Redis answered fewer commands than were sent".into()))
+}
+
+/// Maps a client error to the store's error kinds; `timeout` is the
+/// connection's response timeout.
+fn redis_error(e: &RedisError, timeout: Duration) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout(timeout)
+    } else if e.is_cluster_error() {
+        StoreError::Redirect(e.to_string())
+    } else {
+        // Refused, dropped, TLS and AUTH failures: all "cannot talk to Redis
+        // now", all worth probing for.
+        StoreError::Connection(e.to_string())
+    }
+}
+
+/// A probe's `PING` and `SCRIPT LOAD` replies must all be answers.
+fn check_probe_replies(address: &str, values: &[Value]) -> Result<(), StoreError> {
+    for value in values {
+        if let Value::ServerError(e) = value {
+            return Err(StoreError::Connection(format!("{address}: {e}")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Logs, traces and metrics: tracing with text or JSON output, OpenTelemetry
+//! over OTLP when configured, and a Prometheus recorder. Metric names live
+//! here as constants.
+
+use std::sync::OnceLock;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
+
+pub mod names {
+    pub const DECISIONS: &str = "sluice_decisions_total";
+    pub const RULE_HITS: &str = "sluice_rule_hits_total";
+    pub const SHADOW_MODE: &str = "sluice_shadow_mode_total";
+    pub const GLOBAL_SHADOW: &str = "sluice_global_shadow_mode_total";
+    pub const NEAR_LIMIT: &str = "sluice_near_limit_total";
+    pub const UNKNOWN_DOMAIN: &str = "sluice_unknown_domain_total";
+    pub const UNKNOWN_DOMAIN_LABEL: &str = "_unknown";
+    pub const INVALID_REQUESTS: &str = "sluice_invalid_requests_total";
+    pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
+    pub const STORE_DURATION: &str = "sluice_store_duration_seconds";
+    pub const STORE_ERRORS: &str = "sluice_store_errors_total";
+    pub const STORE_KEYS: &str = "sluice_store_keys";
+    pub const FAILURE_MODE_ANSWERS: &str = "sluice_failure_mode_answers_total";
+    /// One Redis round trip (a pipeline), by store (`redis`, `redis-cluster`).
+    pub const REDIS_DURATION: &str = "sluice_redis_duration_seconds";
+    /// Commands resent after a reply that says they did not run, by reason
+    /// (`noscript`, `moved`, `ask`).
+    pub const REDIS_RETRIES: &str = "sluice_redis_retries_total";
+    /// Failed circuit-breaker probes, by store.
+    pub const REDIS_PROBE_FAILURES: &str = "sluice_redis_probe_failures_total";
+    /// 1 while the store's circuit breaker is open, by store.
+    pub const BREAKER_OPEN: &str = "sluice_store_breaker_open";
+    /// Circuit-breaker state changes, by store and `to` (`open`, `closed`).
+    pub const BREAKER_TRANSITIONS: &str = "sluice_store_breaker_transitions_total";
+    /// Counter operations answered by the local over-limit cache, by store.
+    pub const LOCAL_CACHE_ANSWERS: &str = "sluice_local_cache_answers_total";
+    pub const RULE_RELOADS: &str = "sluice_rule_reloads_total";
+    pub const RULES_LOADED: &str = "sluice_rules_loaded";
+    // PostgreSQL rules, API keys and usage metering.
+    pub const API_KEYS_LOADED: &str = "sluice_api_keys_loaded";
+    pub const API_KEY_LOOKUPS: &str = "sluice_api_key_lookups_total";
+    pub const POSTGRES_UP: &str = "sluice_postgres_up";
+    /// From a NOTIFY received to the new rules in force.
+    pub const RULES_RELOAD_DURATION: &str = "sluice_rules_reload_duration_seconds";
+    pub const USAGE_DROPPED: &str = "sluice_usage_dropped_total";
+    pub const USAGE_FLUSHES: &str = "sluice_usage_flushes_total";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global tracing subscriber. Call once, from `main`.
+pub fn init_tracing(
+    format: LogFormat,
+    level: &str,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    let filter = EnvFilter::try_new(level).with_context(|| format!("invalid log level '{level}'"))?;
+    let (otel_layer, provider) = match otlp_endpoint {
+        Some(endpoint) => {
+            use opentelemetry::trace::TracerProvider as _;
+            use opentelemetry_otlp::WithExportConfig as _;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .context("building the OTLP exporter")?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("sluice")
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer("sluice");
+            (
+                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(provider),
+            )
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    match format {
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .try_init(),
+    }
+    .context("installing the tracing subscriber")?;
+    Ok(provider)
+}
+
+/// The process-wide Prometheus recorder, installed on first use. Several
+/// servers in one process (tests) share it.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 1.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let handle = match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (a test harness); keep a
+                // private one so /metrics still renders.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            spawn_upkeep(handle.clone());
+            handle
+        })
+        .clone()
+}
+
+/// `install_recorder` starts no upkeep: every histogram sample is kept until
+/// `/metrics` is rendered, about 40 bytes per request, without bound when
+/// nothing scrapes (BENCHMARKS.md). Drain them into the buckets on a timer.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms drain only when scraped");
+    }
+}

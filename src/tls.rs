@@ -1,0 +1,184 @@
+//! TLS for the gRPC port, and mutual TLS when a client CA is given.
+//!
+//! Certificates are reloaded when their files change (Kubernetes rotates
+//! mounted Secrets by swapping a symlink), so the acceptor reads the current
+//! `ServerConfig` for every new connection. A rotation to files that do not
+//! load is logged and refused; the certificates in force stay.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::Stream;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The certificate files to serve with.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("client CA: {0}")]
+    ClientCa(String),
+}
+
+fn file_error(path: &Path, message: impl ToString) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Reads the files and builds a server configuration advertising HTTP/2.
+pub fn load_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| file_error(&files.cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(&files.cert, e))?;
+    if certs.is_empty() {
+        return Err(file_error(&files.cert, "no certificate found"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_error(ca, e))? {
+                roots
+                    .add(cert.map_err(|e| file_error(ca, e))?)
+                    .map_err(|e| file_error(ca, e))?;
+            }
+            if roots.is_empty() {
+                return Err(file_error(ca, "no CA certificate found"));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The configuration in force, and the files it came from.
+pub struct TlsReloader {
+    files: TlsFiles,
+    config: ArcSwap<ServerConfig>,
+}
+
+impl TlsReloader {
+    /// Loads the files once; start-up fails if they do not load.
+    pub fn new(files: TlsFiles) -> Result<Arc<TlsReloader>, TlsError> {
+        let config = load_config(&files)?;
+        Ok(Arc::new(TlsReloader {
+            files,
+            config: ArcSwap::new(config),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.load_full()
+    }
+
+    fn fingerprint(&self) -> Option<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        let paths = [
+            Some(&self.files.cert),
+            Some(&self.files.key),
+            self.files.client_ca.as_ref(),
+        ];
+        for path in paths.into_iter().flatten() {
+            h.update(&std::fs::read(path).ok()?);
+            h.update(&[0]);
+        }
+        Some(*h.finalize().as_bytes())
+    }
+
+    /// Polls the files and swaps in new certificates when they change.
+    pub async fn watch(self: Arc<Self>, poll: Duration) {
+        let mut last = self.fingerprint();
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let current = self.fingerprint();
+            if current.is_none() || current == last {
+                continue;
+            }
+            last = current;
+            match load_config(&self.files) {
+                Ok(config) => {
+                    self.config.store(config);
+                    tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "new TLS certificates do not load; keeping the ones in force")
+                }
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so a
+/// slow or failing handshake never holds up the others. Failed handshakes
+/// (an untrusted client certificate, say) are logged and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                // The server stopped reading: shutdown.
+                () = tx.closed() => return,
+            };
+            let acceptor = TlsAcceptor::from(tls.current());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
