@@ -1,0 +1,344 @@
+//! Shared test harness: find the real tools, start sluice in-process on
+//! `127.0.0.1:0` through the same `app::serve` that `main` uses, and pick
+//! free ports for the external servers the tests start.
+//!
+//! A test that needs a tool it cannot find fails, saying how to install it;
+//! it never passes because something was absent.
+
+#![allow(dead_code)]
+
+pub mod certs;
+pub mod http;
+pub mod postgres;
+pub mod redis;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sluice::app::{self, Deps};
+use sluice::clock::{Clock, SystemClock};
+use sluice::health::Readiness;
+use sluice::limiter::{Algorithm, KeyHasher, PlanOptions};
+use sluice::rules::{yaml, RuleSet};
+use sluice::service::{FailureMode, LimiterSettings, RateLimiter, RulesHandle};
+use sluice::storage::{memory::MemoryStore, CounterStore};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tool from `.tools/bin` (installed by `.ci/install-tools.sh`) or PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let local = repo().join(".tools/bin").join(name);
+    if local.exists() {
+        return local;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "`{name}` is required by this test and was not found in .tools/bin or PATH; \
+         install it with `bash .ci/install-tools.sh`"
+    );
+}
+
+/// A port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// `count` consecutive free ports (and their +10000 cluster-bus ports).
+pub fn free_port_range(count: u16) -> u16 {
+    'search: for _ in 0..200 {
+        let base = 20_000 + (rand_u16() % 20_000);
+        for p in base..base + count {
+            for port in [p, p + 10_000] {
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                    continue 'search;
+                }
+            }
+        }
+        return base;
+    }
+    panic!("no free port range of {count}");
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    getrandom_fill(&mut b);
+    u16::from_le_bytes(b)
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per instance; good enough for ports.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    let v = h.finish().to_le_bytes();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = v[i % 8];
+    }
+}
+
+/// Compiles rules from YAML text (one document per domain).
+pub fn rules_from_yaml(docs: &[&str]) -> RuleSet {
+    let parsed: Vec<_> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let name = format!("test{i}.yaml");
+            let root = yaml::parse_str(&name, text).unwrap_or_else(|e| panic!("{e}"));
+            (name, root)
+        })
+        .collect();
+    yaml::compile_all(&parsed).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Settings for a test limiter; tweak fields before `start`.
+pub struct TestConfig {
+    pub rules: RuleSet,
+    pub store: Option<Arc<dyn CounterStore>>,
+    pub clock: Arc<dyn Clock>,
+    pub hasher: KeyHasher,
+    pub settings: LimiterSettings,
+    pub shutdown_grace: Duration,
+    pub tls: Option<Arc<sluice::tls::TlsReloader>>,
+}
+
+impl TestConfig {
+    pub fn new(rules: RuleSet) -> TestConfig {
+        TestConfig {
+            rules,
+            store: None,
+            clock: Arc::new(SystemClock),
+            hasher: KeyHasher::from_secret(b"test secret"),
+            settings: LimiterSettings {
+                plan: PlanOptions {
+                    default_algorithm: Algorithm::SlidingWindow,
+                    global_shadow: false,
+                },
+                failure_mode: FailureMode::Allow,
+                store_timeout: Duration::from_millis(50),
+                rate_limit_headers: false,
+            },
+            shutdown_grace: Duration::from_secs(5),
+            tls: None,
+        }
+    }
+}
+
+/// A sluice running in this test process.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub rules: RulesHandle,
+    pub deps: Deps,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: TestConfig) -> TestServer {
+        let store = config.store.unwrap_or_else(|| {
+            Arc::new(MemoryStore::new(100_000, config.clock.clone())) as Arc<dyn CounterStore>
+        });
+        let rules: RulesHandle = Arc::new(ArcSwap::from_pointee(config.rules));
+        let readiness = Arc::new(Readiness::default());
+        readiness.update_rules(|s| {
+            s.loaded = true;
+            s.source = "test".into();
+        });
+        let limiter = RateLimiter::new(
+            rules.clone(),
+            store,
+            config.hasher,
+            config.settings,
+            config.clock,
+        );
+        let deps = Deps {
+            limiter: Arc::new(limiter),
+            readiness,
+            metrics: sluice::telemetry::prometheus(),
+            shutdown_grace: config.shutdown_grace,
+            tls: config.tls,
+        };
+        Self::serve(deps, rules).await
+    }
+
+    /// Serves already-built deps (for tests that use `app::build`).
+    pub async fn serve(deps: Deps, rules: RulesHandle) -> TestServer {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app::serve(grpc, http, deps.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            grpc_addr,
+            http_addr,
+            rules,
+            deps,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http_addr, path)
+    }
+
+    /// A connected tonic client.
+    pub async fn client(
+        &self,
+    ) -> sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient<
+        tonic::transport::Channel,
+    > {
+        sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(
+            self.grpc_url(),
+        )
+        .await
+        .expect("connecting to the test server")
+    }
+
+    /// Begins shutdown and waits for `serve` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.begin_shutdown();
+        self.wait().await
+    }
+
+    /// Completes the `shutdown` future `serve` was given, without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for `serve` to return (after [`TestServer::begin_shutdown`]).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        match self.task.take() {
+            Some(task) => task.await.expect("serve task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Builds a request with one descriptor per slice of `(key, value)` pairs.
+pub fn request(
+    domain: &str,
+    descriptors: &[&[(&str, &str)]],
+) -> sluice::proto::rls::RateLimitRequest {
+    use sluice::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
+    sluice::proto::rls::RateLimitRequest {
+        domain: domain.to_owned(),
+        descriptors: descriptors
+            .iter()
+            .map(|entries| RateLimitDescriptor {
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| Entry {
+                        key: (*k).to_owned(),
+                        value: (*v).to_owned(),
+                    })
+                    .collect(),
+                limit: None,
+                hits_addend: None,
+            })
+            .collect(),
+        hits_addend: 0,
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the async `f` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves nothing running.
+pub struct ChildGuard {
+    pub child: std::process::Child,
+    pub name: &'static str,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &'static str, command: &mut std::process::Command) -> ChildGuard {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
+        ChildGuard { child, name }
+    }
+
+    /// Panics if the process has exited, quoting `log` (e.g. its stderr file).
+    pub fn assert_running(&mut self, log: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited early with {status}:\n{log}", self.name);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

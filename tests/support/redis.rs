@@ -1,0 +1,471 @@
+//! Real Redis servers for tests: a standalone `redis-server` on its own port
+//! (optionally with a password, an ACL user, TLS only), and a 6-node Cluster
+//! started by `.ci/redis-cluster.sh`. Everything is stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::certs::TestCa;
+use super::{free_port, free_port_range, repo, tool, ChildGuard};
+
+/// How to start a standalone server.
+#[derive(Clone, Default)]
+pub struct RedisConfig {
+    /// `requirepass`: the default user's password.
+    pub password: Option<String>,
+    /// An ACL user `(name, password)` allowed everything.
+    pub user: Option<(String, String)>,
+    /// Serve TLS only (no plaintext port), with a certificate from a test CA.
+    pub tls: bool,
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    pub config: RedisConfig,
+    /// The CA that signed the server certificate, when TLS is on.
+    pub ca_pem: Option<String>,
+    dir: tempfile::TempDir,
+    child: Option<ChildGuard>,
+}
+
+impl RedisServer {
+    /// A plain server without authentication.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(RedisConfig::default())
+    }
+
+    pub fn start_with(config: RedisConfig) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir for redis-server");
+        let ca_pem = config.tls.then(|| {
+            let ca = TestCa::new("sluice test redis CA");
+            ca.write_ca(dir.path());
+            ca.server().write(dir.path(), "redis");
+            ca.cert_pem()
+        });
+        let mut server = RedisServer {
+            port: free_port(),
+            config,
+            ca_pem,
+            dir,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let mut cmd = Command::new(tool("redis-server"));
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"));
+        if self.config.tls {
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(dir.join("redis.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
+        if let Some(password) = &self.config.password {
+            cmd.args(["--requirepass", password]);
+        }
+        if let Some((user, password)) = &self.config.user {
+            let password = format!(">{password}");
+            cmd.args(["--user", user, "on", &password, "~*", "&*", "+@all"]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        self.child = Some(ChildGuard::spawn("redis-server", &mut cmd));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            let log = self.log();
+            if let Some(child) = &mut self.child {
+                child.assert_running(&log);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} not ready after 10 s:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// `redis://` (or `rediss://`) URL, with credentials if configured.
+    pub fn url(&self) -> String {
+        let scheme = if self.config.tls { "rediss" } else { "redis" };
+        let auth = match (&self.config.user, &self.config.password) {
+            (Some((user, password)), _) => format!("{user}:{password}@"),
+            (None, Some(password)) => format!(":{password}@"),
+            (None, None) => String::new(),
+        };
+        format!("{scheme}://{auth}127.0.0.1:{}/0", self.port)
+    }
+
+    /// The same URL without credentials.
+    pub fn url_without_auth(&self) -> String {
+        let scheme = if self.config.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Runs `redis-cli` against this server and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new(tool("redis-cli"));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.config.tls {
+            cmd.arg("--tls")
+                .arg("--cacert")
+                .arg(self.dir.path().join("ca.pem"));
+        }
+        match (&self.config.user, &self.config.password) {
+            (Some((user, password)), _) => {
+                cmd.args(["--user", user, "--pass", password, "--no-auth-warning"]);
+            }
+            (None, Some(password)) => {
+                cmd.args(["-a", password, "--no-auth-warning"]);
+            }
+            (None, None) => {}
+        }
+        let out = cmd.args(args).output().expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Kills the server (SIGKILL): it is down until [`RedisServer::restart`].
+    pub fn kill(&mut self) {
+        self.child = None;
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Redis' own clock, in microseconds.
+    pub fn time_us(&self) -> u64 {
+        parse_time(&self.cli(&["TIME"]))
+    }
+
+    /// `calls` of one command from `INFO commandstats` (0 if never called).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        command_calls(&self.cli(&["INFO", "commandstats"]), command)
+    }
+}
+
+/// `TIME` output of redis-cli (two lines) -> microseconds.
+pub fn parse_time(out: &str) -> u64 {
+    let mut lines = out
+        .lines()
+        .map(|l| l.trim().parse::<u64>().expect("TIME output"));
+    let (s, us) = (lines.next().unwrap(), lines.next().unwrap());
+    s * 1_000_000 + us
+}
+
+/// `cmdstat_evalsha:calls=12,...` -> 12.
+pub fn command_calls(info: &str, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{}:calls=", command.to_lowercase());
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A 3-master, 3-replica Cluster on `base..base+6`, started and stopped by
+/// `.ci/redis-cluster.sh`.
+pub struct RedisCluster {
+    pub base: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        tool("redis-server");
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let base = free_port_range(6);
+        let out = Command::new("bash")
+            .arg(repo().join(".ci/redis-cluster.sh"))
+            .arg("start")
+            .arg(dir.path())
+            .arg(base.to_string())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("running .ci/redis-cluster.sh");
+        assert!(
+            out.status.success(),
+            "bash .ci/redis-cluster.sh start {} {base} failed:\n{}",
+            dir.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("REDIS_CLUSTER_NODES="),
+            "unexpected output: {stdout}"
+        );
+        RedisCluster { base, dir }
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        (self.base..self.base + 6).collect()
+    }
+
+    /// Seed URLs: every node, as an operator would list them.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports()
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new(tool("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Ports of the current masters that serve slots, as the first
+    /// answering node sees them. (Right after start-up a node's view may
+    /// still show a replica as a master without slots.)
+    pub fn masters(&self) -> Vec<u16> {
+        for port in self.ports() {
+            let nodes = self.cli(port, &["CLUSTER", "NODES"]);
+            let masters: Vec<u16> = nodes
+                .lines()
+                .filter(|l| {
+                    let fields: Vec<&str> = l.split(' ').collect();
+                    let flags = fields.get(2).copied().unwrap_or("");
+                    flags.contains("master") && !flags.contains("fail") && fields.len() > 8
+                })
+                .filter_map(|l| {
+                    let addr = l.split(' ').nth(1)?;
+                    addr.split('@').next()?.rsplit(':').next()?.parse().ok()
+                })
+                .collect();
+            if !masters.is_empty() {
+                return masters;
+            }
+        }
+        Vec::new()
+    }
+
+    fn pid(&self, port: u16) -> i32 {
+        let path = self.dir.path().join(port.to_string()).join("redis.pid");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    /// SIGKILL one node.
+    pub fn kill(&self, port: u16) {
+        let pid = self.pid(port);
+        let status = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -9 {pid} failed");
+        let path = self.dir.path().join(port.to_string()).join("redis.pid");
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Starts a killed node again with its old configuration; it rejoins
+    /// (as a replica if it was failed over).
+    pub fn restart(&self, port: u16) {
+        let node_dir: PathBuf = self.dir.path().join(port.to_string());
+        let status = Command::new(tool("redis-server"))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&node_dir)
+            .arg("--logfile")
+            .arg(node_dir.join("redis.log"))
+            .arg("--pidfile")
+            .arg(node_dir.join("redis.pid"))
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--cluster-node-timeout", "2000"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+            ])
+            .args(["--daemonize", "yes"])
+            .status()
+            .expect("starting redis-server");
+        assert!(status.success(), "restarting node {port} failed");
+    }
+
+    /// Whether every node says the cluster is ok and every replica is linked.
+    pub fn healthy(&self) -> bool {
+        Command::new("bash")
+            .arg(repo().join(".ci/redis-cluster.sh"))
+            .arg("status")
+            .arg(self.dir.path())
+            .arg(self.base.to_string())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Redis' clock on one node, in microseconds.
+    pub fn time_us(&self, port: u16) -> u64 {
+        parse_time(&self.cli(port, &["TIME"]))
+    }
+
+    /// Sum of `calls` of one command over the masters.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        self.ports()
+            .iter()
+            .map(|&p| command_calls(&self.cli(p, &["INFO", "commandstats"]), command))
+            .sum()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join(".ci/redis-cluster.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .arg(self.base.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// === Load ===
+
+/// What one gRPC call got, and how long it took.
+#[derive(Default)]
+pub struct Tally {
+    pub decided: AtomicU64,
+    pub by_failure_mode: AtomicU64,
+    pub errors: AtomicU64,
+    pub slowest_us: AtomicU64,
+}
+
+impl Tally {
+    pub fn reset(&self) {
+        for n in [
+            &self.decided,
+            &self.by_failure_mode,
+            &self.errors,
+            &self.slowest_us,
+        ] {
+            n.store(0, Ordering::SeqCst);
+        }
+    }
+
+    pub fn snapshot(&self) -> (u64, u64, u64, Duration) {
+        (
+            self.decided.load(Ordering::SeqCst),
+            self.by_failure_mode.load(Ordering::SeqCst),
+            self.errors.load(Ordering::SeqCst),
+            Duration::from_micros(self.slowest_us.load(Ordering::SeqCst)),
+        )
+    }
+}
+
+/// `tasks` gRPC callers in a loop until `stop`, each over 64 values of
+/// `key`; a decision carries the limit, an answer by the failure mode
+/// (allow) does not.
+pub fn drive(
+    sluice: &super::TestServer,
+    domain: &'static str,
+    key: &'static str,
+    tasks: usize,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..tasks)
+        .map(|t| {
+            let url = sluice.grpc_url();
+            let (tally, stop) = (tally.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut client =
+                    sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(
+                        url,
+                    )
+                    .await
+                    .unwrap();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let value = format!("{t}-{}", i % 64);
+                    let started = Instant::now();
+                    let reply = client
+                        .should_rate_limit(super::request(domain, &[&[(key, &value)]]))
+                        .await;
+                    tally
+                        .slowest_us
+                        .fetch_max(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+                    match reply {
+                        Ok(r)
+                            if r.get_ref()
+                                .statuses
+                                .iter()
+                                .all(|s| s.current_limit.is_some()) =>
+                        {
+                            tally.decided.fetch_add(1, Ordering::SeqCst)
+                        }
+                        Ok(_) => tally.by_failure_mode.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => tally.errors.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            })
+        })
+        .collect()
+}
+
+impl RedisCluster {
+    /// Moves `slots` slots (and their keys) from the master on `from` to the
+    /// master on `to`, with `redis-cli --cluster reshard`.
+    pub fn reshard(&self, from: u16, to: u16, slots: u32) {
+        let id = |port| self.cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+        let out = Command::new(tool("redis-cli"))
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "reshard failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
