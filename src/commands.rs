@@ -9,8 +9,7 @@ use std::process::ExitCode;
 use crate::config::CheckArgs;
 use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
 use crate::proto::rls::{
-    rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient,
-    RateLimitRequest,
+    rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient, RateLimitRequest,
 };
 use crate::rules::yaml;
 

@@ -107,7 +107,12 @@ pub struct JsonRequest {
     pub domain: String,
     #[serde(default)]
     pub descriptors: Vec<JsonDescriptor>,
-    #[serde(default, rename = "hitsAddend", alias = "hits_addend", deserialize_with = "number")]
+    #[serde(
+        default,
+        rename = "hitsAddend",
+        alias = "hits_addend",
+        deserialize_with = "number"
+    )]
     pub hits_addend: u64,
 }
 
@@ -118,7 +123,12 @@ pub struct JsonDescriptor {
     pub entries: Vec<JsonEntry>,
     #[serde(default)]
     pub limit: Option<JsonOverride>,
-    #[serde(default, rename = "hitsAddend", alias = "hits_addend", deserialize_with = "opt_number")]
+    #[serde(
+        default,
+        rename = "hitsAddend",
+        alias = "hits_addend",
+        deserialize_with = "opt_number"
+    )]
     pub hits_addend: Option<u64>,
 }
 
@@ -134,7 +144,12 @@ pub struct JsonEntry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonOverride {
-    #[serde(default, rename = "requestsPerUnit", alias = "requests_per_unit", deserialize_with = "number")]
+    #[serde(
+        default,
+        rename = "requestsPerUnit",
+        alias = "requests_per_unit",
+        deserialize_with = "number"
+    )]
     pub requests_per_unit: u64,
     #[serde(default)]
     pub unit: serde_json::Value,
@@ -343,7 +358,10 @@ mod tests {
     fn durations_use_proto3_json_form() {
         assert_eq!(proto_duration(Duration::from_secs(42)), "42s");
         assert_eq!(proto_duration(Duration::from_millis(1500)), "1.500s");
-        assert_eq!(proto_duration(Duration::from_micros(2_000_001)), "2.000001s");
+        assert_eq!(
+            proto_duration(Duration::from_micros(2_000_001)),
+            "2.000001s"
+        );
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub fn init_tracing(
     level: &str,
     otlp_endpoint: Option<&str>,
 ) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
-    let filter = EnvFilter::try_new(level).with_context(|| format!("invalid log level '{level}'"))?;
+    let filter =
+        EnvFilter::try_new(level).with_context(|| format!("invalid log level '{level}'"))?;
     let (otel_layer, provider) = match otlp_endpoint {
         Some(endpoint) => {
             use opentelemetry::trace::TracerProvider as _;

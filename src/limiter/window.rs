@@ -76,8 +76,14 @@ fn sliding(limit: u64, period: u64, state: Option<CounterState>, now: u64, hits:
     let window = now / period;
     let elapsed = now % period;
     let (current, previous) = match state {
-        Some(CounterState::Window { window: w, count, previous }) if w == window => (count, previous),
-        Some(CounterState::Window { window: w, count, .. }) if w + 1 == window => (0, count),
+        Some(CounterState::Window {
+            window: w,
+            count,
+            previous,
+        }) if w == window => (count, previous),
+        Some(CounterState::Window {
+            window: w, count, ..
+        }) if w + 1 == window => (0, count),
         _ => (0, 0),
     };
     // Everything is scaled by the period so the comparison is exact:
@@ -130,7 +136,9 @@ fn sliding(limit: u64, period: u64, state: Option<CounterState>, now: u64, hits:
 fn fixed(limit: u64, period: u64, state: Option<CounterState>, now: u64, hits: u64) -> Checked {
     let window = now / period;
     let current = match state {
-        Some(CounterState::Window { window: w, count, .. }) if w == window => count,
+        Some(CounterState::Window {
+            window: w, count, ..
+        }) if w == window => count,
         _ => 0,
     };
     let admitted = current + hits <= limit;

@@ -334,10 +334,14 @@ mod tests {
     #[test]
     fn exact_then_first_wildcard_then_key_only() {
         let mut root = Level::default();
-        root.insert("k", ValueMatch::Any, limited("any", 1)).unwrap();
-        root.insert("k", ValueMatch::Prefix("ab".into()), limited("ab*", 2)).unwrap();
-        root.insert("k", ValueMatch::Prefix("a".into()), limited("a*", 3)).unwrap();
-        root.insert("k", ValueMatch::Exact("abc".into()), limited("abc", 4)).unwrap();
+        root.insert("k", ValueMatch::Any, limited("any", 1))
+            .unwrap();
+        root.insert("k", ValueMatch::Prefix("ab".into()), limited("ab*", 2))
+            .unwrap();
+        root.insert("k", ValueMatch::Prefix("a".into()), limited("a*", 3))
+            .unwrap();
+        root.insert("k", ValueMatch::Exact("abc".into()), limited("abc", 4))
+            .unwrap();
         let mut rs = RuleSet::new();
         rs.insert_domain("d", root);
         assert_eq!(path_of(&rs, &[e("k", "abc")]).as_deref(), Some("abc"));
@@ -351,28 +355,46 @@ mod tests {
     #[test]
     fn limit_applies_only_at_the_depth_of_the_last_entry() {
         let mut child = Level::default();
-        child.insert("sub", ValueMatch::Any, limited("deep", 5)).unwrap();
+        child
+            .insert("sub", ValueMatch::Any, limited("deep", 5))
+            .unwrap();
         let mut parent = limited("shallow", 9);
         parent.children = child;
         let mut root = Level::default();
-        root.insert("k", ValueMatch::Exact("v".into()), parent).unwrap();
+        root.insert("k", ValueMatch::Exact("v".into()), parent)
+            .unwrap();
         let mut rs = RuleSet::new();
         rs.insert_domain("d", root);
         assert_eq!(path_of(&rs, &[e("k", "v")]).as_deref(), Some("shallow"));
-        assert_eq!(path_of(&rs, &[e("k", "v"), e("sub", "x")]).as_deref(), Some("deep"));
-        assert_eq!(path_of(&rs, &[e("k", "v"), e("sub", "x"), e("more", "y")]), None);
+        assert_eq!(
+            path_of(&rs, &[e("k", "v"), e("sub", "x")]).as_deref(),
+            Some("deep")
+        );
+        assert_eq!(
+            path_of(&rs, &[e("k", "v"), e("sub", "x"), e("more", "y")]),
+            None
+        );
         assert_eq!(path_of(&rs, &[e("k", "v"), e("nope", "x")]), None);
     }
 
     #[test]
     fn a_value_without_a_limit_whitelists_it() {
         let mut root = Level::default();
-        root.insert("client", ValueMatch::Any, limited("per-client", 1)).unwrap();
-        root.insert("client", ValueMatch::Exact("internal".into()), Node::default()).unwrap();
+        root.insert("client", ValueMatch::Any, limited("per-client", 1))
+            .unwrap();
+        root.insert(
+            "client",
+            ValueMatch::Exact("internal".into()),
+            Node::default(),
+        )
+        .unwrap();
         let mut rs = RuleSet::new();
         rs.insert_domain("d", root);
         assert_eq!(path_of(&rs, &[e("client", "internal")]), None);
-        assert_eq!(path_of(&rs, &[e("client", "x")]).as_deref(), Some("per-client"));
+        assert_eq!(
+            path_of(&rs, &[e("client", "x")]).as_deref(),
+            Some("per-client")
+        );
     }
 
     #[test]
@@ -412,8 +434,11 @@ mod tests {
     #[test]
     fn duplicates_are_refused() {
         let mut root = Level::default();
-        root.insert("k", ValueMatch::Exact("v".into()), Node::default()).unwrap();
-        assert!(root.insert("k", ValueMatch::Exact("v".into()), Node::default()).is_err());
+        root.insert("k", ValueMatch::Exact("v".into()), Node::default())
+            .unwrap();
+        assert!(root
+            .insert("k", ValueMatch::Exact("v".into()), Node::default())
+            .is_err());
         root.insert("k", ValueMatch::Any, Node::default()).unwrap();
         assert!(root.insert("k", ValueMatch::Any, Node::default()).is_err());
     }

@@ -31,11 +31,19 @@ pub struct YamlRoot {
 pub struct YamlDescriptor {
     #[serde(default, deserialize_with = "opt_scalar")]
     pub key: Option<String>,
-    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<YamlRateLimit>,
-    #[serde(default, deserialize_with = "opt_list", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "opt_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub descriptors: Vec<YamlDescriptor>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow_mode: bool,
@@ -61,18 +69,34 @@ pub struct YamlDescriptor {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct YamlRateLimit {
-    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub unit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_unit: Option<u64>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub unlimited: bool,
-    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
-    #[serde(default, deserialize_with = "opt_list", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "opt_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub replaces: Vec<YamlReplaces>,
     /// sluice extension: `sliding_window` (server default), `fixed_window`, `gcra`.
-    #[serde(default, deserialize_with = "opt_scalar", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub algorithm: Option<String>,
     /// sluice extension: the GCRA bucket size (default: `requests_per_unit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,7 +186,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
         }])
     };
     if text.trim().is_empty() {
-        return Err(err(String::new(), "config file cannot have empty domain".into()));
+        return Err(err(
+            String::new(),
+            "config file cannot have empty domain".into(),
+        ));
     }
     // serde_yaml_ng reports the path itself: "descriptors[1]: unknown field
     // `bogus`, expected ... at line 6 column 5". Split it off so errors read
@@ -170,7 +197,9 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
     serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
         let text = e.to_string();
         match text.split_once(": ") {
-            Some((path, message)) if !path.contains(' ') => err(path.to_owned(), message.to_owned()),
+            Some((path, message)) if !path.contains(' ') => {
+                err(path.to_owned(), message.to_owned())
+            }
             _ => err(String::new(), text),
         }
     })
@@ -240,13 +269,19 @@ impl Walker<'_> {
                 );
             }
             let node = Node {
-                rule: d.rate_limit.as_ref().and_then(|rl| self.rule(&path, &full, d, rl)),
+                rule: d
+                    .rate_limit
+                    .as_ref()
+                    .and_then(|rl| self.rule(&path, &full, d, rl)),
                 children: self.level(&d.descriptors, &path, &full),
                 shared_pattern: (d.share_threshold && matches!(matcher, ValueMatch::Prefix(_)))
                     .then(|| Arc::from(value.unwrap_or_default())),
             };
             if level.insert(key, matcher, node).is_err() {
-                self.error(&path, format!("duplicate descriptor composite key '{full}'"));
+                self.error(
+                    &path,
+                    format!("duplicate descriptor composite key '{full}'"),
+                );
             }
         }
         level
@@ -263,10 +298,16 @@ impl Walker<'_> {
         let unit = rl.unit.as_deref().filter(|u| !u.is_empty());
         let limit = if rl.unlimited {
             if unit.is_some() {
-                self.error(path, "should not specify rate limit unit when unlimited".into());
+                self.error(
+                    path,
+                    "should not specify rate limit unit when unlimited".into(),
+                );
             }
             if rl.algorithm.is_some() || rl.burst.is_some() {
-                self.error(path, "should not specify algorithm or burst when unlimited".into());
+                self.error(
+                    path,
+                    "should not specify algorithm or burst when unlimited".into(),
+                );
             }
             RuleLimit::Unlimited
         } else {
@@ -298,7 +339,10 @@ impl Walker<'_> {
                     0
                 }
                 Some(n) => u32::try_from(n).unwrap_or_else(|_| {
-                    self.error(path, format!("requests_per_unit {n} is larger than {}", u32::MAX));
+                    self.error(
+                        path,
+                        format!("requests_per_unit {n} is larger than {}", u32::MAX),
+                    );
                     0
                 }),
             };
@@ -337,9 +381,10 @@ impl Walker<'_> {
         for r in &rl.replaces {
             match r.name.as_deref().unwrap_or("") {
                 "" => self.error(path, "should not have an empty replaces entry".into()),
-                n if Some(n) == name => {
-                    self.error(path, "replaces should not contain name of same descriptor".into())
-                }
+                n if Some(n) == name => self.error(
+                    path,
+                    "replaces should not contain name of same descriptor".into(),
+                ),
                 n => replaces.push(Arc::from(n)),
             }
         }
