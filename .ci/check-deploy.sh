@@ -273,6 +273,22 @@ for variant in "${VARIANTS[@]}"; do
     fi
 done
 
+# Every server setting (each SLUICE_* variable config.rs reads) can be set
+# through the chart's values.
+missing=""
+for var in $(grep -o 'env = "SLUICE_[A-Z_]*"' src/config.rs | cut -d'"' -f2 | sort -u); do
+    grep -rqw "$var" "$CHART/templates" || missing="$missing $var"
+done
+check "the chart sets every SLUICE_* setting (missing:${missing:- none})" test -z "$missing"
+for var in SLUICE_REDIS_CA_CERT SLUICE_BREAKER_FAILURES SLUICE_BREAKER_COOLDOWN SLUICE_LOCAL_CACHE_SIZE; do
+    check "ci/redis-values.yaml renders $var" sh -c \
+        "helm template sluice '$CHART' -f '$CHART/ci/redis-values.yaml' | grep -qw $var"
+done
+for var in SLUICE_USAGE_FLUSH SLUICE_USAGE_QUEUE; do
+    check "ci/postgres-values.yaml renders $var" sh -c \
+        "helm template sluice '$CHART' -f '$CHART/ci/postgres-values.yaml' | grep -qw $var"
+done
+
 # Mistakes that must stop `helm install`, and the message that must say why.
 MUST_FAIL=(
     "redis store without keySecret|needs keySecret.existingSecret|--set store.type=redis"
