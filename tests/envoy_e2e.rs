@@ -7,43 +7,20 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sluice::clock::ManualClock;
 use sluice::rules::yaml;
+use support::envoy::{header, Backend, Envoy};
 use support::http::{self, HttpResponse};
-use support::{repo, tool, wait_until, ChildGuard, TestConfig, TestServer};
+use support::{repo, tool, TestConfig, TestServer};
 
 /// 20 s into a minute: every minute window in this test resets in 40 s.
 const START_US: u64 = 1_700_000_000_000_000;
 const RESET: &str = "40";
 /// The weather rules' limit per client and per address.
 const LIMIT: usize = 60;
-
-/// A backend that counts the requests that reach it.
-struct Backend {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-}
-
-async fn start_backend() -> Backend {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    let app = axum::Router::new().fallback(move || {
-        let counter = counter.clone();
-        async move {
-            counter.fetch_add(1, Ordering::SeqCst);
-            ([("x-backend", "weather")], "sunny\n")
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Backend { addr, hits }
-}
 
 async fn start_sluice() -> TestServer {
     let rules = yaml::load_path(&repo().join("examples/rules"))
@@ -53,96 +30,8 @@ async fn start_sluice() -> TestServer {
     TestServer::start(config).await
 }
 
-/// The example config with this test's ports: each of the example's port
-/// numbers must appear exactly once, so the example cannot drift from what
-/// is tested here.
-fn render_config(listener: u16, admin: u16, sluice: u16, backend: u16) -> String {
-    let path = repo().join("examples/envoy/envoy.yaml");
-    let mut text = std::fs::read_to_string(&path).expect("reading examples/envoy/envoy.yaml");
-    let mut replace = |from: &str, to: String| {
-        assert_eq!(
-            text.matches(from).count(),
-            1,
-            "examples/envoy/envoy.yaml should contain `{from}` exactly once"
-        );
-        text = text.replace(from, &to);
-    };
-    replace("port_value: 10000", format!("port_value: {listener}"));
-    replace("port_value: 9901", format!("port_value: {admin}"));
-    replace("port_value: 8081", format!("port_value: {sluice}"));
-    replace("port_value: 8000", format!("port_value: {backend}"));
-    // The example waits 0.25 s for sluice; a test machine busy compiling
-    // may be slower than that, and a timeout would let traffic through.
-    replace("timeout: 0.25s", "timeout: 5s".into());
-    text
-}
-
-struct Envoy {
-    listener: SocketAddr,
-    log: PathBuf,
-    // Dropped last: kills Envoy, then removes its files.
-    process: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-impl Envoy {
-    /// Starts Envoy from this (the test's) thread, which lives as long as
-    /// the test: Envoy is stopped when the thread that started it exits.
-    async fn start(sluice: SocketAddr, backend: SocketAddr) -> Envoy {
-        let envoy = tool("envoy");
-        let dir = tempfile::tempdir().unwrap();
-        let (listener, admin) = (support::free_port(), support::free_port());
-        let config = dir.path().join("envoy.yaml");
-        std::fs::write(
-            &config,
-            render_config(listener, admin, sluice.port(), backend.port()),
-        )
-        .unwrap();
-        let log = dir.path().join("envoy.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let process = ChildGuard::spawn(
-            "envoy",
-            std::process::Command::new(envoy)
-                .arg("-c")
-                .arg(&config)
-                .args(["--log-level", "warn", "--disable-hot-restart"])
-                .stdout(log_file.try_clone().unwrap())
-                .stderr(log_file),
-        );
-        let mut envoy = Envoy {
-            listener: SocketAddr::from(([127, 0, 0, 1], listener)),
-            log,
-            process,
-            _dir: dir,
-        };
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin));
-        let ready = wait_until(Duration::from_secs(30), || async {
-            matches!(http::get(admin, "/ready").await, Ok(r) if r.status == 200)
-        })
-        .await;
-        envoy.process.assert_running(&envoy.log_text());
-        assert!(
-            ready,
-            "Envoy was not ready within 30 s:\n{}",
-            envoy.log_text()
-        );
-        envoy
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn get(&self, headers: &[(&str, &str)]) -> HttpResponse {
-        http::request(self.listener, "GET", "/forecast", headers, None)
-            .await
-            .unwrap_or_else(|e| panic!("request through Envoy failed: {e}\n{}", self.log_text()))
-    }
-}
-
-fn header<'a>(r: &'a HttpResponse, name: &str) -> &'a str {
-    r.header(name)
-        .unwrap_or_else(|| panic!("no {name} header: {r:?}"))
+async fn start_envoy(sluice: SocketAddr, backend: SocketAddr) -> Envoy {
+    Envoy::start(sluice, backend, |config| config).await
 }
 
 /// `x-ratelimit-limit: 60, 60;w=60;name="..."` (draft 03), on a request
@@ -188,13 +77,13 @@ async fn exhaust(envoy: &Envoy, headers: &[(&str, &str)], rule: &str) -> HttpRes
 
 #[tokio::test]
 async fn by_client_id_then_429_and_traffic_passes_when_sluice_is_down() {
-    let backend = start_backend().await;
+    let backend = Backend::start().await;
     let sluice = start_sluice().await;
-    let envoy = Envoy::start(sluice.grpc_addr, backend.addr).await;
+    let envoy = start_envoy(sluice.grpc_addr, backend.addr).await;
 
     exhaust(&envoy, &[("x-client-id", "alice")], "weather_per_client").await;
     assert_eq!(
-        backend.hits.load(Ordering::SeqCst),
+        backend.hits(),
         LIMIT,
         "a denied request reached the backend"
     );
@@ -235,12 +124,12 @@ async fn by_client_id_then_429_and_traffic_passes_when_sluice_is_down() {
 
 #[tokio::test]
 async fn without_a_client_id_the_remote_address_is_limited() {
-    let backend = start_backend().await;
+    let backend = Backend::start().await;
     let sluice = start_sluice().await;
-    let envoy = Envoy::start(sluice.grpc_addr, backend.addr).await;
+    let envoy = start_envoy(sluice.grpc_addr, backend.addr).await;
 
     exhaust(&envoy, &[], "weather_per_ip").await;
-    assert_eq!(backend.hits.load(Ordering::SeqCst), LIMIT);
+    assert_eq!(backend.hits(), LIMIT);
     // Still over for the address; a client id is its own budget.
     let r = envoy.get(&[]).await;
     assert_eq!(r.status, 429);

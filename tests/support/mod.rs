@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod envoy;
 pub mod http;
 pub mod postgres;
 pub mod redis;
