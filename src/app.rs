@@ -129,7 +129,9 @@ pub async fn serve(
     let result = match tokio::time::timeout(deps.shutdown_grace, servers).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!("grace period over; closing the remaining connections");
+            // Dropping the servers stops the accept loops; connections still
+            // open end when the process exits, which `main` does next.
+            tracing::warn!("grace period over; giving up on the calls still in flight");
             Ok(())
         }
     };

@@ -20,11 +20,14 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         format!("http://{}", args.addr)
     };
-    let channel = tonic::transport::Endpoint::from_shared(addr)?
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())?
         .connect_timeout(args.timeout)
         .timeout(args.timeout)
         .connect()
-        .await?;
+        .await
+        // tonic's error chain repeats itself ("transport error: tcp connect
+        // error: tcp connect error: ..."); its root cause says it all.
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {}", root_cause(&e)))?;
     let mut client = RateLimitServiceClient::new(channel);
     let request = RateLimitRequest {
         domain: args.domain.clone(),
@@ -71,6 +74,15 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The innermost error of a chain, e.g. "Connection refused (os error 111)".
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// `sluice rules validate`: every error, one per line; non-zero on any.

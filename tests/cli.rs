@@ -249,7 +249,10 @@ fn check_without_a_server_fails_on_one_line() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = lines(&out.stderr);
     assert_eq!(stderr.len(), 1, "{stderr:?}");
-    assert!(stderr[0].starts_with("sluice: "), "{stderr:?}");
+    assert_eq!(
+        stderr[0],
+        format!("sluice: cannot reach http://127.0.0.1:{port}: Connection refused (os error 111)")
+    );
 }
 
 // === serve ===
