@@ -256,6 +256,90 @@ async fn one_evalsha_per_descriptor_and_none_for_cached_denials() {
     assert_eq!(store.local_cache_len(), 1);
 }
 
+// === One request, several counters ===
+
+const TIGHT_AND_WIDE: &str = r#"
+domain: shop
+descriptors:
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 3}
+  - key: shop
+    rate_limit: {unit: hour, requests_per_unit: 100000}
+"#;
+
+/// Requests counted against a tight per-user limit and a wide shared one,
+/// many at once: the shared counter counts exactly the admitted requests
+/// (a request the user limit denies consumes nothing, even when concurrent
+/// requests race for the same counters), each request costs one `EVALSHA`
+/// (the request script), and a request the over-limit cache can deny still
+/// reports the shared counter's real budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_request_consumes_nothing_even_under_concurrency() {
+    let server = RedisServer::start();
+    let store =
+        Arc::new(RedisStore::new(&RedisTarget::Standalone(server.url()), options(1_000)).unwrap());
+    up(&store).await;
+    let mut config = TestConfig::new(rules_from_yaml(&[TIGHT_AND_WIDE]));
+    config.store = Some(store.clone());
+    config.settings.store_timeout = Duration::from_secs(2);
+    let sluice = TestServer::start(config).await;
+    let client = sluice.client().await;
+
+    const USERS: usize = 20;
+    const EACH: usize = 10;
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let calls = (0..USERS * EACH).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let user = format!("user-{}", i % USERS);
+            client
+                .should_rate_limit(request("shop", &[&[("user", &user)], &[("shop", "all")]]))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let admitted = answers
+        .iter()
+        .filter(|r| r.overall_code == Code::Ok as i32)
+        .count();
+    assert_eq!(admitted, USERS * 3, "each user admitted exactly its limit");
+    assert_eq!(
+        server.command_calls("evalsha"),
+        (USERS * EACH) as u64,
+        "one EVALSHA per request"
+    );
+
+    // The shared counter holds the admitted requests, and nothing else.
+    let mut client = client.clone();
+    let r = client
+        .should_rate_limit(request("shop", &[&[("shop", "all")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.statuses[0].limit_remaining as usize,
+        100_000 - admitted - 1,
+        "denied requests consumed from the shared limit"
+    );
+
+    // A user the cache knows is over: denied, nothing consumed, and the
+    // shared counter's budget reported as Redis has it.
+    let r = client
+        .should_rate_limit(request("shop", &[&[("user", "user-0")], &[("shop", "all")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+    assert_eq!(r.statuses[1].code, Code::Ok as i32);
+    assert_eq!(
+        r.statuses[1].limit_remaining as usize,
+        100_000 - admitted - 1
+    );
+}
+
 // === Redis down ===
 
 const GENEROUS: &str = r#"

@@ -27,41 +27,15 @@ pub trait CounterStore: Send + Sync + 'static {
     /// when one denies it, so a client hammering a tight limit drains its
     /// wider ones; this is the method that prevents that.
     ///
-    /// The default asks first with 0 hits (a hit is admitted exactly when a
-    /// 0-hit check is admitted with `remaining >= hits`), then applies: two
-    /// calls, and only for requests with several operations. Concurrent
-    /// requests may slip in between the two, so a store that can check and
+    /// The default is [`apply_in_two_steps`]; a store that can check and
     /// update several counters atomically should override it, as the
-    /// in-process store does.
+    /// in-process store and a standalone Redis do.
     async fn apply_request(
         &self,
         ops: &[CounterOp],
         vetoes: &[bool],
     ) -> Result<Vec<Outcome>, StoreError> {
-        if ops.len() < 2 || !vetoes.contains(&true) || ops.iter().all(|op| op.hits == 0) {
-            return self.apply(ops).await;
-        }
-        let probes: Vec<CounterOp> = ops.iter().map(|op| CounterOp { hits: 0, ..*op }).collect();
-        let probed = self.apply(&probes).await?;
-        let blocked = |i: usize| {
-            vetoes.get(i).copied().unwrap_or(false)
-                && !(probed[i].admitted && probed[i].remaining >= ops[i].hits)
-        };
-        if !(0..ops.len()).any(blocked) {
-            return self.apply(ops).await;
-        }
-        // Denied: the blocking operations again with their hits, which they
-        // cannot consume, for their own outcomes (how long to wait); the
-        // others only checked.
-        let retry: Vec<CounterOp> = ops
-            .iter()
-            .enumerate()
-            .map(|(i, op)| CounterOp {
-                hits: if blocked(i) { op.hits } else { 0 },
-                ..*op
-            })
-            .collect();
-        self.apply(&retry).await
+        apply_in_two_steps(self, ops, vetoes).await
     }
 
     /// Whether the store can answer now, for readiness probes.
@@ -71,6 +45,40 @@ pub trait CounterStore: Send + Sync + 'static {
 
     /// A short name for logs and `/readyz`: `memory`, `redis`, `redis-cluster`.
     fn kind(&self) -> &'static str;
+}
+
+/// [`CounterStore::apply_request`] for a store that can only apply: ask first
+/// with 0 hits (a hit is admitted exactly when a 0-hit check is admitted with
+/// `remaining >= hits`), then apply: two calls, and only for requests with
+/// several operations. Concurrent requests may slip in between the two, so a
+/// request denied by one counter may, rarely, have consumed from another.
+pub async fn apply_in_two_steps<S: CounterStore + ?Sized>(
+    store: &S,
+    ops: &[CounterOp],
+    vetoes: &[bool],
+) -> Result<Vec<Outcome>, StoreError> {
+    if ops.len() < 2 || !vetoes.contains(&true) || ops.iter().all(|op| op.hits == 0) {
+        return store.apply(ops).await;
+    }
+    let probes: Vec<CounterOp> = ops.iter().map(|op| CounterOp { hits: 0, ..*op }).collect();
+    let probed = store.apply(&probes).await?;
+    let denied = |i: usize| !(probed[i].admitted && probed[i].remaining >= ops[i].hits);
+    let blocked = |i: usize| vetoes.get(i).copied().unwrap_or(false) && denied(i);
+    if !(0..ops.len()).any(blocked) {
+        return store.apply(ops).await;
+    }
+    // Denied: the denied operations again with their hits, which they
+    // cannot consume, for their own outcomes (how long to wait); the
+    // others only checked.
+    let retry: Vec<CounterOp> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| CounterOp {
+            hits: if denied(i) { op.hits } else { 0 },
+            ..*op
+        })
+        .collect();
+    store.apply(&retry).await
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

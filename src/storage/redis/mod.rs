@@ -36,7 +36,7 @@ use self::breaker::Breaker;
 use self::cluster::Cluster;
 use self::connect::Connector;
 use self::local_cache::OverLimitCache;
-use self::scripts::Scripts;
+use self::scripts::{Request, Scripts};
 use self::standalone::Standalone;
 use super::{CounterOp, CounterStore, StoreError, StoreHealth};
 use crate::clock::Clock;
@@ -274,6 +274,66 @@ impl Inner {
         }
     }
 
+    /// Sends `ops` to Redis (through the breaker, within the store timeout)
+    /// and remembers the denials in the over-limit cache. `request`: as one
+    /// request, atomically (standalone only); `None`: each on its own.
+    async fn call_redis(
+        &self,
+        ops: &[&CounterOp],
+        request: Option<Request<'_>>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if !self.breaker.allows() {
+            return Err(StoreError::BreakerOpen);
+        }
+        let sent_us = self.local_now_us();
+        let call = Call {
+            ops,
+            now_us: self.test_clock.as_ref().map(|c| c.now_us()),
+        };
+        let mut in_flight = InFlight {
+            inner: self,
+            finished: false,
+        };
+        let run = async {
+            match (&self.backend, request) {
+                (Backend::Standalone(s), Some(request)) => {
+                    s.run_request(&self.scripts, &call, request).await
+                }
+                (backend, _) => backend.run(&self.scripts, &call).await,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, run).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        in_flight.finished = true;
+        let answers = match result {
+            Ok(answers) => answers,
+            Err(e) => {
+                self.failed(&e);
+                return Err(e);
+            }
+        };
+        if answers.len() != ops.len() {
+            return Err(StoreError::Script(
+                "Redis answered fewer commands than were sent".into(),
+            ));
+        }
+        self.breaker.record_success();
+        if let Some(cache) = &self.cache {
+            for (i, (op, outcome)) in ops.iter().zip(&answers).enumerate() {
+                // In one request, a counter's second operation is decided
+                // after the first one's hits, which a denied request then
+                // does not keep: its denial may not hold for long.
+                let repeated = request.is_some() && ops[..i].iter().any(|o| o.key == op.key);
+                if !repeated {
+                    cache.record(op, outcome, sent_us);
+                }
+            }
+        }
+        Ok(answers)
+    }
+
     async fn probe(&self, timeout: Duration) -> Result<(), StoreError> {
         match tokio::time::timeout(timeout, self.backend.probe(&self.scripts)).await {
             Ok(result) => result,
@@ -369,42 +429,74 @@ impl CounterStore for RedisStore {
         if remote.is_empty() {
             return complete(outcomes);
         }
-        if !inner.breaker.allows() {
-            return Err(StoreError::BreakerOpen);
-        }
-
-        let sent_us = inner.local_now_us();
-        let call = Call {
-            ops: &remote,
-            now_us: inner.test_clock.as_ref().map(|c| c.now_us()),
-        };
-        let mut in_flight = InFlight {
-            inner,
-            finished: false,
-        };
-        let result =
-            match tokio::time::timeout(inner.timeout, inner.backend.run(&inner.scripts, &call))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Timeout(inner.timeout)),
-            };
-        in_flight.finished = true;
-        let answers = match result {
-            Ok(answers) => answers,
-            Err(e) => {
-                inner.failed(&e);
-                return Err(e);
-            }
-        };
-        inner.breaker.record_success();
-        for ((&i, op), outcome) in remote_index.iter().zip(&remote).zip(answers) {
-            if let Some(cache) = &inner.cache {
-                cache.record(op, &outcome, sent_us);
-            }
+        let answers = inner.call_redis(&remote, None).await?;
+        for (&i, outcome) in remote_index.iter().zip(answers) {
             outcomes[i] = Some(outcome);
         }
         complete(outcomes)
+    }
+
+    /// On a standalone Redis, one `EVALSHA` of the request script checks and
+    /// updates all the counters atomically. A Cluster spreads the counters
+    /// over slots no one script may span, so it takes the two steps.
+    async fn apply_request(
+        &self,
+        ops: &[CounterOp],
+        vetoes: &[bool],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let inner = &*self.inner;
+        let atomic = matches!(inner.backend, Backend::Standalone(_))
+            && ops.len() >= 2
+            && vetoes.contains(&true)
+            && ops.iter().any(|op| op.hits > 0);
+        if !atomic {
+            return super::apply_in_two_steps(self, ops, vetoes).await;
+        }
+        // A veto the over-limit cache already knows is denied denies the
+        // request: Redis only checks the others.
+        let mut known: Vec<Option<Outcome>> = vec![None; ops.len()];
+        if let Some(cache) = &inner.cache {
+            let now = inner.local_now_us();
+            for ((known, op), &veto) in known.iter_mut().zip(ops).zip(vetoes) {
+                *known = cache.check(op, now).filter(|_| veto);
+            }
+        }
+        let local = known.iter().filter(|k| k.is_some()).count();
+        if local == 0 {
+            let remote: Vec<&CounterOp> = ops.iter().collect();
+            return inner
+                .call_redis(
+                    &remote,
+                    Some(Request {
+                        vetoes,
+                        denied: false,
+                    }),
+                )
+                .await;
+        }
+        counter!(names::LOCAL_CACHE_ANSWERS, "store" => inner.kind).increment(local as u64);
+        let remote: Vec<&CounterOp> = ops
+            .iter()
+            .zip(&known)
+            .filter(|(_, known)| known.is_none())
+            .map(|(op, _)| op)
+            .collect();
+        let mut checked = if remote.is_empty() {
+            Vec::new()
+        } else {
+            let request = Request {
+                vetoes: &[],
+                denied: true,
+            };
+            inner.call_redis(&remote, Some(request)).await?
+        }
+        .into_iter();
+        complete(
+            known
+                .into_iter()
+                .map(|known| known.or_else(|| checked.next()))
+                .collect(),
+        )
     }
 
     /// Down while the breaker is open or still connecting, and also while

@@ -1,5 +1,6 @@
-//! The counter scripts: one per algorithm, loaded once (`SCRIPT LOAD`) and
-//! called by hash (`EVALSHA`); how to call them and read their answers.
+//! The counter scripts, loaded once (`SCRIPT LOAD`) and called by hash
+//! (`EVALSHA`): one per algorithm for one counter, and one for all of a
+//! request's counters on one server; how to call them and read their answers.
 
 use redis::{Pipeline, Value};
 
@@ -23,27 +24,40 @@ impl CounterScript {
     }
 }
 
-/// The three scripts, built once per store.
+/// The scripts, built once per store.
 pub struct Scripts {
     sliding: CounterScript,
     fixed: CounterScript,
     gcra: CounterScript,
+    request: CounterScript,
+}
+
+/// The script for one counter with `$algorithm`, defined in `$file`.
+macro_rules! counter_script {
+    ($file:literal, $algorithm:literal) => {
+        concat!(
+            include_str!("../scripts/prelude.lua"),
+            include_str!(concat!("../scripts/", $file)),
+            "local decide = ",
+            $algorithm,
+            "\n",
+            include_str!("../scripts/counter.lua")
+        )
+    };
 }
 
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            sliding: CounterScript::new(concat!(
+            sliding: CounterScript::new(counter_script!("sliding_window.lua", "sliding_window")),
+            fixed: CounterScript::new(counter_script!("fixed_window.lua", "fixed_window")),
+            gcra: CounterScript::new(counter_script!("gcra.lua", "gcra")),
+            request: CounterScript::new(concat!(
                 include_str!("../scripts/prelude.lua"),
-                include_str!("../scripts/sliding_window.lua")
-            )),
-            fixed: CounterScript::new(concat!(
-                include_str!("../scripts/prelude.lua"),
-                include_str!("../scripts/fixed_window.lua")
-            )),
-            gcra: CounterScript::new(concat!(
-                include_str!("../scripts/prelude.lua"),
-                include_str!("../scripts/gcra.lua")
+                include_str!("../scripts/sliding_window.lua"),
+                include_str!("../scripts/fixed_window.lua"),
+                include_str!("../scripts/gcra.lua"),
+                include_str!("../scripts/request.lua")
             )),
         }
     }
@@ -56,8 +70,8 @@ impl Scripts {
         }
     }
 
-    pub fn all(&self) -> [&CounterScript; 3] {
-        [&self.sliding, &self.fixed, &self.gcra]
+    pub fn all(&self) -> [&CounterScript; 4] {
+        [&self.sliding, &self.fixed, &self.gcra, &self.request]
     }
 
     /// Appends `SCRIPT LOAD` for every script, e.g. to a probe.
@@ -92,12 +106,60 @@ impl Scripts {
             None => call.arg(""),
         };
     }
+
+    /// Appends one `EVALSHA` of the request script for all of `ops`: a
+    /// denied operation marked in `request.vetoes`, or `request.denied`,
+    /// leaves every counter unchanged. Every key must be on the same server.
+    pub fn add_request_call(
+        &self,
+        pipe: &mut Pipeline,
+        ops: &[&CounterOp],
+        request: Request<'_>,
+        now_us: Option<u64>,
+        key: &mut String,
+    ) {
+        let call = pipe.cmd("EVALSHA").arg(&self.request.sha).arg(ops.len());
+        for op in ops {
+            key.clear();
+            op.key.write_redis_key(KEY_PREFIX, key);
+            call.arg(key.as_str());
+        }
+        match now_us {
+            Some(now_us) => call.arg(now_us),
+            None => call.arg(""),
+        };
+        call.arg(u8::from(request.denied));
+        for (i, op) in ops.iter().enumerate() {
+            let veto = request.vetoes.get(i).copied().unwrap_or(false);
+            let algorithm = match op.spec.algorithm {
+                Algorithm::SlidingWindow => 1,
+                Algorithm::FixedWindow => 2,
+                Algorithm::Gcra => 3,
+            };
+            call.arg(algorithm)
+                .arg(op.spec.limit)
+                .arg(op.spec.period_us)
+                .arg(op.spec.burst)
+                .arg(op.hits)
+                .arg(u8::from(veto));
+        }
+    }
 }
 
 impl Default for Scripts {
     fn default() -> Self {
         Scripts::new()
     }
+}
+
+/// How the request script treats its operations.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    /// Per operation: whether its denial denies the whole request.
+    pub vetoes: &'a [bool],
+    /// The request is denied already (by an answer known without Redis):
+    /// only check.
+    pub denied: bool,
 }
 
 /// What one `EVALSHA` answered.
@@ -120,27 +182,14 @@ pub enum Reply {
     Failed(String),
 }
 
-/// Reads a script's `{admitted, remaining, reset_us, used}`, or the error in
-/// its place.
+/// Reads a counter script's `{admitted, remaining, reset_us, used}`, or the
+/// error in its place.
 pub fn parse_reply(value: &Value) -> Reply {
     match value {
-        Value::Array(items) if items.len() == 4 => {
-            let mut n = [0u64; 4];
-            for (slot, item) in n.iter_mut().zip(items) {
-                match item {
-                    Value::Int(i) if *i >= 0 => *slot = *i as u64,
-                    other => {
-                        return Reply::Failed(format!("unexpected script reply item {other:?}"))
-                    }
-                }
-            }
-            Reply::Outcome(Outcome {
-                admitted: n[0] == 1,
-                remaining: n[1],
-                reset_us: n[2],
-                used: n[3],
-            })
-        }
+        Value::Array(items) if items.len() == 4 => match parse_outcome(items) {
+            Ok(outcome) => Reply::Outcome(outcome),
+            Err(e) => Reply::Failed(e),
+        },
         Value::ServerError(e) => {
             let address = || {
                 // "MOVED 3999 127.0.0.1:6381": the details are "slot address".
@@ -159,6 +208,38 @@ pub fn parse_reply(value: &Value) -> Reply {
         }
         other => Reply::Failed(format!("unexpected script reply {other:?}")),
     }
+}
+
+/// Reads the request script's reply: `count` outcomes, four numbers each.
+/// `Err` carries the reply to read as [`parse_reply`] does (an error).
+pub fn parse_request_reply(value: &Value, count: usize) -> Result<Vec<Outcome>, Reply> {
+    match value {
+        Value::Array(items) if items.len() == 4 * count => items
+            .chunks_exact(4)
+            .map(|chunk| parse_outcome(chunk).map_err(Reply::Failed))
+            .collect(),
+        Value::Array(items) => Err(Reply::Failed(format!(
+            "request script answered {} numbers for {count} counters",
+            items.len()
+        ))),
+        other => Err(parse_reply(other)),
+    }
+}
+
+fn parse_outcome(items: &[Value]) -> Result<Outcome, String> {
+    let mut n = [0u64; 4];
+    for (slot, item) in n.iter_mut().zip(items) {
+        match item {
+            Value::Int(i) if *i >= 0 => *slot = *i as u64,
+            other => return Err(format!("unexpected script reply item {other:?}")),
+        }
+    }
+    Ok(Outcome {
+        admitted: n[0] == 1,
+        remaining: n[1],
+        reset_us: n[2],
+        used: n[3],
+    })
 }
 
 #[cfg(test)]

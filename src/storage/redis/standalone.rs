@@ -8,7 +8,7 @@ use metrics::{counter, histogram};
 use redis::{Pipeline, RedisError, Value};
 
 use super::connect::{Connector, NodeConnection};
-use super::scripts::{parse_reply, Reply, Scripts};
+use super::scripts::{parse_reply, parse_request_reply, Reply, Request, Scripts};
 use super::{redis_error, Call};
 use crate::limiter::Outcome;
 use crate::storage::StoreError;
@@ -73,10 +73,7 @@ impl Standalone {
                 Reply::Outcome(o) => outcomes[i] = Some(o),
                 Reply::NoScript => missing.push(i),
                 Reply::Moved { .. } | Reply::Ask { .. } | Reply::ClusterDown(_) => {
-                    return Err(StoreError::Redirect(format!(
-                        "{} answered with a Cluster redirect; use redis+cluster://",
-                        self.address()
-                    )))
+                    return Err(self.redirected())
                 }
                 Reply::Failed(e) => return Err(StoreError::Script(e)),
             }
@@ -103,6 +100,59 @@ impl Standalone {
         super::complete(outcomes)
     }
 
+    /// Runs all of one request's operations in one `EVALSHA` of the
+    /// request script, so that a denied request changes no counter (see
+    /// [`Scripts::add_request_call`]); loads the scripts and runs it again if
+    /// Redis lacks them.
+    pub async fn run_request(
+        &self,
+        scripts: &Scripts,
+        call: &Call<'_>,
+        request: Request<'_>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut key = String::with_capacity(64);
+        let mut pipe = redis::pipe();
+        scripts.add_request_call(&mut pipe, call.ops, request, call.now_us, &mut key);
+        let values = self.send(&pipe, 1).await?;
+        let reply = match values
+            .first()
+            .map(|v| parse_request_reply(v, call.ops.len()))
+        {
+            Some(Ok(outcomes)) => return Ok(outcomes),
+            Some(Err(reply)) => reply,
+            None => return Err(no_reply()),
+        };
+        match reply {
+            Reply::NoScript => {}
+            Reply::Moved { .. } | Reply::Ask { .. } | Reply::ClusterDown(_) => {
+                return Err(self.redirected())
+            }
+            other => return Err(StoreError::Script(format!("{other:?}"))),
+        }
+
+        counter!(names::REDIS_RETRIES, "reason" => "noscript").increment(1);
+        let mut pipe = redis::pipe();
+        scripts.add_loads(&mut pipe);
+        let loads = scripts.all().len();
+        scripts.add_request_call(&mut pipe, call.ops, request, call.now_us, &mut key);
+        let values = self.send(&pipe, loads + 1).await?;
+        match values
+            .get(loads)
+            .map(|v| parse_request_reply(v, call.ops.len()))
+        {
+            Some(Ok(outcomes)) => Ok(outcomes),
+            Some(Err(other)) => Err(StoreError::Script(format!("after SCRIPT LOAD: {other:?}"))),
+            None => Err(no_reply()),
+        }
+    }
+
+    fn redirected(&self) -> StoreError {
+        StoreError::Redirect(format!(
+            "{} answered with a Cluster redirect; use redis+cluster://",
+            self.address()
+        ))
+    }
+
     /// `PING` and load the scripts: what the breaker's probe and start-up do.
     pub async fn probe(&self, scripts: &Scripts) -> Result<(), StoreError> {
         self.node.allow_attempt_now();
@@ -112,4 +162,8 @@ impl Standalone {
         let values = self.send(&pipe, 1 + scripts.all().len()).await?;
         super::check_probe_replies(self.address(), &values)
     }
+}
+
+fn no_reply() -> StoreError {
+    StoreError::Script("Redis did not answer the request script".into())
 }

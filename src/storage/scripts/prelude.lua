@@ -1,19 +1,18 @@
--- Shared by the three counter scripts (prepended with concat! in Rust).
---
--- KEYS[1]  the counter
--- ARGV     limit, period_us, burst, hits, now_us
---
--- now_us is empty in production: the time is Redis' own (TIME), so sluice
--- instances whose clocks disagree still agree on windows. Only the storage
--- contract tests pass a time, to replay exact sequences against window.rs.
+-- Shared by every counter script (prepended with concat! in Rust): the
+-- arithmetic and the clock. Then come the three algorithms, each a function
+-- of a counter's stored value that returns its decision and the value to
+-- store (nil: leave the counter as it is), and last the script's own body:
+-- one counter (counter.lua) or one request's counters (request.lua).
 --
 -- Redis runs Lua 5.1, whose numbers are doubles: integers are exact below
 -- 2^53 (about 285 years of microseconds), and every value kept below is
 -- under that bound. The one product that is not, a count times a period in
 -- the sliding window, goes through muldiv.
 
-local function now_us()
-    local fixed = ARGV[5]
+-- `fixed` is empty in production: the time is Redis' own (TIME), so sluice
+-- instances whose clocks disagree still agree on windows. Only the storage
+-- contract tests pass a time, to replay exact sequences against window.rs.
+local function now_us(fixed)
     if fixed and fixed ~= '' then
         return tonumber(fixed)
     end
@@ -75,9 +74,3 @@ local function expiry_ms(at_us)
     end
     return string.format('%.0f', q)
 end
-
-local limit = tonumber(ARGV[1])
-local period = math.max(tonumber(ARGV[2]), 1)
-local burst = tonumber(ARGV[3])
-local hits = tonumber(ARGV[4])
-local now = now_us()

@@ -1,60 +1,62 @@
 -- Sliding window, exactly as window.rs `sliding`. Stored: "window:count:previous".
-local window, elapsed = divmod(now, period)
-local current, previous = 0, 0
-local stored = redis.call('GET', KEYS[1])
-if stored then
-    local w, c, p = string.match(stored, '^(%d+):(%d+):(%d+)$')
-    w, c, p = tonumber(w), tonumber(c), tonumber(p)
-    if w == window then
-        current, previous = c, p
-    elseif w and w + 1 == window then
-        current, previous = 0, c
+local function sliding_window(stored, limit, period, burst, hits, now)
+    local window, elapsed = divmod(now, period)
+    local current, previous = 0, 0
+    if stored then
+        local w, c, p = string.match(stored, '^(%d+):(%d+):(%d+)$')
+        w, c, p = tonumber(w), tonumber(c), tonumber(p)
+        if w == window then
+            current, previous = c, p
+        elseif w and w + 1 == window then
+            current, previous = 0, c
+        end
     end
-end
 
--- window.rs compares previous * (period - elapsed) + (current + hits) * period
--- with limit * period. The right side is a multiple of the period, so
--- ceil(previous * (period - elapsed) / period), the previous window's
--- share, decides the same comparison without the product.
-local share, share_rem = muldiv(previous, period - elapsed, period)
-if share_rem > 0 then
-    share = share + 1
-end
-local admitted = current + hits + share <= limit
-local count = current
-if admitted then
-    count = current + hits
-end
-local remaining = math.max(limit - count - share, 0)
-local used = count + share
-
-local until_end = period - elapsed
-local reset
-if admitted then
-    reset = until_end
-elseif current + hits <= limit then
-    -- Only the previous window's weight is in the way; it fades in this window.
-    local room = limit - current - hits
-    local divisor = math.max(previous, 1)
-    local fits = period
-    if room < divisor then
-        fits = muldiv(room, period, divisor)
+    -- window.rs compares previous * (period - elapsed) + (current + hits) * period
+    -- with limit * period. The right side is a multiple of the period, so
+    -- ceil(previous * (period - elapsed) / period), the previous window's
+    -- share, decides the same comparison without the product.
+    local share, share_rem = muldiv(previous, period - elapsed, period)
+    if share_rem > 0 then
+        share = share + 1
     end
-    reset = math.max(period - fits - elapsed, 1)
-elseif hits <= limit and count > 0 then
-    -- Wait for the next window, where this window's count fades in turn.
-    local room = limit - hits
-    local fits = period
-    if room < count then
-        fits = muldiv(room, period, count)
+    local admitted = current + hits + share <= limit
+    local count = current
+    if admitted then
+        count = current + hits
     end
-    reset = until_end + period - fits
-else
-    reset = until_end + period
-end
+    local remaining = math.max(limit - count - share, 0)
+    local used = count + share
 
-if admitted and hits > 0 then
-    redis.call('SET', KEYS[1], string.format('%.0f:%.0f:%.0f', window, count, previous),
-        'PXAT', expiry_ms((window + 2) * period))
+    local until_end = period - elapsed
+    local reset
+    if admitted then
+        reset = until_end
+    elseif current + hits <= limit then
+        -- Only the previous window's weight is in the way; it fades in this window.
+        local room = limit - current - hits
+        local divisor = math.max(previous, 1)
+        local fits = period
+        if room < divisor then
+            fits = muldiv(room, period, divisor)
+        end
+        reset = math.max(period - fits - elapsed, 1)
+    elseif hits <= limit and count > 0 then
+        -- Wait for the next window, where this window's count fades in turn.
+        local room = limit - hits
+        local fits = period
+        if room < count then
+            fits = muldiv(room, period, count)
+        end
+        reset = until_end + period - fits
+    else
+        reset = until_end + period
+    end
+
+    local value, expires
+    if admitted and hits > 0 then
+        value = string.format('%.0f:%.0f:%.0f', window, count, previous)
+        expires = (window + 2) * period
+    end
+    return admitted, remaining, reset, used, value, expires
 end
-return { admitted and 1 or 0, remaining, reset, used }
