@@ -50,7 +50,9 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 60}
 EOF
 
-SHA=$(cat "$REPO/src/storage/scripts/prelude.lua" "$REPO/src/storage/scripts/sliding_window.lua" | sha1sum | cut -d' ' -f1)
+# The sliding-window counter script, as src/storage/redis/scripts.rs builds it.
+SCRIPTS="$REPO/src/storage/scripts"
+SHA=$( { cat "$SCRIPTS/prelude.lua" "$SCRIPTS/sliding_window.lua"; printf 'local decide = sliding_window\n'; cat "$SCRIPTS/counter.lua"; } | sha1sum | cut -d' ' -f1)
 
 start_sluice() { # store-url
     "$BIN/sluice" serve --store "$1" --key-secret bench --rules "$WORK/rules" \
