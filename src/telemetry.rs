@@ -41,6 +41,8 @@ pub mod names {
     pub const API_KEYS_LOADED: &str = "sluice_api_keys_loaded";
     pub const API_KEY_LOOKUPS: &str = "sluice_api_key_lookups_total";
     pub const POSTGRES_UP: &str = "sluice_postgres_up";
+    /// Rule loads that read the primary because the replica failed.
+    pub const POSTGRES_REPLICA_FALLBACKS: &str = "sluice_postgres_replica_fallbacks_total";
     /// From a NOTIFY received to the new rules in force.
     pub const RULES_RELOAD_DURATION: &str = "sluice_rules_reload_duration_seconds";
     pub const USAGE_DROPPED: &str = "sluice_usage_dropped_total";

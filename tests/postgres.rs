@@ -417,6 +417,59 @@ async fn a_changed_limit_is_in_force_on_two_instances_within_a_second() {
     }
 }
 
+/// The replica goes down: a change is read from the primary instead, and
+/// `/readyz` says so; once the replica is back, reads return to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_read_from_the_primary_while_the_replica_is_down() {
+    let pg = start_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "failover.yaml", &per_user("failover", 2));
+    ok(&pg, &["rules", "apply", &file]);
+    let server = serve(&pg, &[]).await;
+    let mut client = server.client().await;
+    let user = [("user", "u")];
+    assert_eq!(limit_of(&mut client, "failover", &user).await, Some(2));
+    let (_, ready) = readyz(&server).await;
+    assert_eq!(ready["rules"]["source"], "postgres:replica", "{ready}");
+
+    pg.stop_replica();
+    write(dir.path(), "failover.yaml", &per_user("failover", 4));
+    ok(&pg, &["rules", "apply", &file]);
+    // The replica is given up on after --database-timeout (1 s here).
+    let took = time_until_limit(
+        "replica down",
+        &mut client,
+        "failover",
+        &user,
+        Some(4),
+        DEADLINE,
+    )
+    .await;
+    eprintln!("MEASURED replica down: change in force {took:?} after `rules apply` returned");
+    let (code, ready) = readyz(&server).await;
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(
+        ready["rules"]["source"], "postgres:primary (replica failing)",
+        "{ready}"
+    );
+
+    pg.start_replica();
+    write(dir.path(), "failover.yaml", &per_user("failover", 6));
+    ok(&pg, &["rules", "apply", &file]);
+    let took = time_until_limit(
+        "replica back",
+        &mut client,
+        "failover",
+        &user,
+        Some(6),
+        DEADLINE,
+    )
+    .await;
+    eprintln!("MEASURED replica back: change in force {took:?} after `rules apply` returned");
+    let (_, ready) = readyz(&server).await;
+    assert_eq!(ready["rules"]["source"], "postgres:replica", "{ready}");
+}
+
 /// A rule set that fails validation in the database is refused and the
 /// running one stays; `/readyz` says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

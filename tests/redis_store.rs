@@ -327,7 +327,10 @@ async fn a_denied_request_consumes_nothing_even_under_concurrency() {
     // A user the cache knows is over: denied, nothing consumed, and the
     // shared counter's budget reported as Redis has it.
     let r = client
-        .should_rate_limit(request("shop", &[&[("user", "user-0")], &[("shop", "all")]]))
+        .should_rate_limit(request(
+            "shop",
+            &[&[("user", "user-0")], &[("shop", "all")]],
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -379,6 +379,9 @@ pub struct PostgresSource {
     /// Of the last catalog refused as invalid, to log it once.
     refused: Option<[u8; 32]>,
     up: bool,
+    /// Why the last read from the replica failed, while reads go to the
+    /// primary instead.
+    replica_failing: Option<String>,
 }
 
 impl PostgresSource {
@@ -402,32 +405,61 @@ impl PostgresSource {
             fingerprint: None,
             refused: None,
             up: true,
+            replica_failing: None,
         }
-    }
-
-    fn reads(&self) -> &PgPool {
-        self.replica.as_ref().unwrap_or(&self.primary)
     }
 
     fn source_name(&self) -> &'static str {
-        if self.replica.is_some() {
-            "postgres:replica"
-        } else {
-            "postgres:primary"
+        match (&self.replica, &self.replica_failing) {
+            (Some(_), None) => "postgres:replica",
+            (Some(_), Some(_)) => "postgres:primary (replica failing)",
+            (None, _) => "postgres:primary",
         }
+    }
+
+    /// The catalog as the primary has committed it: from the replica once
+    /// it has replayed that far (waiting up to `max_wait`), else from the
+    /// primary, so that a replica that is down or stuck never holds back a
+    /// change; the replica is tried first again on the next load.
+    async fn load_current(&mut self, max_wait: Duration) -> Result<Catalog, SourceError> {
+        if let Some(replica) = self.replica.clone() {
+            let from_replica = match self.catch_up(max_wait).await {
+                Ok(()) => within(self.timeout, load_catalog(&replica)).await,
+                Err(e) => Err(e),
+            };
+            match from_replica {
+                Ok(catalog) => {
+                    if self.replica_failing.take().is_some() {
+                        tracing::info!("reading rules from the replica again");
+                    }
+                    return Ok(catalog);
+                }
+                Err(e) => {
+                    if self.replica_failing.replace(e.to_string()).is_none() {
+                        tracing::warn!(error = %e, "cannot read rules from the replica; reading the primary");
+                    }
+                    counter!(names::POSTGRES_REPLICA_FALLBACKS).increment(1);
+                }
+            }
+        }
+        within(self.timeout, load_catalog(&self.primary)).await
     }
 
     /// The first load. When PostgreSQL cannot give valid rules, starts from
     /// the snapshot; without one, starts with no limits, or fails when
     /// `require_rules`.
     pub async fn start_up(&mut self, require_rules: bool) -> anyhow::Result<()> {
-        // Not older than what the primary has committed, when it can tell;
-        // else the replica as it is (newer than any snapshot), and the
-        // follow-up in `run` catches up.
-        if let Err(e) = self.catch_up(self.timeout).await {
-            tracing::warn!(error = %e, "cannot tell whether the replica is current; reading it as it is");
-        }
-        let reason = match within(self.timeout, load_catalog(self.reads())).await {
+        // Not older than what the primary has committed; when neither the
+        // primary nor a current replica answers, the replica as it is (newer
+        // than any snapshot), and the follow-up in `run` catches up.
+        let loaded = match (self.load_current(self.timeout).await, self.replica.clone()) {
+            (Err(e), Some(replica)) => {
+                tracing::warn!(error = %e, "the primary cannot be read; reading the replica as it is");
+                within(self.timeout, load_catalog(&replica)).await
+            }
+            (loaded, _) => loaded,
+        };
+        let reason = match loaded {
             Ok(catalog) => match catalog.compile() {
                 Ok(set) => {
                     self.install(catalog, set, None).await;
@@ -533,8 +565,7 @@ impl PostgresSource {
 
     /// Waits for the replica to have what the primary has now, then loads.
     async fn reload(&mut self, notified: Option<Instant>) -> Result<(), SourceError> {
-        self.catch_up(REPLAY_WAIT_MAX).await?;
-        let catalog = within(self.timeout, load_catalog(self.reads())).await?;
+        let catalog = self.load_current(REPLAY_WAIT_MAX).await?;
         self.mark_up();
         let fingerprint = catalog.fingerprint();
         if self.fingerprint == Some(fingerprint) {

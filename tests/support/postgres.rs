@@ -107,36 +107,55 @@ impl PgCluster {
 
     /// Starts both servers again from their data directories.
     pub fn restart_servers(&self) {
-        for name in ["primary", "replica"] {
-            let data = self.dir.join(name);
-            let log = self.dir.join(format!("{name}.log"));
-            let mut cmd = if is_root() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(tool("pg_ctl"));
-                c
-            } else {
-                Command::new(tool("pg_ctl"))
-            };
-            let out = cmd
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(&log)
-                .args(["-w", "-t", "60", "start"])
-                .current_dir(&self.dir)
-                .stdin(Stdio::null())
-                .output()
-                .expect("running pg_ctl start");
-            assert!(
-                out.status.success(),
-                "restarting the {name}:\n{}\n{}",
-                describe(&out),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        // Both accept connections again.
+        self.pg_ctl("primary", &["start"]);
+        self.pg_ctl("replica", &["start"]);
+        self.wait_accepting(&[self.primary_port, self.replica_port]);
+    }
+
+    /// Stops the replica alone (fast shutdown: clients are disconnected).
+    pub fn stop_replica(&self) {
+        self.pg_ctl("replica", &["-m", "fast", "stop"]);
+    }
+
+    /// Starts the replica again; it resumes streaming from the primary.
+    pub fn start_replica(&self) {
+        self.pg_ctl("replica", &["start"]);
+        self.wait_accepting(&[self.replica_port]);
+    }
+
+    /// `pg_ctl -D <name's data> -w ACTION...`, as `postgres` when root.
+    fn pg_ctl(&self, name: &str, action: &[&str]) {
+        let data = self.dir.join(name);
+        let log = self.dir.join(format!("{name}.log"));
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(tool("pg_ctl"));
+            c
+        } else {
+            Command::new(tool("pg_ctl"))
+        };
+        let out = cmd
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60"])
+            .args(action)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {action:?} on the {name}:\n{}\n{}",
+            describe(&out),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn wait_accepting(&self, ports: &[u16]) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for port in [self.primary_port, self.replica_port] {
+        for &port in ports {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(Instant::now() < deadline, "port {port} did not come back");
                 std::thread::sleep(Duration::from_millis(50));
