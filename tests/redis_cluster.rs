@@ -14,7 +14,7 @@ use sluice::proto::rls::rate_limit_response::Code;
 use sluice::service::FailureMode;
 use sluice::storage::redis::{RedisOptions, RedisStore, RedisTarget};
 use sluice::storage::{CounterStore, StoreHealth};
-use support::redis::{drive, RedisCluster, Tally};
+use support::redis::{drive, RedisCluster, Tally, TlsRedisCluster};
 use support::{eventually, request, rules_from_yaml, TestConfig, TestServer};
 
 /// Slack for a busy two-core machine on top of a promised deadline.
@@ -374,4 +374,92 @@ async fn resharding_is_followed_exactly() {
         .lines()
         .any(|l| l.starts_with("sluice_redis_retries_total") && l.contains("moved"));
     assert!(moved, "some commands were redirected (MOVED) and resent");
+}
+
+/// A Cluster that speaks only TLS and wants a password on every node:
+/// sluice finds the other masters from one seed and keeps TLS, the CA and
+/// the password for them, and decides exactly; a CA it does not trust and a
+/// wrong password leave it down, by the failure mode, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_password_on_every_node() {
+    let cluster = TlsRedisCluster::start();
+    let mut options = RedisOptions::new(Duration::from_secs(1));
+    options.password = Some(cluster.password.clone());
+    options.ca_cert = Some(cluster.ca_pem.clone().into_bytes());
+    let seed = vec![cluster.urls()[0].clone()];
+    let store = RedisStore::new(&RedisTarget::Cluster(seed.clone()), options.clone()).unwrap();
+    let up = eventually(Duration::from_secs(10), || {
+        store.health() == StoreHealth::Up
+    })
+    .await;
+    assert!(up, "TLS cluster store never came up: {:?}", store.health());
+
+    // Counters on every master: 2 admitted per key, the third denied.
+    let h = sluice::limiter::KeyHasher::from_secret(b"tls cluster");
+    let ops: Vec<sluice::limiter::CounterOp> = (0..30)
+        .map(|i| {
+            let value = format!("tls-{i}");
+            sluice::limiter::CounterOp {
+                key: h.counter_key(
+                    "tls",
+                    &[sluice::limiter::Entry {
+                        key: "k",
+                        value: &value,
+                    }],
+                    &[],
+                    sluice::limiter::Algorithm::FixedWindow,
+                    3600,
+                ),
+                spec: sluice::limiter::CounterSpec {
+                    algorithm: sluice::limiter::Algorithm::FixedWindow,
+                    limit: 2,
+                    period_us: 3_600_000_000,
+                    burst: 2,
+                },
+                hits: 1,
+            }
+        })
+        .collect();
+    for round in [true, true, false] {
+        let outcomes = store.apply(&ops).await.expect("TLS cluster call");
+        assert!(
+            outcomes.iter().all(|o| o.admitted == round),
+            "round admitting={round}: {outcomes:?}"
+        );
+    }
+    let masters_with_keys = cluster
+        .ports()
+        .iter()
+        .filter(|&&p| {
+            let role = cluster.cli(p, &["ROLE"]);
+            let keys: u64 = cluster.cli(p, &["DBSIZE"]).trim().parse().unwrap_or(0);
+            role.starts_with("master") && keys > 0
+        })
+        .count();
+    assert_eq!(masters_with_keys, 3, "the 30 counters span every master");
+
+    // A CA we do not trust, and a wrong password: down, saying why.
+    let mut untrusted = options.clone();
+    untrusted.ca_cert = None;
+    let mut wrong = options.clone();
+    wrong.password = Some("not-the-password".into());
+    for (case, opts, expect) in [
+        ("untrusted CA", untrusted, "certificate"),
+        ("wrong password", wrong, "auth"),
+    ] {
+        let store = RedisStore::new(&RedisTarget::Cluster(seed.clone()), opts).unwrap();
+        let settled = eventually(
+            Duration::from_secs(10),
+            || matches!(store.health(), StoreHealth::Down(ref why) if why != "connecting"),
+        )
+        .await;
+        let health = store.health();
+        assert!(settled, "{case}: {health:?}");
+        let StoreHealth::Down(why) = health else {
+            unreachable!()
+        };
+        assert!(why.to_lowercase().contains(expect), "{case}: {why}");
+        assert!(!why.contains("not-the-password") && !why.contains(&cluster.password));
+        assert!(store.apply(&ops[..1]).await.is_err(), "{case}: answered");
+    }
 }

@@ -469,3 +469,158 @@ impl RedisCluster {
         );
     }
 }
+
+/// A 3-master, 3-replica Cluster that speaks only TLS (clients, replication
+/// and the cluster bus) and requires a password on every node, with a
+/// certificate from a test CA. Started here (not by `.ci/redis-cluster.sh`,
+/// whose health checks speak plaintext); stopped on drop.
+pub struct TlsRedisCluster {
+    pub base: u16,
+    pub password: String,
+    pub ca_pem: String,
+    dir: tempfile::TempDir,
+    _nodes: Vec<ChildGuard>,
+}
+
+impl TlsRedisCluster {
+    pub fn start() -> TlsRedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let ca = TestCa::new("sluice test redis cluster CA");
+        ca.write_ca(dir.path());
+        ca.server().write(dir.path(), "redis");
+        // The cluster bus always wants mutual TLS: nodes dial each other
+        // with a client certificate.
+        ca.client("redis-node").write(dir.path(), "node");
+        let base = free_port_range(6);
+        let password = "cluster-pw".to_owned();
+        let mut nodes = Vec::new();
+        for port in base..base + 6 {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut cmd = Command::new(tool("redis-server"));
+            cmd.args(["--bind", "127.0.0.1", "--port", "0"])
+                .args(["--tls-port", &port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .arg("--tls-cert-file")
+                .arg(dir.path().join("redis.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.path().join("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.path().join("ca.pem"))
+                .arg("--tls-client-cert-file")
+                .arg(dir.path().join("node.pem"))
+                .arg("--tls-client-key-file")
+                .arg(dir.path().join("node.key"))
+                .args(["--tls-auth-clients", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--requirepass", &password, "--masterauth", &password])
+                .arg("--dir")
+                .arg(&node_dir)
+                .arg("--logfile")
+                .arg(node_dir.join("redis.log"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            nodes.push(ChildGuard::spawn("redis-server", &mut cmd));
+        }
+        let cluster = TlsRedisCluster {
+            base,
+            password,
+            ca_pem: ca.cert_pem(),
+            dir,
+            _nodes: nodes,
+        };
+        for port in cluster.ports() {
+            cluster.wait_for(port, "PONG", &["PING"]);
+        }
+        let mut create = cluster.cli_command(base);
+        create.args(["--cluster", "create"]);
+        for port in cluster.ports() {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --tls --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every node agrees, and every replica streams from its master.
+        for port in cluster.ports() {
+            cluster.wait_for(port, "cluster_state:ok", &["CLUSTER", "INFO"]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let linked = cluster
+                .ports()
+                .iter()
+                .filter(|&&p| {
+                    cluster
+                        .cli(p, &["INFO", "replication"])
+                        .contains("master_link_status:up")
+                })
+                .count();
+            if linked == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "TLS cluster replicas not linked after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        (self.base..self.base + 6).collect()
+    }
+
+    /// Seed URLs without credentials (the password comes separately).
+    pub fn urls(&self) -> Vec<String> {
+        self.ports()
+            .iter()
+            .map(|p| format!("rediss://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// `redis-cli` for one node, killed after 60 s (`--cluster create`
+    /// waits forever for nodes that cannot reach each other).
+    fn cli_command(&self, port: u16) -> Command {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60")
+            .arg(tool("redis-cli"))
+            .args(["--tls", "--cacert"])
+            .arg(self.dir.path().join("ca.pem"))
+            .args(["-a", &self.password, "--no-auth-warning"])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        cmd
+    }
+
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = self
+            .cli_command(port)
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_for(&self, port: u16, expect: &str, args: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.cli(port, args).contains(expect) {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{port}/redis.log")))
+                .unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "node {port}: no `{expect}` from {args:?} within 30 s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
