@@ -3,10 +3,12 @@
 //! A call goes: local over-limit cache (answers known denials without
 //! Redis) -> circuit breaker (answers at once while Redis is failing) -> one
 //! `EVALSHA` per operation, one pipeline per node, under the store timeout.
+//! A request with several counters on a standalone Redis is one `EVALSHA` of
+//! the request script instead, so that a denied request consumes nothing.
 //!
 //! | module        | job |
 //! |---------------|-----|
-//! | `scripts`     | the Lua scripts (`storage/scripts/*.lua`), calls and replies |
+//! | `scripts`     | the Lua scripts (`storage/scripts/*.lua`): per counter and per request |
 //! | `connect`     | URL, credentials, TLS roots, timeouts for any node |
 //! | `standalone`  | one server, one multiplexed connection |
 //! | `cluster`     | slots -> masters, one pipeline per master, redirects |
