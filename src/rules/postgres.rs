@@ -420,26 +420,33 @@ impl PostgresSource {
     /// The catalog as the primary has committed it: from the replica once
     /// it has replayed that far (waiting up to `max_wait`), else from the
     /// primary, so that a replica that is down or stuck never holds back a
-    /// change; the replica is tried first again on the next load.
+    /// change; the replica is tried first again on the next load. Fails when
+    /// the primary cannot say what it has committed.
     async fn load_current(&mut self, max_wait: Duration) -> Result<Catalog, SourceError> {
-        if let Some(replica) = self.replica.clone() {
-            let from_replica = match self.catch_up(max_wait).await {
-                Ok(()) => within(self.timeout, load_catalog(&replica)).await,
-                Err(e) => Err(e),
-            };
-            match from_replica {
-                Ok(catalog) => {
-                    if self.replica_failing.take().is_some() {
-                        tracing::info!("reading rules from the replica again");
-                    }
-                    return Ok(catalog);
+        let Some(replica) = self.replica.clone() else {
+            return within(self.timeout, load_catalog(&self.primary)).await;
+        };
+        let lsn: String = within(
+            self.timeout,
+            sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&self.primary),
+        )
+        .await?;
+        let from_replica = match wait_for_replay(&replica, &lsn, self.timeout, max_wait).await {
+            Ok(()) => within(self.timeout, load_catalog(&replica)).await,
+            Err(e) => Err(e),
+        };
+        match from_replica {
+            Ok(catalog) => {
+                if self.replica_failing.take().is_some() {
+                    tracing::info!("reading rules from the replica again");
                 }
-                Err(e) => {
-                    if self.replica_failing.replace(e.to_string()).is_none() {
-                        tracing::warn!(error = %e, "cannot read rules from the replica; reading the primary");
-                    }
-                    counter!(names::POSTGRES_REPLICA_FALLBACKS).increment(1);
+                return Ok(catalog);
+            }
+            Err(e) => {
+                if self.replica_failing.replace(e.to_string()).is_none() {
+                    tracing::warn!(error = %e, "cannot read rules from the replica; reading the primary");
                 }
+                counter!(names::POSTGRES_REPLICA_FALLBACKS).increment(1);
             }
         }
         within(self.timeout, load_catalog(&self.primary)).await
@@ -549,21 +556,8 @@ impl PostgresSource {
         }
     }
 
-    /// Waits (up to `max_wait`) until the replica, if any, has replayed the
-    /// primary's WAL as of now.
-    async fn catch_up(&self, max_wait: Duration) -> Result<(), SourceError> {
-        let Some(replica) = &self.replica else {
-            return Ok(());
-        };
-        let lsn: String = within(
-            self.timeout,
-            sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&self.primary),
-        )
-        .await?;
-        wait_for_replay(replica, &lsn, self.timeout, max_wait).await
-    }
-
-    /// Waits for the replica to have what the primary has now, then loads.
+    /// Loads what the primary has committed (see `load_current`) and puts
+    /// it in force if it changed and is valid.
     async fn reload(&mut self, notified: Option<Instant>) -> Result<(), SourceError> {
         let catalog = self.load_current(REPLAY_WAIT_MAX).await?;
         self.mark_up();
