@@ -452,6 +452,19 @@ async fn a_change_is_read_from_the_primary_while_the_replica_is_down() {
         ready["rules"]["source"], "postgres:primary (replica failing)",
         "{ready}"
     );
+    // While it stays down, a change waits for it only briefly.
+    write(dir.path(), "failover.yaml", &per_user("failover", 5));
+    ok(&pg, &["rules", "apply", &file]);
+    let took = time_until_limit(
+        "replica still down",
+        &mut client,
+        "failover",
+        &user,
+        Some(5),
+        DEADLINE,
+    )
+    .await;
+    eprintln!("MEASURED replica still down: change in force {took:?} after `rules apply` returned");
 
     pg.start_replica();
     write(dir.path(), "failover.yaml", &per_user("failover", 6));
