@@ -6,7 +6,9 @@ use std::sync::OnceLock;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
+use tracing_subscriber::{
+    layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter, Layer as _,
+};
 
 pub mod names {
     pub const DECISIONS: &str = "sluice_decisions_total";
@@ -62,7 +64,8 @@ pub fn init_tracing(
     otlp_endpoint: Option<&str>,
 ) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
     let filter =
-        EnvFilter::try_new(level).with_context(|| format!("invalid log level '{level}'"))?;
+        || EnvFilter::try_new(level).with_context(|| format!("invalid log level '{level}'"));
+    let log_filter = filter()?;
     let (otel_layer, provider) = match otlp_endpoint {
         Some(endpoint) => {
             use opentelemetry::trace::TracerProvider as _;
@@ -81,18 +84,38 @@ pub fn init_tracing(
                 )
                 .build();
             let tracer = provider.tracer("sluice");
+            // Each layer filters on its own: the log level decides what is
+            // logged, and exported traces also get the span of every
+            // rate-limit call (at debug, so that without OTLP it costs
+            // nothing). OTEL_TRACES_SAMPLER(_ARG) samples them.
+            let trace_filter = filter()?.add_directive(
+                "sluice::grpc=debug"
+                    .parse()
+                    .context("the trace filter directive")?,
+            );
             (
-                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(trace_filter),
+                ),
                 Some(provider),
             )
         }
         None => (None, None),
     };
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let registry = tracing_subscriber::registry().with(otel_layer);
     match format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(log_filter))
+            .try_init(),
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_filter(log_filter),
+            )
             .try_init(),
     }
     .context("installing the tracing subscriber")?;

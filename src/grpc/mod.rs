@@ -8,8 +8,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use metrics::{histogram, Histogram};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::metadata::{KeyRef, MetadataMap};
 use tonic::{Request, Response};
-use tracing::instrument;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::proto::rls::{
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
@@ -48,10 +52,25 @@ impl RateLimitService for RateLimitHandler {
     // A debug span: at the default `info` level an enabled span per call
     // costs the fmt layer a formatted field and a registry slot, about 7% of
     // the server's instructions per call (BENCHMARKS.md), for a span that
-    // nothing logs inside. `--log-level info,sluice::grpc=debug` turns it on
-    // (also for OTLP export).
-    #[instrument(level = "debug", skip_all, fields(domain = %request.get_ref().domain))]
+    // nothing logs inside. It is on with `--otlp-endpoint` (exported as a
+    // child of the caller's `traceparent`, when Envoy traces) or with
+    // `--log-level info,sluice::grpc=debug`.
     async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, tonic::Status> {
+        let span = tracing::debug_span!("should_rate_limit", domain = %request.get_ref().domain);
+        if !span.is_disabled() {
+            let parent = TraceContextPropagator::new().extract(&Metadata(request.metadata()));
+            // Fails only without the OpenTelemetry layer (logging alone).
+            let _ = span.set_parent(parent);
+        }
+        self.decide(request).instrument(span).await
+    }
+}
+
+impl RateLimitHandler {
+    async fn decide(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, tonic::Status> {
@@ -68,6 +87,25 @@ impl RateLimitService for RateLimitHandler {
             Ok(verdict) => Ok(Response::new(verdict_to_proto(&verdict))),
             Err(e) => Err(to_status(e)),
         }
+    }
+}
+
+/// A call's gRPC metadata as a source of trace context (`traceparent`).
+struct Metadata<'a>(&'a MetadataMap);
+
+impl Extractor for Metadata<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                KeyRef::Ascii(k) => Some(k.as_str()),
+                KeyRef::Binary(_) => None,
+            })
+            .collect()
     }
 }
 
