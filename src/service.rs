@@ -157,7 +157,25 @@ impl RateLimiter {
             Vec::new()
         } else {
             let vetoes = vetoes(&plan, self.settings.plan);
-            match self.apply(&plan.ops, &vetoes).await {
+            // A refused API key denies the request whatever the counters say:
+            // they are only checked, so that it consumes nothing.
+            let refused = !self.settings.plan.global_shadow
+                && plan
+                    .items
+                    .iter()
+                    .any(|item| matches!(item, limiter::PlanItem::Refused));
+            let checks: Vec<limiter::CounterOp>;
+            let ops = if refused {
+                checks = plan
+                    .ops
+                    .iter()
+                    .map(|op| limiter::CounterOp { hits: 0, ..*op })
+                    .collect();
+                &checks
+            } else {
+                &plan.ops
+            };
+            match self.apply(ops, &vetoes).await {
                 Ok(outcomes) => outcomes,
                 Err(e) => {
                     let verdict = self.answer_failure(domain_label, plan.items.len(), e);

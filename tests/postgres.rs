@@ -537,7 +537,7 @@ async fn an_invalid_change_in_the_database_is_refused_and_the_rules_in_force_sta
 async fn api_keys_issue_use_revoke_and_unknown() {
     let pg = start_cluster();
     let dir = tempfile::tempdir().unwrap();
-    let domain = "domain: api\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 1000, name: default_per_key}\n";
+    let domain = "domain: api\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 1000, name: default_per_key}\n  - key: route\n    rate_limit: {unit: minute, requests_per_unit: 2, name: per_route}\n";
     let free = "domain: api\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 3, name: free_per_key}\n";
     ok(
         &pg,
@@ -603,6 +603,29 @@ async fn api_keys_issue_use_revoke_and_unknown() {
     assert_eq!(
         call(&mut client, "api", &[("api_key", "slk_00000000_nope")]).await,
         (Code::OverLimit, None)
+    );
+    // ... and a request it denies consumes nothing from its other limits.
+    for _ in 0..3 {
+        let r = client
+            .should_rate_limit(request(
+                "api",
+                &[&[("api_key", "slk_00000000_nope")], &[("route", "/orders")]],
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.overall_code(), Code::OverLimit);
+        assert_eq!(r.statuses[1].limit_remaining, 2, "{r:?}");
+    }
+    let r = client
+        .should_rate_limit(request("api", &[&[("route", "/orders")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.overall_code(), r.statuses[0].limit_remaining),
+        (Code::Ok, 1),
+        "the refused requests consumed from the route's limit"
     );
 
     // No query per request: the replica sees no transactions for 200 calls.
