@@ -40,7 +40,8 @@ const REPLAY_POLL: Duration = Duration::from_millis(10);
 /// After this, a replica that has not caught up counts as a failure (the
 /// session is restarted, with backoff), and is logged.
 const REPLAY_WAIT_MAX: Duration = Duration::from_secs(30);
-/// How long a replica that failed the last load gets to answer the next.
+/// How long a replica that failed the last load gets to show, on the next,
+/// that it is up and has replayed the change.
 const REPLICA_RETRY_TIMEOUT: Duration = Duration::from_millis(200);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -433,14 +434,18 @@ impl PostgresSource {
             sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&self.primary),
         )
         .await?;
-        // A replica that failed last time gets a short try, so that while it
-        // stays down each change waits for it once, not a full timeout.
-        let timeout = match self.replica_failing {
-            Some(_) => self.timeout.min(REPLICA_RETRY_TIMEOUT),
-            None => self.timeout,
+        // A replica that failed last time gets a short try at showing it is
+        // up and current, so that while it stays down or stuck a change waits
+        // for it once, not every time; once it is, it is read as usual.
+        let (poll_timeout, max_wait) = match self.replica_failing {
+            Some(_) => (
+                self.timeout.min(REPLICA_RETRY_TIMEOUT),
+                max_wait.min(REPLICA_RETRY_TIMEOUT),
+            ),
+            None => (self.timeout, max_wait),
         };
-        let from_replica = match wait_for_replay(&replica, &lsn, timeout, max_wait).await {
-            Ok(()) => within(timeout, load_catalog(&replica)).await,
+        let from_replica = match wait_for_replay(&replica, &lsn, poll_timeout, max_wait).await {
+            Ok(()) => within(self.timeout, load_catalog(&replica)).await,
             Err(e) => Err(e),
         };
         match from_replica {
