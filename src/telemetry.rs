@@ -87,12 +87,16 @@ pub fn init_tracing(
             // Each layer filters on its own: the log level decides what is
             // logged, and exported traces also get the span of every
             // rate-limit call (at debug, so that without OTLP it costs
-            // nothing). OTEL_TRACES_SAMPLER(_ARG) samples them.
-            let trace_filter = filter()?.add_directive(
-                "sluice::grpc=debug"
-                    .parse()
-                    .context("the trace filter directive")?,
-            );
+            // nothing), unless the log level says otherwise for sluice::grpc.
+            // OTEL_TRACES_SAMPLER(_ARG) samples them.
+            let mut trace_filter = filter()?;
+            if !level.contains("sluice::grpc") {
+                trace_filter = trace_filter.add_directive(
+                    "sluice::grpc=debug"
+                        .parse()
+                        .context("the trace filter directive")?,
+                );
+            }
             (
                 Some(
                     tracing_opentelemetry::layer()
