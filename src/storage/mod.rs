@@ -51,7 +51,9 @@ pub trait CounterStore: Send + Sync + 'static {
 /// with 0 hits (a hit is admitted exactly when a 0-hit check is admitted with
 /// `remaining >= hits`), then apply: two calls, and only for requests with
 /// several operations. Concurrent requests may slip in between the two, so a
-/// request denied by one counter may, rarely, have consumed from another.
+/// request denied by one counter may, rarely, have consumed from another; so
+/// may a request that names one counter twice when only the second use of it
+/// is over (the check sees each use alone).
 pub async fn apply_in_two_steps<S: CounterStore + ?Sized>(
     store: &S,
     ops: &[CounterOp],
