@@ -5,13 +5,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::clock::ManualClock;
 use sluice::proto::rls::rate_limit_response::Code;
-use support::{free_port, http, repo, request, rules_from_yaml, wait_until, ChildGuard};
+use support::{free_port, http, repo, request, rules_from_yaml, SluiceProcess};
 use support::{TestConfig, TestServer};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
@@ -344,38 +344,8 @@ async fn grpc_call(addr: SocketAddr) -> sluice::proto::rls::RateLimitResponse {
 
 #[tokio::test]
 async fn serve_starts_with_the_examples_answers_and_stops_on_sigterm() {
-    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("sluice.log");
-    let log_file = std::fs::File::create(&log).unwrap();
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut process = ChildGuard::spawn(
-        "sluice serve",
-        command(&[
-            "serve",
-            "--rules",
-            "examples/rules",
-            "--grpc-addr",
-            &grpc.to_string(),
-        ])
-        // The HTTP address from the environment, as Helm sets it.
-        .env("SLUICE_HTTP_ADDR", http_addr.to_string())
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file),
-    );
-
-    let up = wait_until(Duration::from_secs(30), || async {
-        matches!(http::get(http_addr, "/healthz").await, Ok(r) if r.status == 200)
-    })
-    .await;
-    process.assert_running(&log_text());
-    assert!(
-        up,
-        "sluice serve did not answer /healthz within 30 s:\n{}",
-        log_text()
-    );
+    let mut sluice = SluiceProcess::start(command(&["serve", "--rules", "examples/rules"])).await;
+    let (grpc, http_addr) = (sluice.grpc, sluice.http);
 
     let r = grpc_call(grpc).await;
     assert_eq!(r.overall_code(), Code::Ok);
@@ -394,7 +364,7 @@ async fn serve_starts_with_the_examples_answers_and_stops_on_sigterm() {
     assert_eq!(ready.json()["rules"]["source"], "file:examples/rules");
 
     // SIGTERM: drain, then exit 0 within the grace period (10 s by default).
-    let pid = process.child.id().to_string();
+    let pid = sluice.process.child.id().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -402,22 +372,22 @@ async fn serve_starts_with_the_examples_answers_and_stops_on_sigterm() {
     assert!(killed.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(10) + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = process.child.try_wait().unwrap() {
+        if let Some(status) = sluice.process.child.try_wait().unwrap() {
             break status;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "sluice serve still running 20 s after SIGTERM:\n{}",
-            log_text()
+            sluice.log_text()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
         status.success(),
         "sluice serve exited with {status}:\n{}",
-        log_text()
+        sluice.log_text()
     );
-    let log = log_text();
+    let log = sluice.log_text();
     assert!(log.contains("shutting down"), "{log}");
     assert!(
         !log.contains("cli-serve"),

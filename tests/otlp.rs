@@ -6,7 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use support::{free_port, http, repo, request, wait_until, ChildGuard};
+use support::{repo, request, wait_until, SluiceProcess};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -71,32 +71,15 @@ fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exports_each_call_as_a_child_of_the_callers_trace() {
     let (otlp, receiver) = start_receiver().await;
-    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("sluice.log");
-    let log_file = std::fs::File::create(&log).unwrap();
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut process = ChildGuard::spawn(
-        "sluice serve",
-        Command::new(SLUICE)
-            .args(["serve", "--rules", "examples/rules"])
-            .args(["--grpc-addr", &grpc.to_string()])
-            .args(["--http-addr", &http_addr.to_string()])
-            .args(["--otlp-endpoint", &format!("http://{otlp}")])
-            .current_dir(repo())
-            // Export batches every 100 ms instead of every 5 s.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file),
-    );
-    let up = wait_until(Duration::from_secs(30), || async {
-        matches!(http::get(http_addr, "/healthz").await, Ok(r) if r.status == 200)
-    })
-    .await;
-    process.assert_running(&log_text());
-    assert!(up, "sluice serve did not come up:\n{}", log_text());
+    let mut command = Command::new(SLUICE);
+    command
+        .args(["serve", "--rules", "examples/rules"])
+        .args(["--otlp-endpoint", &format!("http://{otlp}")])
+        .current_dir(repo())
+        // Export batches every 100 ms instead of every 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let sluice = SluiceProcess::start(command).await;
+    let (grpc, log_text) = (sluice.grpc, || sluice.log_text());
 
     let mut client =
         sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(format!(

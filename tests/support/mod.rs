@@ -340,6 +340,60 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The real `sluice` binary serving in a child process (killed on drop),
+/// its output in a log file.
+pub struct SluiceProcess {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub process: ChildGuard,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SluiceProcess {
+    /// Runs `command` (`sluice serve ...` without addresses) on free ports,
+    /// the gRPC one as a flag and the HTTP one from `SLUICE_HTTP_ADDR`, as
+    /// Helm sets it, and waits until it answers `/healthz`.
+    pub async fn start(mut command: std::process::Command) -> SluiceProcess {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sluice.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let process = ChildGuard::spawn(
+            "sluice serve",
+            command
+                .args(["--grpc-addr", &grpc.to_string()])
+                .env("SLUICE_HTTP_ADDR", http_addr.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file),
+        );
+        let mut sluice = SluiceProcess {
+            grpc,
+            http: http_addr,
+            process,
+            log,
+            _dir: dir,
+        };
+        let up = wait_until(Duration::from_secs(30), || async {
+            matches!(http::get(http_addr, "/healthz").await, Ok(r) if r.status == 200)
+        })
+        .await;
+        let log_text = sluice.log_text();
+        sluice.process.assert_running(&log_text);
+        assert!(
+            up,
+            "sluice serve did not answer /healthz within 30 s:\n{log_text}"
+        );
+        sluice
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
