@@ -432,20 +432,23 @@ async fn a_change_is_read_from_the_primary_while_the_replica_is_down() {
     let (_, ready) = readyz(&server).await;
     assert_eq!(ready["rules"]["source"], "postgres:replica", "{ready}");
 
+    // Applies a new limit and waits until it is in force; how long that took.
+    let change = |limit: u32, what: &'static str, deadline: Duration| {
+        write(dir.path(), "failover.yaml", &per_user("failover", limit));
+        ok(&pg, &["rules", "apply", &file]);
+        let client = client.clone();
+        async move {
+            let mut client = client;
+            let user = [("user", "u")];
+            let took =
+                time_until_limit(what, &mut client, "failover", &user, Some(limit), deadline).await;
+            eprintln!("MEASURED {what}: change in force {took:?} after `rules apply` returned");
+        }
+    };
+
     pg.stop_replica();
-    write(dir.path(), "failover.yaml", &per_user("failover", 4));
-    ok(&pg, &["rules", "apply", &file]);
     // The replica is given up on after --database-timeout (1 s here).
-    let took = time_until_limit(
-        "replica down",
-        &mut client,
-        "failover",
-        &user,
-        Some(4),
-        DEADLINE,
-    )
-    .await;
-    eprintln!("MEASURED replica down: change in force {took:?} after `rules apply` returned");
+    change(4, "replica down", DEADLINE).await;
     let (code, ready) = readyz(&server).await;
     assert_eq!(code, 200, "{ready}");
     assert_eq!(
@@ -454,32 +457,15 @@ async fn a_change_is_read_from_the_primary_while_the_replica_is_down() {
     );
     // While it stays down, a change waits for it only briefly (200 ms), so
     // the usual promise holds again.
-    write(dir.path(), "failover.yaml", &per_user("failover", 5));
-    ok(&pg, &["rules", "apply", &file]);
-    let took = time_until_limit(
+    change(
+        5,
         "replica still down",
-        &mut client,
-        "failover",
-        &user,
-        Some(5),
         PROMISED + Duration::from_millis(500),
     )
     .await;
-    eprintln!("MEASURED replica still down: change in force {took:?} after `rules apply` returned");
 
     pg.start_replica();
-    write(dir.path(), "failover.yaml", &per_user("failover", 6));
-    ok(&pg, &["rules", "apply", &file]);
-    let took = time_until_limit(
-        "replica back",
-        &mut client,
-        "failover",
-        &user,
-        Some(6),
-        DEADLINE,
-    )
-    .await;
-    eprintln!("MEASURED replica back: change in force {took:?} after `rules apply` returned");
+    change(6, "replica back", DEADLINE).await;
     let (_, ready) = readyz(&server).await;
     assert_eq!(ready["rules"]["source"], "postgres:replica", "{ready}");
 }
