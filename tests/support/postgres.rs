@@ -88,7 +88,19 @@ impl PgCluster {
 
     /// Stops both servers (fast shutdown: clients are disconnected).
     pub fn stop_servers(&self) {
-        let out = Command::new("bash")
+        let out = self
+            .stop_command()
+            .expect("running .ci/postgres-replica.sh stop");
+        assert!(
+            out.status.success(),
+            "stopping PostgreSQL:\n{}",
+            describe(&out)
+        );
+    }
+
+    /// `.ci/postgres-replica.sh stop` for this pair, run to completion.
+    fn stop_command(&self) -> std::io::Result<Output> {
+        Command::new("bash")
             .arg(script())
             .arg("stop")
             .arg(&self.dir)
@@ -97,12 +109,6 @@ impl PgCluster {
             .env("PATH", path_with_tools())
             .stdin(Stdio::null())
             .output()
-            .expect("running .ci/postgres-replica.sh stop");
-        assert!(
-            out.status.success(),
-            "stopping PostgreSQL:\n{}",
-            describe(&out)
-        );
     }
 
     /// Starts both servers again from their data directories.
@@ -166,15 +172,7 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(&self.dir)
-            .arg(self.primary_port.to_string())
-            .arg(self.replica_port.to_string())
-            .env("PATH", path_with_tools())
-            .stdin(Stdio::null())
-            .output();
+        let _ = self.stop_command();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
