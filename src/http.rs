@@ -16,7 +16,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::health::Readiness;
-use crate::limiter::{Code, Descriptor, Entry, LimitOverride, Request, RequestError, Unit};
+use crate::limiter::{Code, Descriptor, LimitOverride, Request, RequestError, Unit};
 use crate::service::{DecideError, RateLimiter, Verdict};
 use crate::telemetry::names;
 
@@ -201,18 +201,11 @@ impl JsonRequest {
                         })?,
                     }),
                 };
-                Ok(Descriptor {
-                    entries: d
-                        .entries
-                        .iter()
-                        .map(|e| Entry {
-                            key: &e.key,
-                            value: &e.value,
-                        })
-                        .collect(),
+                Ok(Descriptor::new(
+                    d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
                     limit_override,
-                    hits: d.hits_addend,
-                })
+                    d.hits_addend,
+                ))
             })
             .collect::<Result<_, RequestError>>()?;
         Ok(Request {
@@ -227,16 +220,9 @@ impl JsonRequest {
 fn json_unit(v: &serde_json::Value) -> Option<Unit> {
     match v {
         serde_json::Value::String(s) => Unit::parse(s),
-        serde_json::Value::Number(n) => match n.as_u64()? {
-            1 => Some(Unit::Second),
-            2 => Some(Unit::Minute),
-            3 => Some(Unit::Hour),
-            4 => Some(Unit::Day),
-            5 => Some(Unit::Month),
-            6 => Some(Unit::Year),
-            7 => Some(Unit::Week),
-            _ => None,
-        },
+        serde_json::Value::Number(n) => {
+            crate::grpc::unit_from_proto(i32::try_from(n.as_u64()?).ok()?)
+        }
         _ => None,
     }
 }

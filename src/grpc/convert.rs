@@ -1,6 +1,6 @@
 //! Proto <-> domain conversions for the rate-limit API.
 
-use crate::limiter::{Code, Descriptor, Entry, LimitOverride, Request, RequestError, Unit};
+use crate::limiter::{Code, Descriptor, LimitOverride, Request, RequestError, Unit};
 use crate::proto::common::RateLimitDescriptor;
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
@@ -38,21 +38,16 @@ fn descriptor_from_proto(
             })?,
         }),
     };
-    Ok(Descriptor {
-        entries: d
-            .entries
-            .iter()
-            .map(|e| Entry {
-                key: &e.key,
-                value: &e.value,
-            })
-            .collect(),
+    Ok(Descriptor::new(
+        d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
         limit_override,
-        hits: d.hits_addend,
-    })
+        d.hits_addend,
+    ))
 }
 
-fn unit_from_proto(unit: i32) -> Option<Unit> {
+/// The unit a `RateLimitUnit` number names; also the number form of a unit in
+/// the JSON API.
+pub fn unit_from_proto(unit: i32) -> Option<Unit> {
     Some(match RateLimitUnit::try_from(unit).ok()? {
         RateLimitUnit::Unknown => return None,
         RateLimitUnit::Second => Unit::Second,

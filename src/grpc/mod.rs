@@ -22,7 +22,7 @@ use crate::proto::rls::{
 use crate::service::{DecideError, RateLimiter};
 use crate::telemetry::names;
 
-pub use convert::{request_from_proto, verdict_to_proto};
+pub use convert::{request_from_proto, unit_from_proto, verdict_to_proto};
 
 /// The fully-qualified service name, as health checks name it.
 pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";

@@ -165,6 +165,25 @@ pub struct Descriptor<'a> {
     pub hits: Option<u64>,
 }
 
+impl<'a> Descriptor<'a> {
+    /// A descriptor from its `(key, value)` entries, borrowed from the
+    /// decoded request.
+    pub fn new(
+        entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+        limit_override: Option<LimitOverride>,
+        hits: Option<u64>,
+    ) -> Descriptor<'a> {
+        Descriptor {
+            entries: entries
+                .into_iter()
+                .map(|(key, value)| Entry { key, value })
+                .collect(),
+            limit_override,
+            hits,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry<'a> {
     pub key: &'a str,
