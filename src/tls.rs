@@ -167,6 +167,12 @@ pub fn incoming(
                 // The server stopped reading: shutdown.
                 () = tx.closed() => return,
             };
+            // Nagle's algorithm would hold a small response back until the
+            // client's delayed ACK (40 ms on Linux) whenever two or more
+            // calls share the connection.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
+            }
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             tokio::spawn(async move {

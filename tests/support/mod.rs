@@ -12,6 +12,7 @@ pub mod envoy;
 pub mod http;
 pub mod postgres;
 pub mod redis;
+pub mod sockets;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
