@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, Value};
 use sluice::limiter::{Algorithm, CounterOp, CounterSpec, Entry, KeyHasher};
-use sluice::storage::redis::scripts::Scripts;
+use sluice::storage::redis::scripts::{add_load, add_script_call, Unit};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -83,7 +83,7 @@ fn redis_server() -> (Server, u16) {
 }
 
 /// One call's pipeline: the script for one counter out of 10 000.
-fn pipeline(scripts: &Scripts, i: usize) -> Pipeline {
+fn pipeline(i: usize) -> Pipeline {
     let hasher = KeyHasher::from_secret(b"bench");
     let value = (i % 10_000).to_string();
     let op = CounterOp {
@@ -107,7 +107,11 @@ fn pipeline(scripts: &Scripts, i: usize) -> Pipeline {
     };
     let mut pipe = redis::pipe();
     let mut key = String::new();
-    scripts.add_call(&mut pipe, &op, None, &mut key);
+    add_script_call(
+        &mut pipe,
+        std::iter::once(&Unit::single(&op, None)),
+        &mut key,
+    );
     pipe
 }
 
@@ -132,18 +136,16 @@ impl Via {
 }
 
 async fn run(via: Arc<Via>, in_flight: usize, seconds: u64) -> (f64, Histogram<u64>) {
-    let scripts = Arc::new(Scripts::new());
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for t in 0..in_flight {
-        let (via, scripts, stop, counter) =
-            (via.clone(), scripts.clone(), stop.clone(), counter.clone());
+        let (via, stop, counter) = (via.clone(), stop.clone(), counter.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).unwrap();
             let mut n = t;
             while !stop.load(Ordering::Relaxed) {
-                let pipe = pipeline(&scripts, n);
+                let pipe = pipeline(n);
                 let started = Instant::now();
                 let values = via.call(&pipe, n).await;
                 hist.record(started.elapsed().as_micros() as u64).unwrap();
@@ -189,8 +191,8 @@ async fn main() {
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut loads = redis::pipe();
-    Scripts::new().add_loads(&mut loads);
-    let _: Vec<Value> = conn.req_packed_commands(&loads, 0, 3).await.unwrap();
+    add_load(&mut loads);
+    let _: Vec<Value> = conn.req_packed_commands(&loads, 0, 1).await.unwrap();
 
     let manager = |n: usize| {
         let url = url.clone();

@@ -50,9 +50,10 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 60}
 EOF
 
-# The sliding-window counter script, as src/storage/redis/scripts.rs builds it.
+# The counter script, as src/storage/redis/scripts.rs builds it.
 SCRIPTS="$REPO/src/storage/scripts"
-SHA=$( { cat "$SCRIPTS/prelude.lua" "$SCRIPTS/sliding_window.lua"; printf 'local decide = sliding_window\n'; cat "$SCRIPTS/counter.lua"; } | sha1sum | cut -d' ' -f1)
+SHA=$(cat "$SCRIPTS/prelude.lua" "$SCRIPTS/sliding_window.lua" "$SCRIPTS/fixed_window.lua" \
+    "$SCRIPTS/gcra.lua" "$SCRIPTS/batch.lua" | sha1sum | cut -d' ' -f1)
 
 start_sluice() { # store-url
     "$BIN/sluice" serve --store "$1" --key-secret bench --rules "$WORK/rules" \
@@ -156,9 +157,10 @@ run_benchmark() { # target round port key [--cluster]
     r0=$(cpu_of $rpids)
     children_cpu
     k0=$CHILD_CPU
-    # Same script, same arguments as sluice sends for this rule; 10 000 keys.
+    # Same script, the arguments sluice sends for one decision alone (a batch
+    # of one unit: 1 operation, not denied, Redis' clock, sliding window); 10 000 keys.
     csv=$(redis-benchmark -h 127.0.0.1 -p "$port" "$@" -c "$IN_FLIGHT" -P 1 -n "$n" -r "$CLIENTS" --csv \
-        EVALSHA "$SHA" 1 "$key" 1000000000 60000000 1000000000 1 '' | tail -n 1)
+        EVALSHA "$SHA" 1 "$key" 1 0 '' 1 1000000000 60000000 1000000000 1 0 | tail -n 1)
     children_cpu
     k1=$CHILD_CPU
     # shellcheck disable=SC2086

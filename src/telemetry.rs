@@ -29,6 +29,9 @@ pub mod names {
     /// Commands resent after a reply that says they did not run, by reason
     /// (`noscript`, `moved`, `ask`).
     pub const REDIS_RETRIES: &str = "sluice_redis_retries_total";
+    /// Counter operations decided by one script call (concurrent calls to
+    /// one node coalesced into a batch), by store.
+    pub const REDIS_BATCH_OPERATIONS: &str = "sluice_redis_batch_operations";
     /// Failed circuit-breaker probes, by store.
     pub const REDIS_PROBE_FAILURES: &str = "sluice_redis_probe_failures_total";
     /// 1 while the store's circuit breaker is open, by store.

@@ -270,9 +270,9 @@ descriptors:
 /// Requests counted against a tight per-user limit and a wide shared one,
 /// many at once: the shared counter counts exactly the admitted requests
 /// (a request the user limit denies consumes nothing, even when concurrent
-/// requests race for the same counters), each request costs one `EVALSHA`
-/// (the request script), and a request the over-limit cache can deny still
-/// reports the shared counter's real budget.
+/// requests race for the same counters, and share script calls), each
+/// request costs at most one `EVALSHA`, and a request the over-limit cache
+/// can deny still reports the shared counter's real budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_request_consumes_nothing_even_under_concurrency() {
     let server = RedisServer::start();
@@ -305,10 +305,10 @@ async fn a_denied_request_consumes_nothing_even_under_concurrency() {
         .filter(|r| r.overall_code == Code::Ok as i32)
         .count();
     assert_eq!(admitted, USERS * 3, "each user admitted exactly its limit");
-    assert_eq!(
-        server.command_calls("evalsha"),
-        (USERS * EACH) as u64,
-        "one EVALSHA per request"
+    let evalsha = server.command_calls("evalsha");
+    assert!(
+        (1..=(USERS * EACH) as u64).contains(&evalsha),
+        "at most one EVALSHA per request (concurrent ones share), not {evalsha}"
     );
 
     // The shared counter holds the admitted requests, and nothing else.
@@ -720,5 +720,157 @@ async fn serve_with_redis_from_the_command_line() {
     assert_eq!(
         ready["ready"], true,
         "still ready: it answers by the failure mode"
+    );
+}
+
+// === TCP_NODELAY ===
+
+/// Every socket sluice holds, accepted (gRPC, HTTP) and outgoing (Redis),
+/// has TCP_NODELAY: without it, Nagle's algorithm holds a small write back
+/// until the peer's delayed ACK, and with two calls in flight on one
+/// connection one in a hundred took 40 ms (the Envoy filter's whole default
+/// timeout is 20 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_socket_sluice_holds_has_tcp_nodelay() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let redis = RedisServer::start();
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("d.yaml"), GENEROUS).unwrap();
+    let rules_path = rules.path().display().to_string();
+    let cli = sluice::config::Cli::try_parse_from([
+        "sluice",
+        "serve",
+        "--store",
+        &redis.url(),
+        "--rules",
+        &rules_path,
+    ])
+    .unwrap();
+    let sluice::config::Command::Serve(args) = cli.command else {
+        panic!("not serve");
+    };
+    let deps = sluice::app::build(&args).await.unwrap();
+    let rules = deps.limiter.rules().clone();
+    let sluice = TestServer::serve(deps, rules).await;
+    let store = sluice.deps.limiter.store().clone();
+    assert!(eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up).await);
+
+    // Two calls in flight on one gRPC connection, decided by Redis.
+    let client = sluice.client().await;
+    let (mut one, mut two) = (client.clone(), client);
+    let (a, b) = tokio::join!(
+        one.should_rate_limit(request("d", &[&[("k", "a")]])),
+        two.should_rate_limit(request("d", &[&[("k", "b")]])),
+    );
+    assert!(a.unwrap().into_inner().statuses[0].current_limit.is_some());
+    assert!(b.unwrap().into_inner().statuses[0].current_limit.is_some());
+    // An HTTP/1.1 connection kept alive after its answer.
+    let mut http = tokio::net::TcpStream::connect(sluice.http_addr)
+        .await
+        .unwrap();
+    http.write_all(b"GET /healthz HTTP/1.1\r\nhost: sluice\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 64];
+    let n = http.read(&mut answer).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+
+    let sockets = support::sockets::connected_tcp_sockets();
+    let accepted_grpc: Vec<_> = sockets
+        .iter()
+        .filter(|s| s.local == sluice.grpc_addr)
+        .collect();
+    let accepted_http: Vec<_> = sockets
+        .iter()
+        .filter(|s| s.local == sluice.http_addr)
+        .collect();
+    let to_redis: Vec<_> = sockets
+        .iter()
+        .filter(|s| s.peer.port() == redis.port)
+        .collect();
+    for (what, found) in [
+        ("accepted gRPC", &accepted_grpc),
+        ("accepted HTTP", &accepted_http),
+        ("Redis", &to_redis),
+    ] {
+        assert!(!found.is_empty(), "no {what} socket among {sockets:#?}");
+        for socket in found {
+            assert!(
+                socket.nodelay,
+                "{what} socket without TCP_NODELAY: {socket:?}"
+            );
+        }
+    }
+}
+
+// === Batching ===
+
+/// Concurrent decisions bound for one Redis share script calls: 64 calls at
+/// a time, 20 times over, cost far fewer than one `EVALSHA` each, and every
+/// one is still decided exactly (the counter holds exactly the admitted hits,
+/// and exactly the limit is admitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decisions_share_script_calls() {
+    let server = RedisServer::start();
+    let store =
+        Arc::new(RedisStore::new(&RedisTarget::Standalone(server.url()), options(2_000)).unwrap());
+    up(&store).await;
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    const AT_ONCE: usize = 64;
+    const ROUNDS: usize = 20;
+    // Below the hot counter's 640 calls.
+    const LIMIT: u64 = 300;
+    let mut admitted = 0;
+    for round in 0..ROUNDS {
+        let calls = (0..AT_ONCE).map(|i| {
+            let store = store.clone();
+            // Half the calls on one hot counter, half on counters of their own.
+            let value = if i % 2 == 0 {
+                "hot".to_owned()
+            } else {
+                format!("own-{round}-{i}")
+            };
+            async move { store.apply(&[fixed_op(&value, LIMIT, 3_600_000_000)]).await }
+        });
+        for (i, outcome) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let outcome = outcome.unwrap();
+            assert_eq!(outcome.len(), 1);
+            if i % 2 == 0 {
+                admitted += u64::from(outcome[0].admitted);
+            } else {
+                assert!(
+                    outcome[0].admitted,
+                    "round {round} call {i}: its own counter"
+                );
+            }
+        }
+    }
+    let decisions = (AT_ONCE * ROUNDS) as u64;
+    let evalsha = server.command_calls("evalsha");
+    eprintln!(
+        "MEASURED {decisions} decisions in {evalsha} EVALSHA calls ({:.3} per decision)",
+        evalsha as f64 / decisions as f64
+    );
+    assert!(
+        evalsha * 4 <= decisions,
+        "{evalsha} EVALSHA calls for {decisions} concurrent decisions: not batched"
+    );
+    let hot = store
+        .apply(&[CounterOp {
+            hits: 0,
+            ..fixed_op("hot", LIMIT, 3_600_000_000)
+        }])
+        .await
+        .unwrap();
+    assert_eq!(admitted, LIMIT, "exactly the limit admitted");
+    assert_eq!(
+        (hot[0].remaining, hot[0].used),
+        (0, LIMIT),
+        "the hot counter holds exactly the admitted hits"
     );
 }

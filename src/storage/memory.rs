@@ -1,8 +1,13 @@
 //! The in-process counter store: the default, so `sluice serve` needs
 //! nothing else. Sharded maps behind short-lived locks, idle keys expired by
 //! a sweeper, and a hard bound on the number of keys.
+//!
+//! An entry is 40 bytes with no heap allocation of its own: the counter key
+//! folded into 16 bytes, and the state packed into 24 (see [`Slot`]). The
+//! map hashes nothing: the key already is a keyed BLAKE3 hash.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -10,7 +15,7 @@ use async_trait::async_trait;
 
 use super::{CounterOp, CounterStore, StoreError};
 use crate::clock::Clock;
-use crate::limiter::{check, CounterKey, CounterState, Outcome};
+use crate::limiter::{check, Algorithm, CounterKey, CounterState, Outcome};
 
 const SHARDS: usize = 64;
 
@@ -29,12 +34,124 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<CounterKey, Slot>,
+    map: HashMap<Folded, Slot, BuildHasherDefault<FoldedHasher>>,
 }
 
+/// A [`CounterKey`] in 16 bytes: its 128-bit keyed hash XOR its algorithm
+/// and period. Distinct keys of one descriptor (another period or
+/// algorithm) stay distinct, since the XOR is injective for one hash; keys
+/// of different descriptors collide only if two keyed hashes differ by
+/// exactly that pattern, a 2^-128 chance no client can aim at without the
+/// secret.
+/// (Two u64s, not a u128: a u128 is 16-byte aligned, and would pad the
+/// entry to 48 bytes.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Folded {
+    /// The hash's low half XOR the period; the map's hash.
+    low: u64,
+    /// The hash's high half XOR the algorithm; its top bits pick the shard.
+    high: u64,
+}
+
+impl From<&CounterKey> for Folded {
+    fn from(key: &CounterKey) -> Folded {
+        let algorithm = match key.algorithm {
+            Algorithm::SlidingWindow => 1,
+            Algorithm::FixedWindow => 2,
+            Algorithm::Gcra => 3,
+        };
+        let [l0, l1, l2, l3, l4, l5, l6, l7, h0, h1, h2, h3, h4, h5, h6, h7] = key.hash;
+        Folded {
+            low: u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]) ^ key.period_s,
+            high: u64::from_le_bytes([h0, h1, h2, h3, h4, h5, h6, h7]) ^ algorithm,
+        }
+    }
+}
+
+impl Folded {
+    /// The shard: top bits, which neither the fold nor the map's bucket
+    /// index (the low bits of `low`) uses.
+    fn shard(self) -> usize {
+        (self.high >> (64 - 6)) as usize % SHARDS
+    }
+}
+
+impl std::hash::Hash for Folded {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.low);
+    }
+}
+
+/// The map's hasher: the folded key's low half, already uniform.
+#[derive(Default)]
+struct FoldedHasher(u64);
+
+impl Hasher for FoldedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `Folded::hash` (one u64) comes here, through `write_u64`.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A counter's state in 24 bytes. Window counts are kept in 32 bits:
+/// limits are `requests_per_unit`, a u32, and a count never passes its limit
+/// (a larger one would saturate, never wrap).
+#[derive(Clone, Copy)]
 struct Slot {
-    state: CounterState,
+    /// The window index, or GCRA's theoretical arrival time.
+    window_or_tat: u64,
+    count: u32,
+    previous: u32,
     expires_at_us: u64,
+}
+
+impl Slot {
+    fn new(state: CounterState, expires_at_us: u64) -> Slot {
+        let narrow = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        match state {
+            CounterState::Window {
+                window,
+                count,
+                previous,
+            } => Slot {
+                window_or_tat: window,
+                count: narrow(count),
+                previous: narrow(previous),
+                expires_at_us,
+            },
+            CounterState::Gcra { tat_us } => Slot {
+                window_or_tat: tat_us,
+                count: 0,
+                previous: 0,
+                expires_at_us,
+            },
+        }
+    }
+
+    fn state(&self, algorithm: Algorithm) -> CounterState {
+        match algorithm {
+            Algorithm::Gcra => CounterState::Gcra {
+                tat_us: self.window_or_tat,
+            },
+            Algorithm::SlidingWindow | Algorithm::FixedWindow => CounterState::Window {
+                window: self.window_or_tat,
+                count: u64::from(self.count),
+                previous: u64::from(self.previous),
+            },
+        }
+    }
 }
 
 impl MemoryStore {
@@ -60,8 +177,7 @@ impl MemoryStore {
     }
 
     fn shard_index(&self, key: &CounterKey) -> usize {
-        // The key is already a uniform hash; its first byte picks the shard.
-        usize::from(key.hash[0]) % SHARDS
+        Folded::from(key).shard()
     }
 
     fn shard(&self, key: &CounterKey) -> &Mutex<Shard> {
@@ -74,18 +190,12 @@ impl MemoryStore {
             .shard(&op.key)
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let state = shard
-            .map
-            .get(&op.key)
-            .filter(|slot| slot.expires_at_us > now_us)
-            .map(|slot| slot.state);
+        let key = Folded::from(&op.key);
+        let state = shard.live_state(key, op.key.algorithm, now_us);
         let checked = check(&op.spec, state, now_us, op.hits);
         if let Some(new_state) = checked.state {
-            let slot = Slot {
-                state: new_state,
-                expires_at_us: checked.expires_at_us,
-            };
-            if let Some(existing) = shard.map.get_mut(&op.key) {
+            let slot = Slot::new(new_state, checked.expires_at_us);
+            if let Some(existing) = shard.map.get_mut(&key) {
                 *existing = slot;
             } else {
                 if shard.map.len() >= self.max_keys_per_shard {
@@ -97,7 +207,7 @@ impl MemoryStore {
                         });
                     }
                 }
-                shard.map.insert(op.key, slot);
+                shard.map.insert(key, slot);
                 self.len.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -141,7 +251,13 @@ impl MemoryStore {
                 .rev()
                 .find(|(key, ..)| *key == op.key)
                 .map(|&(_, state, _)| state)
-                .or_else(|| guards[guard_of(&op.key)].live_state(&op.key, now_us));
+                .or_else(|| {
+                    guards[guard_of(&op.key)].live_state(
+                        Folded::from(&op.key),
+                        op.key.algorithm,
+                        now_us,
+                    )
+                });
             let c = check(&op.spec, state, now_us, op.hits);
             if let Some(state) = c.state {
                 pending.push((op.key, state, c.expires_at_us));
@@ -159,7 +275,11 @@ impl MemoryStore {
                 .zip(&checked)
                 .map(|(op, c)| {
                     if c.outcome.admitted {
-                        let state = guards[guard_of(&op.key)].live_state(&op.key, now_us);
+                        let state = guards[guard_of(&op.key)].live_state(
+                            Folded::from(&op.key),
+                            op.key.algorithm,
+                            now_us,
+                        );
                         check(&op.spec, state, now_us, 0).outcome
                     } else {
                         c.outcome
@@ -174,7 +294,7 @@ impl MemoryStore {
         for (i, (key, ..)) in pending.iter().enumerate() {
             let g = guard_of(key);
             let seen_before = pending[..i].iter().any(|(k, ..)| k == key);
-            if !seen_before && !guards[g].map.contains_key(key) {
+            if !seen_before && !guards[g].map.contains_key(&Folded::from(key)) {
                 new_keys[g] += 1;
             }
         }
@@ -190,11 +310,12 @@ impl MemoryStore {
             }
         }
         for (key, state, expires_at_us) in pending {
-            let slot = Slot {
-                state,
-                expires_at_us,
-            };
-            if guards[guard_of(&key)].map.insert(key, slot).is_none() {
+            let slot = Slot::new(state, expires_at_us);
+            if guards[guard_of(&key)]
+                .map
+                .insert(Folded::from(&key), slot)
+                .is_none()
+            {
                 self.len.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -205,7 +326,10 @@ impl MemoryStore {
     /// if it has any; the storage contract tests compare it across stores.
     pub fn expires_at_us(&self, key: &CounterKey) -> Option<u64> {
         let shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        shard.map.get(key).map(|slot| slot.expires_at_us)
+        shard
+            .map
+            .get(&Folded::from(key))
+            .map(|slot| slot.expires_at_us)
     }
 
     /// Drops every expired counter; returns how many were dropped.
@@ -222,11 +346,11 @@ impl MemoryStore {
 }
 
 impl Shard {
-    fn live_state(&self, key: &CounterKey, now_us: u64) -> Option<CounterState> {
+    fn live_state(&self, key: Folded, algorithm: Algorithm, now_us: u64) -> Option<CounterState> {
         self.map
-            .get(key)
+            .get(&key)
             .filter(|slot| slot.expires_at_us > now_us)
-            .map(|slot| slot.state)
+            .map(|slot| slot.state(algorithm))
     }
 
     fn evict_expired(&mut self, now_us: u64) -> usize {
@@ -361,6 +485,47 @@ mod tests {
             Err(StoreError::Full { .. })
         ));
         assert_eq!(store.len(), SHARDS);
+    }
+
+    #[test]
+    fn an_entry_is_forty_bytes() {
+        assert_eq!(std::mem::size_of::<(Folded, Slot)>(), 40);
+    }
+
+    #[test]
+    fn one_descriptor_under_other_periods_and_algorithms_keeps_apart() {
+        let store = MemoryStore::new(1_000, Arc::new(ManualClock::new(0)));
+        let h = KeyHasher::from_secret(b"t");
+        let entries = [crate::limiter::Entry {
+            key: "k",
+            value: "v",
+        }];
+        let mut folded = std::collections::HashSet::new();
+        for algorithm in Algorithm::ALL {
+            for period_s in [1, 60, 3_600] {
+                let key = h.counter_key("d", &entries, &[], algorithm, period_s);
+                assert!(folded.insert(Folded::from(&key)));
+                let op = CounterOp {
+                    key,
+                    spec: CounterSpec {
+                        algorithm,
+                        limit: 1,
+                        period_us: period_s * 1_000_000,
+                        burst: 1,
+                    },
+                    hits: 1,
+                };
+                assert!(
+                    store.apply_one(&op, 0).unwrap().admitted,
+                    "{algorithm:?} {period_s}"
+                );
+                assert!(
+                    !store.apply_one(&op, 0).unwrap().admitted,
+                    "{algorithm:?} {period_s}"
+                );
+            }
+        }
+        assert_eq!(store.len(), 9);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Redis Cluster: slots mapped to masters from `CLUSTER SLOTS`, one
-//! multiplexed connection per master, and one pipeline per master for a
-//! call's operations.
+//! multiplexed connection and one batch queue per master; a batch is one
+//! pipeline with a script call per slot.
 //!
 //! Why not the redis crate's cluster client: it sends a pipeline to one slot
 //! only, and when any reply in a pipeline asks for a redirect it resends the
@@ -25,14 +25,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures::future::join_all;
-use metrics::{counter, histogram};
-use redis::aio::MultiplexedConnection;
-use redis::{Pipeline, RedisError, Value};
+use metrics::counter;
+use redis::{RedisError, Value};
 
+use super::batch::{self, UnitReply};
 use super::connect::{Connector, NodeConnection};
-use super::scripts::{parse_reply, Reply, Scripts};
+use super::scripts::{add_load, Reply, Unit};
 use super::slot::{counter_slot, SLOTS};
-use super::{redis_error, Call};
+use super::Call;
 use crate::limiter::Outcome;
 use crate::storage::StoreError;
 use crate::telemetry::names;
@@ -53,7 +53,6 @@ pub struct Cluster {
     first_refresh: tokio::sync::Mutex<()>,
     last_refresh: Mutex<Option<Instant>>,
     refresh_timeout: Duration,
-    timeout: Duration,
     /// The least time between failed connection attempts to one node.
     pace: Duration,
 }
@@ -65,11 +64,10 @@ struct Topology {
     masters: Vec<Arc<NodeConnection>>,
 }
 
-/// What a retry must resend to the node at an address.
+/// Why an operation goes to another node. (`NOSCRIPT` is retried by the
+/// batch itself, on the same node.)
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Resend {
-    /// `NOSCRIPT`: load the scripts first.
-    Reload,
     /// `MOVED`: the slot's master changed.
     Moved,
     /// `ASK`: the slot is migrating; `ASKING` first.
@@ -86,7 +84,6 @@ impl Cluster {
             first_refresh: tokio::sync::Mutex::new(()),
             last_refresh: Mutex::new(None),
             refresh_timeout: store_timeout.max(Duration::from_millis(500)),
-            timeout: store_timeout,
             pace,
         }
     }
@@ -118,39 +115,10 @@ impl Cluster {
             .seeds
             .first()
             .ok_or_else(|| StoreError::Connection("no seed nodes".into()))?;
-        let node = NodeConnection::new(&seed.for_node(host, port), self.pace)
+        let node = NodeConnection::new(&seed.for_node(host, port), self.pace, true)
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         nodes.insert(address.to_owned(), node.clone());
         Ok(node)
-    }
-
-    /// One pipeline on one node's connection.
-    async fn send(
-        &self,
-        node: &NodeConnection,
-        conn: &Arc<MultiplexedConnection>,
-        pipe: &Pipeline,
-        count: usize,
-    ) -> Result<Vec<Value>, StoreError> {
-        let started = Instant::now();
-        let result = (**conn).clone().send_packed_commands(pipe, 0, count).await;
-        histogram!(names::REDIS_DURATION, "store" => "redis-cluster")
-            .record(started.elapsed().as_secs_f64());
-        result.map_err(|e| {
-            node.failed(conn, &e);
-            redis_error(&e, self.timeout)
-        })
-    }
-
-    /// Connects (if needed) and sends.
-    async fn get_and_send(
-        &self,
-        node: &Arc<NodeConnection>,
-        pipe: &Pipeline,
-        count: usize,
-    ) -> Result<Vec<Value>, StoreError> {
-        let conn = node.get().await?;
-        self.send(node, &conn, pipe, count).await
     }
 
     /// Asks for a topology refresh in the background (at most one at a time,
@@ -203,17 +171,15 @@ impl Cluster {
             if probing {
                 node.allow_attempt_now();
             }
-            let slots = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
-            let ask = async {
-                let conn = node.get().await?;
-                let reply = (*conn).clone().send_packed_command(&slots).await;
-                reply.map_err(|e| {
-                    node.failed(&conn, &e);
-                    redis_error(&e, self.refresh_timeout)
-                })
-            };
+            let mut slots = redis::pipe();
+            slots.cmd("CLUSTER").arg("SLOTS");
+            let ask = node.send(&slots, 1);
             let value = match tokio::time::timeout(self.refresh_timeout, ask).await {
-                Ok(Ok(value)) => value,
+                Ok(Ok(mut values)) if values.len() == 1 => values.remove(0),
+                Ok(Ok(_)) => {
+                    last_error = StoreError::Redirect(format!("{address}: no CLUSTER SLOTS reply"));
+                    continue;
+                }
                 Ok(Err(e)) => {
                     last_error = e;
                     continue;
@@ -269,12 +235,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Runs `call`: one pipeline per master involved, sent concurrently.
-    pub async fn run(
-        self: &Arc<Self>,
-        scripts: &Scripts,
-        call: &Call<'_>,
-    ) -> Result<Vec<Outcome>, StoreError> {
+    /// Runs `call`: each operation a unit in its master's next batch, the
+    /// masters concurrently.
+    pub async fn run(self: &Arc<Self>, call: &Call<'_>) -> Result<Vec<Outcome>, StoreError> {
         let mut topology = self.topology.load_full();
         if topology.slots.is_empty() {
             // Nothing known yet (start-up): ask now rather than fail the call.
@@ -294,18 +257,6 @@ impl Cluster {
                 )));
             }
         };
-
-        let mut key = String::with_capacity(64);
-        let pipes: Vec<Pipeline> = groups
-            .iter()
-            .map(|(_, ops)| {
-                let mut pipe = redis::pipe();
-                for &i in ops {
-                    scripts.add_call(&mut pipe, call.ops[i], call.now_us, &mut key);
-                }
-                pipe
-            })
-            .collect();
         // Every connection first: a call that fails on an unreachable
         // master fails before anything runs anywhere, so it consumes no
         // budget on the other masters.
@@ -315,105 +266,105 @@ impl Cluster {
                 .map(|(node, _)| topology.masters[usize::from(*node)].get()),
         )
         .await;
-        let conns = conns
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .inspect_err(|_| self.request_refresh())?;
-        let replies = join_all(groups.iter().zip(&pipes).zip(&conns).map(
-            |(((node, ops), pipe), conn)| {
-                self.send(&topology.masters[usize::from(*node)], conn, pipe, ops.len())
-            },
-        ))
+        if let Some(Err(e)) = conns.into_iter().find(Result::is_err) {
+            self.request_refresh();
+            return Err(e);
+        }
+        let replies = join_all(groups.iter().map(|(node, ops)| {
+            let units = ops
+                .iter()
+                .map(|&i| Unit::single(call.ops[i], call.now_us))
+                .collect();
+            topology.masters[usize::from(*node)].decide(units)
+        }))
         .await;
 
         let mut outcomes = vec![None; call.ops.len()];
         let mut resend: Vec<(String, usize, Resend)> = Vec::new();
-        for ((node, ops), reply) in groups.iter().zip(replies) {
-            let values = reply.inspect_err(|_| self.request_refresh())?;
-            let address = topology.masters[usize::from(*node)].address();
-            for (&i, value) in ops.iter().zip(&values) {
-                match parse_reply(value) {
-                    Reply::Outcome(o) => outcomes[i] = Some(o),
-                    Reply::NoScript => resend.push((address.to_owned(), i, Resend::Reload)),
-                    Reply::Moved { address } => {
-                        self.request_refresh();
-                        resend.push((address, i, Resend::Moved));
-                    }
-                    Reply::Ask { address } => resend.push((address, i, Resend::Ask)),
-                    Reply::ClusterDown(e) => {
-                        self.request_refresh();
-                        return Err(StoreError::Redirect(e));
-                    }
-                    Reply::Failed(e) => return Err(StoreError::Script(e)),
+        for ((_, ops), reply) in groups.iter().zip(replies) {
+            let replies = reply.inspect_err(|_| self.request_refresh())?;
+            for (&i, reply) in ops.iter().zip(replies) {
+                match self.read(reply)? {
+                    Read::Outcome(o) => outcomes[i] = Some(o),
+                    Read::Resend(to, why) => resend.push((to, i, why)),
                 }
             }
         }
         if !resend.is_empty() {
-            self.resend(scripts, call, &resend, &mut outcomes).await?;
+            self.resend(call, &resend, &mut outcomes).await?;
         }
         super::complete(outcomes)
     }
 
-    /// The one retry: commands that did not run, to the node that should
-    /// run them, one pipeline per node.
+    /// One operation's reply: its outcome, where to send it again, or the
+    /// error that fails the call.
+    fn read(self: &Arc<Self>, reply: UnitReply) -> Result<Read, StoreError> {
+        match reply {
+            Ok(outcomes) => match <[Outcome; 1]>::try_from(outcomes) {
+                Ok([o]) => Ok(Read::Outcome(o)),
+                Err(v) => Err(StoreError::Script(format!(
+                    "{} outcomes for one operation",
+                    v.len()
+                ))),
+            },
+            Err(Reply::Moved { address }) => {
+                self.request_refresh();
+                Ok(Read::Resend(address, Resend::Moved))
+            }
+            Err(Reply::Ask { address }) => Ok(Read::Resend(address, Resend::Ask)),
+            Err(Reply::ClusterDown(e)) => {
+                self.request_refresh();
+                Err(StoreError::Redirect(e))
+            }
+            Err(e @ (Reply::NoScript | Reply::Failed(_))) => {
+                Err(StoreError::Script(format!("{e:?}")))
+            }
+        }
+    }
+
+    /// The one retry: operations that did not run, to the node that should
+    /// run them: in its batch after `MOVED`, at once after `ASKING` for `ASK`.
     async fn resend(
-        &self,
-        scripts: &Scripts,
+        self: &Arc<Self>,
         call: &Call<'_>,
         resend: &[(String, usize, Resend)],
         outcomes: &mut [Option<Outcome>],
     ) -> Result<(), StoreError> {
-        let mut by_address: Vec<(&str, Vec<(usize, Resend)>)> = Vec::new();
+        let mut by_target: Vec<(&str, Resend, Vec<usize>)> = Vec::new();
         for (address, i, why) in resend {
             let reason = match why {
-                Resend::Reload => "noscript",
                 Resend::Moved => "moved",
                 Resend::Ask => "ask",
             };
             counter!(names::REDIS_RETRIES, "reason" => reason).increment(1);
-            match by_address.iter_mut().find(|(a, _)| a == address) {
-                Some((_, ops)) => ops.push((*i, *why)),
-                None => by_address.push((address, vec![(*i, *why)])),
+            match by_target
+                .iter_mut()
+                .find(|(a, w, _)| a == address && w == why)
+            {
+                Some((_, _, ops)) => ops.push(*i),
+                None => by_target.push((address, *why, vec![*i])),
             }
         }
-        let mut key = String::with_capacity(64);
-        let mut sends = Vec::with_capacity(by_address.len());
-        for (address, ops) in &by_address {
+        let sends = by_target.iter().map(|(address, why, ops)| async move {
             let node = self.node(address)?;
-            let mut pipe = redis::pipe();
-            // Which reply answers which operation.
-            let mut positions = Vec::with_capacity(ops.len());
-            let mut count = 0;
-            // A failover's new master may not have the scripts either.
-            if ops.iter().any(|(_, why)| *why != Resend::Ask) {
-                scripts.add_loads(&mut pipe);
-                count += scripts.all().len();
-            }
-            for &(i, why) in ops {
-                if why == Resend::Ask {
-                    pipe.cmd("ASKING");
-                    count += 1;
-                }
-                scripts.add_call(&mut pipe, call.ops[i], call.now_us, &mut key);
-                positions.push((i, count));
-                count += 1;
-            }
-            sends.push((node, pipe, count, positions));
-        }
-        let replies = join_all(
-            sends
+            let units: Vec<Unit> = ops
                 .iter()
-                .map(|(node, pipe, count, _)| self.get_and_send(node, pipe, *count)),
-        )
-        .await;
-        for ((_, _, _, positions), reply) in sends.iter().zip(replies) {
-            let values = reply?;
-            for &(i, at) in positions {
-                match values.get(at).map(parse_reply) {
-                    Some(Reply::Outcome(o)) => outcomes[i] = Some(o),
-                    Some(Reply::Failed(e)) => return Err(StoreError::Script(e)),
-                    other => {
-                        return Err(StoreError::Redirect(format!("after one retry: {other:?}")))
+                .map(|&i| Unit::single(call.ops[i], call.now_us))
+                .collect();
+            match why {
+                Resend::Moved => node.decide(units).await,
+                Resend::Ask => batch::execute(&node, &units.iter().collect::<Vec<_>>(), true).await,
+            }
+        });
+        let replies = join_all(sends).await;
+        for ((_, _, ops), reply) in by_target.iter().zip(replies) {
+            for (&i, reply) in ops.iter().zip(reply?) {
+                match self.read(reply)? {
+                    Read::Outcome(o) => outcomes[i] = Some(o),
+                    Read::Resend(..) => {
+                        return Err(StoreError::Redirect(format!(
+                            "redirected again after one retry (operation {i})"
+                        )))
                     }
                 }
             }
@@ -422,8 +373,8 @@ impl Cluster {
     }
 
     /// Refreshes the topology, then `PING`s every master and loads the
-    /// scripts there: the cluster answers only if every slot's master does.
-    pub async fn probe(&self, scripts: &Scripts) -> Result<(), StoreError> {
+    /// script there: the cluster answers only if every slot's master does.
+    pub async fn probe(&self) -> Result<(), StoreError> {
         self.refresh_from(true).await?;
         let topology = self.topology.load_full();
         if let Some(slot) = topology.slots.iter().position(|&n| n == NO_NODE) {
@@ -433,11 +384,10 @@ impl Cluster {
         }
         let mut pipe = redis::pipe();
         pipe.cmd("PING");
-        scripts.add_loads(&mut pipe);
-        let count = 1 + scripts.all().len();
+        add_load(&mut pipe);
         let replies = join_all(topology.masters.iter().map(|m| {
             m.allow_attempt_now();
-            self.get_and_send(m, &pipe, count)
+            m.send(&pipe, 2)
         }))
         .await;
         for (master, reply) in topology.masters.iter().zip(replies) {
@@ -445,6 +395,12 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// What one operation's reply asks for.
+enum Read {
+    Outcome(Outcome),
+    Resend(String, Resend),
 }
 
 /// Groups a call's operations by master: `(master index, operation indexes)`

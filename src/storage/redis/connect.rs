@@ -1,6 +1,8 @@
 //! How sluice connects to a Redis node: URL, credentials, TLS roots and
 //! timeouts ([`Connector`]), and one multiplexed connection per node that
-//! reconnects at a bounded pace ([`NodeConnection`]).
+//! reconnects at a bounded pace, with the node's batch queue
+//! ([`NodeConnection`]): every command sluice sends a node goes through
+//! [`NodeConnection::send`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,18 +11,26 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
+use metrics::histogram;
 use redis::aio::MultiplexedConnection;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError,
-    TlsCertificates,
+    io::tcp::TcpSettings, AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo,
+    IntoConnectionInfo, RedisError, TlsCertificates,
 };
+use redis::{Pipeline, Value};
 
+use super::batch::{BatchQueue, UnitReply};
+use super::redis_error;
+use super::scripts::Unit;
 use crate::storage::StoreError;
+use crate::telemetry::names;
 
 /// Everything needed to open a connection to any node of one deployment.
 #[derive(Clone)]
 pub struct Connector {
     info: ConnectionInfo,
+    /// The store timeout: how long a command may wait for its answer.
+    timeout: Duration,
     /// PEM roots to trust instead of the bundled web PKI roots.
     ca_cert: Option<Vec<u8>>,
     config: AsyncConnectionConfig,
@@ -45,7 +55,12 @@ impl Connector {
         ca_cert: Option<Vec<u8>>,
         store_timeout: Duration,
     ) -> Result<Connector, RedisError> {
-        let mut info = url.into_connection_info()?;
+        // The redis crate leaves TCP_NODELAY off: with several calls in
+        // flight on the multiplexed connection, Nagle's algorithm would hold
+        // a pipeline back until Redis' delayed ACK, 40 ms.
+        let mut info = url
+            .into_connection_info()?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
         if let Some(password) = password {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
@@ -60,6 +75,7 @@ impl Connector {
             .set_connection_timeout(Some(store_timeout.max(Duration::from_secs(1))));
         Ok(Connector {
             info,
+            timeout: store_timeout,
             ca_cert,
             config,
         })
@@ -93,6 +109,7 @@ impl Connector {
         };
         Connector {
             info: self.info.clone().set_addr(addr),
+            timeout: self.timeout,
             ca_cert: self.ca_cert.clone(),
             config: self.config.clone(),
         }
@@ -123,6 +140,9 @@ impl Connector {
 /// every call that fails, which is a reconnect storm at our call rates.)
 pub struct NodeConnection {
     address: String,
+    /// A Cluster node (script calls grouped by slot).
+    sharded: bool,
+    timeout: Duration,
     client: Client,
     config: AsyncConnectionConfig,
     pace: Duration,
@@ -131,6 +151,7 @@ pub struct NodeConnection {
     /// µs after `epoch` before which no new attempt starts.
     next_attempt_us: AtomicU64,
     epoch: Instant,
+    batches: BatchQueue,
 }
 
 /// A connection attempt that every waiting call shares.
@@ -145,21 +166,65 @@ struct Attempts {
 
 impl NodeConnection {
     /// Does not connect: the first call (or the start-up probe) does.
-    pub fn new(connector: &Connector, pace: Duration) -> Result<Arc<NodeConnection>, RedisError> {
-        Ok(Arc::new(NodeConnection {
+    /// `sharded`: a Cluster node. Needs a Tokio runtime (the batch task).
+    pub fn new(
+        connector: &Connector,
+        pace: Duration,
+        sharded: bool,
+    ) -> Result<Arc<NodeConnection>, RedisError> {
+        let client = connector.client()?;
+        Ok(Arc::new_cyclic(|node| NodeConnection {
             address: connector.address(),
-            client: connector.client()?,
+            sharded,
+            timeout: connector.timeout,
+            client,
             config: connector.config.clone(),
             pace,
             connected: ArcSwapOption::empty(),
             state: Mutex::default(),
             next_attempt_us: AtomicU64::new(0),
             epoch: Instant::now(),
+            batches: BatchQueue::start(node.clone()),
         }))
     }
 
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    pub fn sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// The store kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        if self.sharded {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+
+    /// Decides `units` in this node's next batch (see [`super::batch`]).
+    pub async fn decide(&self, units: Vec<Unit>) -> Result<Vec<UnitReply>, StoreError> {
+        self.batches.decide(units).await
+    }
+
+    /// Sends one pipeline of `count` commands, connecting first if needed.
+    pub async fn send(
+        self: &Arc<Self>,
+        pipe: &Pipeline,
+        count: usize,
+    ) -> Result<Vec<Value>, StoreError> {
+        let conn = self.get().await?;
+        let started = Instant::now();
+        let result = (*conn).clone().send_packed_commands(pipe, 0, count).await;
+        histogram!(names::REDIS_DURATION, "store" => self.kind())
+            .record(started.elapsed().as_secs_f64());
+        result.map_err(|e| {
+            self.failed(&conn, &e);
+            redis_error(&e, self.timeout)
+        })
     }
 
     /// Why the node cannot be reached, if connecting to it failed last.
@@ -248,7 +313,7 @@ impl NodeConnection {
     /// After a call on `conn` failed: a broken connection is dropped, so
     /// the next call reconnects (at once: the pace applies to failures to
     /// connect). Timeouts and server errors keep it.
-    pub fn failed(&self, conn: &Arc<MultiplexedConnection>, error: &RedisError) {
+    fn failed(&self, conn: &Arc<MultiplexedConnection>, error: &RedisError) {
         if error.is_unrecoverable_error() {
             let current = self.connected.load();
             if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {

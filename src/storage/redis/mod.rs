@@ -1,14 +1,17 @@
 //! Counters in Redis or a Redis Cluster, shared by every sluice instance.
 //!
 //! A call goes: local over-limit cache (answers known denials without
-//! Redis) -> circuit breaker (answers at once while Redis is failing) -> one
-//! `EVALSHA` per operation, one pipeline per node, under the store timeout.
-//! A request with several counters on a standalone Redis is one `EVALSHA` of
-//! the request script instead, so that a denied request consumes nothing.
+//! Redis) -> circuit breaker (answers at once while Redis is failing) -> the
+//! node's batch queue, under the store timeout. Each node's queue sends what
+//! is waiting as one `EVALSHA` (one per slot on a Cluster) as soon as the
+//! previous one is answered; each unit in it, one counter or, on a
+//! standalone Redis, all of one request's counters (so that a denied request
+//! consumes nothing), is decided atomically.
 //!
 //! | module        | job |
 //! |---------------|-----|
-//! | `scripts`     | the Lua scripts (`storage/scripts/*.lua`): per counter and per request |
+//! | `scripts`     | the Lua script (`storage/scripts/*.lua`), its units and replies |
+//! | `batch`       | a node's batch queue: concurrent calls coalesced into one script call |
 //! | `connect`     | URL, credentials, TLS roots, timeouts for any node |
 //! | `standalone`  | one server, one multiplexed connection |
 //! | `cluster`     | slots -> masters, one pipeline per master, redirects |
@@ -16,6 +19,7 @@
 //! | `breaker`     | the circuit breaker |
 //! | `local_cache` | the over-limit cache |
 
+mod batch;
 mod breaker;
 mod cluster;
 mod connect;
@@ -38,7 +42,7 @@ use self::breaker::Breaker;
 use self::cluster::Cluster;
 use self::connect::Connector;
 use self::local_cache::OverLimitCache;
-use self::scripts::{Request, Scripts};
+use self::scripts::Request;
 use self::standalone::Standalone;
 use super::{CounterOp, CounterStore, StoreError, StoreHealth};
 use crate::clock::Clock;
@@ -133,17 +137,17 @@ enum Backend {
 }
 
 impl Backend {
-    async fn run(&self, scripts: &Scripts, call: &Call<'_>) -> Result<Vec<Outcome>, StoreError> {
+    async fn run(&self, call: &Call<'_>) -> Result<Vec<Outcome>, StoreError> {
         match self {
-            Backend::Standalone(s) => s.run(scripts, call).await,
-            Backend::Cluster(c) => c.run(scripts, call).await,
+            Backend::Standalone(s) => s.run(call).await,
+            Backend::Cluster(c) => c.run(call).await,
         }
     }
 
-    async fn probe(&self, scripts: &Scripts) -> Result<(), StoreError> {
+    async fn probe(&self) -> Result<(), StoreError> {
         match self {
-            Backend::Standalone(s) => s.probe(scripts).await,
-            Backend::Cluster(c) => c.probe(scripts).await,
+            Backend::Standalone(s) => s.probe().await,
+            Backend::Cluster(c) => c.probe().await,
         }
     }
 }
@@ -157,7 +161,6 @@ struct Inner {
     kind: &'static str,
     target: String,
     backend: Backend,
-    scripts: Scripts,
     breaker: Breaker,
     cache: Option<OverLimitCache>,
     timeout: Duration,
@@ -195,8 +198,7 @@ impl RedisStore {
         };
         let (kind, backend, target) = match target {
             RedisTarget::Standalone(url) => {
-                let standalone =
-                    Standalone::new(&connector(url)?, timeout, options.breaker_cooldown)?;
+                let standalone = Standalone::new(&connector(url)?, options.breaker_cooldown)?;
                 let address = standalone.address().to_owned();
                 ("redis", Backend::Standalone(standalone), address)
             }
@@ -218,7 +220,6 @@ impl RedisStore {
             kind,
             target,
             backend,
-            scripts: Scripts::new(),
             breaker: Breaker::new(
                 kind,
                 options.breaker_failures,
@@ -298,10 +299,8 @@ impl Inner {
         };
         let run = async {
             match (&self.backend, request) {
-                (Backend::Standalone(s), Some(request)) => {
-                    s.run_request(&self.scripts, &call, request).await
-                }
-                (backend, _) => backend.run(&self.scripts, &call).await,
+                (Backend::Standalone(s), Some(request)) => s.run_request(&call, request).await,
+                (backend, _) => backend.run(&call).await,
             }
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
@@ -337,7 +336,7 @@ impl Inner {
     }
 
     async fn probe(&self, timeout: Duration) -> Result<(), StoreError> {
-        match tokio::time::timeout(timeout, self.backend.probe(&self.scripts)).await {
+        match tokio::time::timeout(timeout, self.backend.probe()).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
@@ -438,7 +437,7 @@ impl CounterStore for RedisStore {
         complete(outcomes)
     }
 
-    /// On a standalone Redis, one `EVALSHA` of the request script checks and
+    /// On a standalone Redis, one unit of the script (in a batch) checks and
     /// updates all the counters atomically. A Cluster spreads the counters
     /// over slots no one script may span, so it takes the two steps.
     async fn apply_request(

@@ -1,6 +1,9 @@
-//! The counter scripts, loaded once (`SCRIPT LOAD`) and called by hash
-//! (`EVALSHA`): one per algorithm for one counter, and one for all of a
-//! request's counters on one server; how to call them and read their answers.
+//! The counter script, loaded once (`SCRIPT LOAD`) and called by hash
+//! (`EVALSHA`): one script call decides a batch of units (a counter
+//! operation, or all of one request's counters), each atomically; how to
+//! call it and read its answers.
+
+use std::sync::LazyLock;
 
 use redis::{Pipeline, Value};
 
@@ -15,122 +18,90 @@ pub struct CounterScript {
     pub sha: String,
 }
 
-impl CounterScript {
-    fn new(source: &'static str) -> CounterScript {
+/// The script every call runs (`storage/scripts/batch.lua` after the shared
+/// arithmetic and the three algorithms).
+pub fn script() -> &'static CounterScript {
+    static SCRIPT: LazyLock<CounterScript> = LazyLock::new(|| {
+        let source = concat!(
+            include_str!("../scripts/prelude.lua"),
+            include_str!("../scripts/sliding_window.lua"),
+            include_str!("../scripts/fixed_window.lua"),
+            include_str!("../scripts/gcra.lua"),
+            include_str!("../scripts/batch.lua")
+        );
         CounterScript {
             source,
             sha: redis::Script::new(source).get_hash().to_owned(),
         }
-    }
+    });
+    &SCRIPT
 }
 
-/// The scripts, built once per store.
-pub struct Scripts {
-    sliding: CounterScript,
-    fixed: CounterScript,
-    gcra: CounterScript,
-    request: CounterScript,
+/// Appends `SCRIPT LOAD` of the script, e.g. to a probe.
+pub fn add_load(pipe: &mut Pipeline) {
+    pipe.cmd("SCRIPT").arg("LOAD").arg(script().source);
 }
 
-/// The script for one counter with `$algorithm`, defined in `$file`.
-macro_rules! counter_script {
-    ($file:literal, $algorithm:literal) => {
-        concat!(
-            include_str!("../scripts/prelude.lua"),
-            include_str!(concat!("../scripts/", $file)),
-            "local decide = ",
-            $algorithm,
-            "\n",
-            include_str!("../scripts/counter.lua")
-        )
-    };
+/// Operations decided atomically in one script call: one counter operation,
+/// or all of one request's. Owned, to wait in a node's batch queue.
+#[derive(Clone, Debug)]
+pub struct Unit {
+    /// Each operation, and whether its denial denies the whole unit.
+    pub ops: Vec<(CounterOp, bool)>,
+    /// Denied already (by an answer known without Redis): only check.
+    pub denied: bool,
+    /// `None`: the script reads Redis' `TIME` (production). Tests pass their
+    /// clock's time to replay exact sequences.
+    pub now_us: Option<u64>,
 }
 
-impl Scripts {
-    pub fn new() -> Scripts {
-        Scripts {
-            sliding: CounterScript::new(counter_script!("sliding_window.lua", "sliding_window")),
-            fixed: CounterScript::new(counter_script!("fixed_window.lua", "fixed_window")),
-            gcra: CounterScript::new(counter_script!("gcra.lua", "gcra")),
-            request: CounterScript::new(concat!(
-                include_str!("../scripts/prelude.lua"),
-                include_str!("../scripts/sliding_window.lua"),
-                include_str!("../scripts/fixed_window.lua"),
-                include_str!("../scripts/gcra.lua"),
-                include_str!("../scripts/request.lua")
-            )),
+impl Unit {
+    /// One operation on its own.
+    pub fn single(op: &CounterOp, now_us: Option<u64>) -> Unit {
+        Unit {
+            ops: vec![(*op, false)],
+            denied: false,
+            now_us,
         }
     }
 
-    pub fn for_algorithm(&self, algorithm: Algorithm) -> &CounterScript {
-        match algorithm {
-            Algorithm::SlidingWindow => &self.sliding,
-            Algorithm::FixedWindow => &self.fixed,
-            Algorithm::Gcra => &self.gcra,
+    /// All of one request's operations (see [`Request`]).
+    pub fn request(ops: &[&CounterOp], request: Request<'_>, now_us: Option<u64>) -> Unit {
+        Unit {
+            ops: ops
+                .iter()
+                .enumerate()
+                .map(|(i, op)| (**op, request.vetoes.get(i).copied().unwrap_or(false)))
+                .collect(),
+            denied: request.denied,
+            now_us,
         }
     }
+}
 
-    pub fn all(&self) -> [&CounterScript; 4] {
-        [&self.sliding, &self.fixed, &self.gcra, &self.request]
-    }
-
-    /// Appends `SCRIPT LOAD` for every script, e.g. to a probe.
-    pub fn add_loads(&self, pipe: &mut Pipeline) {
-        for script in self.all() {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(script.source);
-        }
-    }
-
-    /// Appends one `EVALSHA` for `op`. `now_us` is `None` in production
-    /// (the script reads Redis' `TIME`); `key` is a reused buffer.
-    pub fn add_call(
-        &self,
-        pipe: &mut Pipeline,
-        op: &CounterOp,
-        now_us: Option<u64>,
-        key: &mut String,
-    ) {
-        key.clear();
-        op.key.write_redis_key(KEY_PREFIX, key);
-        let call = pipe
-            .cmd("EVALSHA")
-            .arg(&self.for_algorithm(op.spec.algorithm).sha)
-            .arg(1)
-            .arg(key.as_str())
-            .arg(op.spec.limit)
-            .arg(op.spec.period_us)
-            .arg(op.spec.burst)
-            .arg(op.hits);
-        match now_us {
-            Some(now_us) => call.arg(now_us),
-            None => call.arg(""),
-        };
-    }
-
-    /// Appends one `EVALSHA` of the request script for all of `ops`: a
-    /// denied operation marked in `request.vetoes`, or `request.denied`,
-    /// leaves every counter unchanged. Every key must be on the same server.
-    pub fn add_request_call(
-        &self,
-        pipe: &mut Pipeline,
-        ops: &[&CounterOp],
-        request: Request<'_>,
-        now_us: Option<u64>,
-        key: &mut String,
-    ) {
-        let call = pipe.cmd("EVALSHA").arg(&self.request.sha).arg(ops.len());
-        for op in ops {
+/// Appends one `EVALSHA` deciding `units` in order. On a Cluster every key
+/// must be in one slot. `key` is a reused buffer.
+pub fn add_script_call<'u>(
+    pipe: &mut Pipeline,
+    units: impl Iterator<Item = &'u Unit> + Clone,
+    key: &mut String,
+) {
+    let keys: usize = units.clone().map(|u| u.ops.len()).sum();
+    let call = pipe.cmd("EVALSHA").arg(&script().sha).arg(keys);
+    for unit in units.clone() {
+        for (op, _) in &unit.ops {
             key.clear();
             op.key.write_redis_key(KEY_PREFIX, key);
             call.arg(key.as_str());
         }
-        match now_us {
+    }
+    for unit in units {
+        call.arg(unit.ops.len()).arg(u8::from(unit.denied));
+        match unit.now_us {
             Some(now_us) => call.arg(now_us),
             None => call.arg(""),
         };
-        call.arg(u8::from(request.denied));
-        for (i, op) in ops.iter().enumerate() {
-            let veto = request.vetoes.get(i).copied().unwrap_or(false);
+        for (op, veto) in &unit.ops {
             let algorithm = match op.spec.algorithm {
                 Algorithm::SlidingWindow => 1,
                 Algorithm::FixedWindow => 2,
@@ -141,18 +112,12 @@ impl Scripts {
                 .arg(op.spec.period_us)
                 .arg(op.spec.burst)
                 .arg(op.hits)
-                .arg(u8::from(veto));
+                .arg(u8::from(*veto));
         }
     }
 }
 
-impl Default for Scripts {
-    fn default() -> Self {
-        Scripts::new()
-    }
-}
-
-/// How the request script treats its operations.
+/// How a request's unit treats its operations.
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// Per operation: whether its denial denies the whole request.
@@ -162,34 +127,24 @@ pub struct Request<'a> {
     pub denied: bool,
 }
 
-/// What one `EVALSHA` answered.
-#[derive(Debug, PartialEq, Eq)]
+/// Why one `EVALSHA` did not answer with outcomes.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
-    Outcome(Outcome),
     /// The node does not have the script (restart, failover, `SCRIPT FLUSH`).
     NoScript,
     /// Cluster: the slot lives elsewhere now; the command did not run.
-    Moved {
-        address: String,
-    },
+    Moved { address: String },
     /// Cluster: the slot is migrating; ask there once; the command did not run.
-    Ask {
-        address: String,
-    },
+    Ask { address: String },
     /// Cluster: the slot is unavailable right now (`CLUSTERDOWN`, `TRYAGAIN`).
     ClusterDown(String),
     /// Anything else: a bug or an incompatible server.
     Failed(String),
 }
 
-/// Reads a counter script's `{admitted, remaining, reset_us, used}`, or the
-/// error in its place.
-pub fn parse_reply(value: &Value) -> Reply {
+/// Reads an error reply.
+pub fn parse_error(value: &Value) -> Reply {
     match value {
-        Value::Array(items) if items.len() == 4 => match parse_outcome(items) {
-            Ok(outcome) => Reply::Outcome(outcome),
-            Err(e) => Reply::Failed(e),
-        },
         Value::ServerError(e) => {
             let address = || {
                 // "MOVED 3999 127.0.0.1:6381": the details are "slot address".
@@ -210,19 +165,18 @@ pub fn parse_reply(value: &Value) -> Reply {
     }
 }
 
-/// Reads the request script's reply: `count` outcomes, four numbers each.
-/// `Err` carries the reply to read as [`parse_reply`] does (an error).
-pub fn parse_request_reply(value: &Value, count: usize) -> Result<Vec<Outcome>, Reply> {
+/// Reads a script call's reply: `count` outcomes, four numbers each.
+pub fn parse_outcomes(value: &Value, count: usize) -> Result<Vec<Outcome>, Reply> {
     match value {
         Value::Array(items) if items.len() == 4 * count => items
             .chunks_exact(4)
             .map(|chunk| parse_outcome(chunk).map_err(Reply::Failed))
             .collect(),
         Value::Array(items) => Err(Reply::Failed(format!(
-            "request script answered {} numbers for {count} counters",
+            "the script answered {} numbers for {count} counters",
             items.len()
         ))),
-        other => Err(parse_reply(other)),
+        other => Err(parse_error(other)),
     }
 }
 
@@ -247,14 +201,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hashes_are_sha1_of_the_sources() {
-        let s = Scripts::new();
-        for script in s.all() {
-            assert_eq!(script.sha.len(), 40);
-            assert!(script.source.contains("redis.call('TIME')"));
-        }
-        assert_ne!(s.sliding.sha, s.fixed.sha);
-        assert_ne!(s.fixed.sha, s.gcra.sha);
+    fn the_hash_is_the_sha1_of_the_source() {
+        let s = script();
+        assert_eq!(s.sha, redis::Script::new(s.source).get_hash());
+        assert_eq!(s.sha.len(), 40);
+        assert!(s.source.contains("redis.call('TIME')"));
     }
 
     #[test]
@@ -266,23 +217,27 @@ mod tests {
             Value::Int(4),
         ]);
         assert_eq!(
-            parse_reply(&v),
-            Reply::Outcome(Outcome {
+            parse_outcomes(&v, 1),
+            Ok(vec![Outcome {
                 admitted: true,
                 remaining: 2,
                 reset_us: 3,
                 used: 4
-            })
+            }])
         );
-        assert!(matches!(parse_reply(&Value::Nil), Reply::Failed(_)));
+        assert!(matches!(parse_outcomes(&v, 2), Err(Reply::Failed(_))));
+        assert!(matches!(
+            parse_outcomes(&Value::Nil, 1),
+            Err(Reply::Failed(_))
+        ));
         let moved = redis::parse_redis_value(b"-MOVED 3999 127.0.0.1:6381\r\n").unwrap();
         assert_eq!(
-            parse_reply(&moved),
-            Reply::Moved {
+            parse_outcomes(&moved, 1),
+            Err(Reply::Moved {
                 address: "127.0.0.1:6381".into()
-            }
+            })
         );
         let noscript = redis::parse_redis_value(b"-NOSCRIPT No matching script.\r\n").unwrap();
-        assert_eq!(parse_reply(&noscript), Reply::NoScript);
+        assert_eq!(parse_error(&noscript), Reply::NoScript);
     }
 }

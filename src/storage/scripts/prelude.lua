@@ -2,7 +2,7 @@
 -- arithmetic and the clock. Then come the three algorithms, each a function
 -- of a counter's stored value that returns its decision and the value to
 -- store (nil: leave the counter as it is), and last the script's own body:
--- one counter (counter.lua) or one request's counters (request.lua).
+-- batches of units, each one counter or one request's counters (batch.lua).
 --
 -- Redis runs Lua 5.1, whose numbers are doubles: integers are exact below
 -- 2^53 (about 285 years of microseconds), and every value kept below is
