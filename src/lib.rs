@@ -22,7 +22,9 @@
 //! | `clock`     | injected time |
 //! | `commands`  | one-shot subcommands (`check`, `rules`, and the PostgreSQL admin ones) |
 //! | `proto`     | generated code |
+//! | `allocator` | the global allocator (a cargo feature) |
 
+mod allocator;
 pub mod app;
 pub mod clock;
 pub mod commands;

@@ -19,8 +19,21 @@ local algorithms = { sliding_window, fixed_window, gcra }
 local reply = {}
 local redis_now
 
+-- `expires` nil: the expiry stands (the same window was written before).
 local function write(key, value, expires)
-    redis.call('SET', key, value, 'PXAT', expiry_ms(expires))
+    if expires then
+        redis.call('SET', key, value, 'PXAT', expiry_ms(expires))
+    else
+        redis.call('SET', key, value, 'KEEPTTL')
+    end
+end
+
+-- The arguments of the operation at ARGV[base]: algorithm, limit, period,
+-- burst, hits, veto.
+local function operation(base)
+    return algorithms[tonumber(ARGV[base])], tonumber(ARGV[base + 1]),
+        math.max(tonumber(ARGV[base + 2]), 1), tonumber(ARGV[base + 3]),
+        tonumber(ARGV[base + 4]), ARGV[base + 5] == '1'
 end
 
 local function answer(admitted, remaining, reset, used)
@@ -43,18 +56,15 @@ while arg_at <= #ARGV do
     else
         now = tonumber(now)
     end
-    local args, keys = arg_at + 2, key_at
-
+    local args, keys = arg_at + 3, key_at
+    -- The i-th operation's arguments (no closure per unit: a batch has many).
     local function op(i)
-        local base = args + (i - 1) * 6
-        return algorithms[tonumber(ARGV[base + 1])], tonumber(ARGV[base + 2]),
-            math.max(tonumber(ARGV[base + 3]), 1), tonumber(ARGV[base + 4]),
-            tonumber(ARGV[base + 5]), ARGV[base + 6] == '1'
+        return operation(args + (i - 1) * 6)
     end
 
     if n == 1 and not vetoed then
         -- One counter: a denial writes nothing anyway.
-        local decide, limit, period, burst, hits = op(1)
+        local decide, limit, period, burst, hits = operation(args)
         local key = KEYS[keys + 1]
         local admitted, remaining, reset, used, value, expires =
             decide(redis.call('GET', key), limit, period, burst, hits, now)
@@ -81,7 +91,9 @@ while arg_at <= #ARGV do
                 if not pending[key] then
                     order[#order + 1] = key
                 end
-                pending[key] = { value, expires }
+                -- A later operation in the same window keeps the expiry an
+                -- earlier one set (nil: none new), which a new key needs.
+                pending[key] = { value, expires or (pending[key] and pending[key][2]) }
             end
             results[i] = { admitted, remaining, reset, used }
             if veto and not admitted then
