@@ -106,11 +106,12 @@ fn pipeline(i: usize) -> Pipeline {
         hits: 1,
     };
     let mut pipe = redis::pipe();
-    let mut key = String::new();
+    let (mut key, mut unit) = (String::new(), Vec::new());
     add_script_call(
         &mut pipe,
         std::iter::once(&Unit::single(&op, None)),
         &mut key,
+        &mut unit,
     );
     pipe
 }

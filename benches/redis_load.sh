@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # sluice with Redis counters under load: standalone Redis and a 6-node
 # Cluster, one descriptor per call, 64 calls in flight (4 connections x 16);
-# Redis commands per decision from INFO commandstats; redis-benchmark running
-# the same script as the ceiling; and a hot key at 10x its limit.
+# Redis commands per decision from INFO commandstats; and a hot key at 10x
+# its limit. (The script takes one binary argument per unit, which
+# redis-benchmark cannot send: benches/peer.sh is the side-by-side run.)
 #
 #   cargo build --release --bins
 #   benches/redis_load.sh                   # 3 rounds x 10 s per target
@@ -29,7 +30,6 @@ GRPC=${GRPC:-23181}
 HTTP=${HTTP:-23180}
 IN_FLIGHT=$((CONNECTIONS * CONCURRENCY))
 
-command -v redis-benchmark >/dev/null || { echo "redis-benchmark not found (apt-get install redis-tools)" >&2; exit 1; }
 rm -rf "$WORK" && mkdir -p "$WORK/rules"
 : >"$OUT"
 pids=()
@@ -49,11 +49,6 @@ descriptors:
   - key: client_id
     rate_limit: {unit: minute, requests_per_unit: 60}
 EOF
-
-# The counter script, as src/storage/redis/scripts.rs builds it.
-SCRIPTS="$REPO/src/storage/scripts"
-SHA=$(cat "$SCRIPTS/prelude.lua" "$SCRIPTS/sliding_window.lua" "$SCRIPTS/fixed_window.lua" \
-    "$SCRIPTS/gcra.lua" "$SCRIPTS/batch.lua" | sha1sum | cut -d' ' -f1)
 
 start_sluice() { # store-url
     "$BIN/sluice" serve --store "$1" --key-secret bench --rules "$WORK/rules" \
@@ -144,39 +139,6 @@ print(json.dumps(r))' "$json" "$target" "$round" "$((d1 - d0))" "$evalsha" "$((c
         "$(echo "$s1 - $s0" | bc)" "$(echo "$r1 - $r0" | bc)" "$(echo "$k1 - $k0" | bc)" | tee -a "$OUT"
 }
 
-run_benchmark() { # target round port key [--cluster]
-    local target=$1 round=$2 port=$3 key=$4
-    shift 4
-    local csv r0 r1 k0 k1 rpids n=400000
-    if [ "${1:-}" = --cluster ]; then
-        rpids=$(redis_pids $(seq "$port" $((port + 5))))
-    else
-        rpids=$(redis_pids "$port")
-    fi
-    # shellcheck disable=SC2086
-    r0=$(cpu_of $rpids)
-    children_cpu
-    k0=$CHILD_CPU
-    # Same script, the arguments sluice sends for one decision alone (a batch
-    # of one unit: 1 operation, not denied, Redis' clock, sliding window); 10 000 keys.
-    csv=$(redis-benchmark -h 127.0.0.1 -p "$port" "$@" -c "$IN_FLIGHT" -P 1 -n "$n" -r "$CLIENTS" --csv \
-        EVALSHA "$SHA" 1 "$key" 1 0 '' 1 1000000000 60000000 1000000000 1 0 | tail -n 1)
-    children_cpu
-    k1=$CHILD_CPU
-    # shellcheck disable=SC2086
-    r1=$(cpu_of $rpids)
-    python3 -c '
-import csv, json, sys
-row = next(csv.reader([sys.argv[1]]))
-# "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-n = int(sys.argv[4])
-print(json.dumps(dict(target=sys.argv[2], round=int(sys.argv[3]), calls_per_s=float(row[1]),
-      latency_us=dict(p50=float(row[4]) * 1000, p99=float(row[6]) * 1000, max=float(row[7]) * 1000),
-      cpu_us_per_call=dict(redis=float(sys.argv[5]) * 1e6 / n, client=float(sys.argv[6]) * 1e6 / n),
-      loadavg=open("/proc/loadavg").read().split()[0])))' "$csv" "$target" "$round" "$n" \
-        "$(echo "$r1 - $r0" | bc)" "$(echo "$k1 - $k0" | bc)" | tee -a "$OUT"
-}
-
 # --- standalone ---
 redis-server --port "$BASE" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
     --logfile "$WORK/redis.log" --dir "$WORK"
@@ -184,7 +146,6 @@ for _ in $(seq 50); do redis-cli -p "$BASE" ping >/dev/null 2>&1 && break; sleep
 start_sluice "redis://127.0.0.1:$BASE/0"
 for round in $(seq "$ROUNDS"); do
     run_load redis "$round" "$BASE"
-    run_benchmark redis-benchmark "$round" "$BASE" 'sluice:{__rand_int__}:sw:60'
 done
 
 # Hot key: one client at 10x its limit. Measure the rate one hot client
@@ -224,8 +185,6 @@ for i in 1 2 3 4 5 6; do ports+=($((BASE + i))); done
 start_sluice "redis+cluster://$REDIS_CLUSTER_NODES"
 for round in $(seq "$ROUNDS"); do
     run_load redis-cluster "$round" "${ports[@]}"
-    # Cluster mode needs "{tag}" in the key to route it.
-    run_benchmark redis-benchmark-cluster "$round" $((BASE + 1)) 'sluice:{tag}:__rand_int__:sw:60' --cluster
 done
 stop_sluice
 

@@ -5,12 +5,13 @@
 //! what a decision costs it.
 //!
 //! No timer: a node's queue is drained by one task that sends whatever is
-//! waiting as soon as the previous batch is answered. At low load a batch
-//! is one call, sent at once; under load, the calls that arrive during one
-//! round trip form the next batch.
+//! waiting as soon as fewer than [`MAX_BATCHES_IN_FLIGHT`] batches are
+//! unanswered. At low load a batch is one call, sent at once; under load,
+//! the calls that arrive during a round trip form the next batch.
 
 use std::sync::{Arc, Weak};
 
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use metrics::{counter, histogram};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +31,11 @@ pub type UnitReply = Result<Vec<Outcome>, Reply>;
 /// (a few µs per operation), so a batch keeps other clients waiting well
 /// under a millisecond.
 const MAX_BATCH_OPERATIONS: usize = 128;
+
+/// Batches sent to one node and not yet answered. Redis runs them in the
+/// order sent; a second one in flight keeps the connection busy while the
+/// first one's answers are handed out.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// Units waiting for the next batch, and where their answers go.
 struct Waiting {
@@ -72,35 +78,51 @@ impl Drop for BatchQueue {
 }
 
 async fn drain(node: Weak<NodeConnection>, mut waiting: mpsc::UnboundedReceiver<Waiting>) {
-    let mut batch: Vec<Waiting> = Vec::new();
-    while let Some(first) = waiting.recv().await {
-        let mut operations = operations(&first.units);
-        batch.push(first);
-        while operations < MAX_BATCH_OPERATIONS {
-            match waiting.try_recv() {
-                Ok(next) => {
-                    operations += self::operations(&next.units);
-                    batch.push(next);
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            // Answers first: they free a place for the next batch.
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = waiting.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                let mut operations = operations(&first.units);
+                let mut batch = vec![first];
+                while operations < MAX_BATCH_OPERATIONS {
+                    match waiting.try_recv() {
+                        Ok(next) => {
+                            operations += self::operations(&next.units);
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
                 }
-                Err(_) => break,
+                let Some(node) = node.upgrade() else { return };
+                histogram!(names::REDIS_BATCH_OPERATIONS, "store" => node.kind())
+                    .record(operations as f64);
+                in_flight.push(send_batch(node, batch));
             }
         }
-        let Some(node) = node.upgrade() else { return };
-        let units: Vec<&Unit> = batch.iter().flat_map(|w| &w.units).collect();
-        histogram!(names::REDIS_BATCH_OPERATIONS, "store" => node.kind()).record(operations as f64);
-        match execute(&node, &units, false).await {
-            Ok(replies) => {
-                let mut replies = replies.into_iter();
-                for w in batch.drain(..) {
-                    let mine = replies.by_ref().take(w.units.len()).collect();
-                    // The caller may have given up (its deadline passed).
-                    let _ = w.answer.send(Ok(mine));
-                }
+    }
+    // The queue closed with its node: finish what was sent.
+    while in_flight.next().await.is_some() {}
+}
+
+/// Sends one batch and hands each waiting call its answers.
+async fn send_batch(node: Arc<NodeConnection>, batch: Vec<Waiting>) {
+    let units: Vec<&Unit> = batch.iter().flat_map(|w| &w.units).collect();
+    match execute(&node, &units, false).await {
+        Ok(replies) => {
+            let mut replies = replies.into_iter();
+            for w in batch {
+                let mine = replies.by_ref().take(w.units.len()).collect();
+                // The caller may have given up (its deadline passed).
+                let _ = w.answer.send(Ok(mine));
             }
-            Err(e) => {
-                for w in batch.drain(..) {
-                    let _ = w.answer.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            for w in batch {
+                let _ = w.answer.send(Err(e.clone()));
             }
         }
     }
@@ -155,12 +177,17 @@ async fn send_groups(
     if load {
         add_load(&mut pipe);
     }
-    let mut key = String::with_capacity(64);
+    let (mut key, mut unit) = (String::with_capacity(64), Vec::with_capacity(64));
     for group in groups {
         if asking {
             pipe.cmd("ASKING");
         }
-        add_script_call(&mut pipe, group.iter().map(|&i| units[i]), &mut key);
+        add_script_call(
+            &mut pipe,
+            group.iter().map(|&i| units[i]),
+            &mut key,
+            &mut unit,
+        );
     }
     let per_call = 1 + usize::from(asking);
     let skip = usize::from(load) + usize::from(asking);

@@ -80,40 +80,55 @@ impl Unit {
 }
 
 /// Appends one `EVALSHA` deciding `units` in order. On a Cluster every key
-/// must be in one slot. `key` is a reused buffer.
+/// must be in one slot. `key` and `unit` are reused buffers.
 pub fn add_script_call<'u>(
     pipe: &mut Pipeline,
     units: impl Iterator<Item = &'u Unit> + Clone,
     key: &mut String,
+    unit: &mut Vec<u8>,
 ) {
     let keys: usize = units.clone().map(|u| u.ops.len()).sum();
     let call = pipe.cmd("EVALSHA").arg(&script().sha).arg(keys);
-    for unit in units.clone() {
-        for (op, _) in &unit.ops {
+    for u in units.clone() {
+        for (op, _) in &u.ops {
             key.clear();
             op.key.write_redis_key(KEY_PREFIX, key);
             call.arg(key.as_str());
         }
     }
-    for unit in units {
-        call.arg(unit.ops.len()).arg(u8::from(unit.denied));
-        match unit.now_us {
-            Some(now_us) => call.arg(now_us),
-            None => call.arg(""),
-        };
-        for (op, veto) in &unit.ops {
-            let algorithm = match op.spec.algorithm {
-                Algorithm::SlidingWindow => 1,
-                Algorithm::FixedWindow => 2,
-                Algorithm::Gcra => 3,
-            };
-            call.arg(algorithm)
-                .arg(op.spec.limit)
-                .arg(op.spec.period_us)
-                .arg(op.spec.burst)
-                .arg(op.hits)
-                .arg(u8::from(*veto));
+    for u in units {
+        encode_unit(u, unit);
+        call.arg(unit.as_slice());
+    }
+}
+
+/// A unit as `batch.lua` reads it with `struct.unpack`: one binary argument
+/// instead of nine per operation. Numbers go as doubles, exact below 2^53:
+/// limits and bursts are u32, periods at most a year of microseconds, hits
+/// a u32 sum, and the time in microseconds stays below 2^53 until 2255.
+pub fn encode_unit(unit: &Unit, buf: &mut Vec<u8>) {
+    buf.clear();
+    // At most `MAX_DESCRIPTORS` operations (64), far below u16::MAX.
+    let count = u16::try_from(unit.ops.len()).unwrap_or(u16::MAX);
+    buf.extend_from_slice(&count.to_le_bytes());
+    buf.push(u8::from(unit.denied));
+    match unit.now_us {
+        Some(now_us) => {
+            buf.push(1);
+            buf.extend_from_slice(&(now_us as f64).to_le_bytes());
         }
+        None => buf.push(0),
+    }
+    for (op, veto) in unit.ops.iter().take(usize::from(count)) {
+        buf.push(match op.spec.algorithm {
+            Algorithm::SlidingWindow => 1,
+            Algorithm::FixedWindow => 2,
+            Algorithm::Gcra => 3,
+        });
+        for n in [op.spec.limit, op.spec.period_us, op.spec.burst, op.hits] {
+            buf.extend_from_slice(&(n as f64).to_le_bytes());
+        }
+        buf.push(u8::from(*veto));
     }
 }
 
@@ -206,6 +221,46 @@ mod tests {
         assert_eq!(s.sha, redis::Script::new(s.source).get_hash());
         assert_eq!(s.sha.len(), 40);
         assert!(s.source.contains("redis.call('TIME')"));
+    }
+
+    #[test]
+    fn a_unit_encodes_as_batch_lua_unpacks_it() {
+        use crate::limiter::{CounterKey, CounterSpec};
+        let op = CounterOp {
+            key: CounterKey {
+                hash: [7; 16],
+                algorithm: Algorithm::Gcra,
+                period_s: 60,
+            },
+            spec: CounterSpec {
+                algorithm: Algorithm::Gcra,
+                limit: 100,
+                period_us: 60_000_000,
+                burst: 5,
+            },
+            hits: 2,
+        };
+        let unit = Unit {
+            ops: vec![(op, true), (op, false)],
+            denied: true,
+            now_us: Some(1_700_000_000_000_000),
+        };
+        let mut buf = Vec::new();
+        encode_unit(&unit, &mut buf);
+        // '<I2BB', then '<d', then '<BddddB' per operation.
+        assert_eq!(buf.len(), 2 + 1 + 1 + 8 + 2 * (1 + 4 * 8 + 1));
+        assert_eq!(&buf[..4], &[2, 0, 1, 1]);
+        let f64_at = |at: usize| f64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+        assert_eq!(f64_at(4), 1_700_000_000_000_000.0);
+        assert_eq!(buf[12], 3, "gcra");
+        assert_eq!(
+            [f64_at(13), f64_at(21), f64_at(29), f64_at(37)],
+            [100.0, 60_000_000.0, 5.0, 2.0]
+        );
+        assert_eq!((buf[45], buf[46 + 33]), (1, 0), "the vetoes");
+        encode_unit(&Unit::single(&op, None), &mut buf);
+        assert_eq!(&buf[..4], &[1, 0, 0, 0], "Redis' clock: no time follows");
+        assert_eq!(buf.len(), 4 + 34);
     }
 
     #[test]

@@ -10,10 +10,14 @@
 -- request consumes nothing. A later unit sees what earlier ones wrote.
 --
 -- KEYS     every operation's counter, in order (on a Cluster, all in one slot)
--- ARGV     per unit: operation count, denied (1: the request is denied
---          already, by an answer sluice knows without Redis: only check),
---          now_us ('': Redis' own TIME), then per operation: algorithm
---          (1 sliding, 2 fixed, 3 gcra), limit, period_us, burst, hits, veto (0/1)
+-- ARGV     one binary string per unit (scripts.rs `encode_unit`), packed
+--          little-endian: operation count (u16), denied (u8; 1: the request
+--          is denied already, by an answer sluice knows without Redis: only
+--          check), clock (u8; 0: Redis' own TIME, 1: a double now_us
+--          follows), then per operation: algorithm (u8: 1 sliding, 2 fixed,
+--          3 gcra), limit, period_us, burst, hits (doubles: integers below
+--          2^53), veto (u8). One struct.unpack reads what would otherwise be
+--          nine arguments for Redis to parse and Lua to convert.
 -- returns  { admitted (0/1), remaining, reset_us, used } per operation, flat
 local algorithms = { sliding_window, fixed_window, gcra }
 local reply = {}
@@ -28,12 +32,12 @@ local function write(key, value, expires)
     end
 end
 
--- The arguments of the operation at ARGV[base]: algorithm, limit, period,
--- burst, hits, veto.
-local function operation(base)
-    return algorithms[tonumber(ARGV[base])], tonumber(ARGV[base + 1]),
-        math.max(tonumber(ARGV[base + 2]), 1), tonumber(ARGV[base + 3]),
-        tonumber(ARGV[base + 4]), ARGV[base + 5] == '1'
+-- The operation at `pos` of `unit`: its algorithm, limit, period, burst,
+-- hits, veto, and where the next one starts.
+local function operation(unit, pos)
+    local algorithm, limit, period, burst, hits, veto, next_pos =
+        struct.unpack('<BddddB', unit, pos)
+    return algorithms[algorithm], limit, math.max(period, 1), burst, hits, veto == 1, next_pos
 end
 
 local function answer(admitted, remaining, reset, used)
@@ -44,28 +48,24 @@ local function answer(admitted, remaining, reset, used)
     reply[n + 4] = used
 end
 
-local key_at, arg_at = 0, 1
-while arg_at <= #ARGV do
-    local n = tonumber(ARGV[arg_at])
-    local vetoed = ARGV[arg_at + 1] == '1'
-    local now = ARGV[arg_at + 2]
-    if now == '' then
+local key_at = 0
+for u = 1, #ARGV do
+    local unit = ARGV[u]
+    local n, denied, clock, pos = struct.unpack('<I2BB', unit)
+    local vetoed = denied == 1
+    local now
+    if clock == 1 then
+        now, pos = struct.unpack('<d', unit, pos)
+    else
         -- One clock read per script call: its units run at one instant anyway.
         redis_now = redis_now or now_us('')
         now = redis_now
-    else
-        now = tonumber(now)
-    end
-    local args, keys = arg_at + 3, key_at
-    -- The i-th operation's arguments (no closure per unit: a batch has many).
-    local function op(i)
-        return operation(args + (i - 1) * 6)
     end
 
     if n == 1 and not vetoed then
         -- One counter: a denial writes nothing anyway.
-        local decide, limit, period, burst, hits = operation(args)
-        local key = KEYS[keys + 1]
+        local decide, limit, period, burst, hits = operation(unit, pos)
+        local key = KEYS[key_at + 1]
         local admitted, remaining, reset, used, value, expires =
             decide(redis.call('GET', key), limit, period, burst, hits, now)
         if value then
@@ -73,12 +73,18 @@ while arg_at <= #ARGV do
         end
         answer(admitted, remaining, reset, used)
     else
+        local ops = {}
+        for i = 1, n do
+            local decide, limit, period, burst, hits, veto
+            decide, limit, period, burst, hits, veto, pos = operation(unit, pos)
+            ops[i] = { decide, limit, period, burst, hits, veto }
+        end
         -- What the request would do, in order; an operation on a counter an
         -- earlier one changed sees that change.
         local pending, order, results = {}, {}, {}
         for i = 1, n do
-            local decide, limit, period, burst, hits, veto = op(i)
-            local key = KEYS[keys + i]
+            local decide, limit, period, burst, hits, veto = unpack(ops[i])
+            local key = KEYS[key_at + i]
             local stored
             if pending[key] then
                 stored = pending[key][1]
@@ -105,8 +111,8 @@ while arg_at <= #ARGV do
             -- against the counters as they are.
             for i = 1, n do
                 if results[i][1] then
-                    local decide, limit, period, burst = op(i)
-                    results[i] = { decide(redis.call('GET', KEYS[keys + i]), limit, period, burst, 0, now) }
+                    local decide, limit, period, burst = unpack(ops[i])
+                    results[i] = { decide(redis.call('GET', KEYS[key_at + i]), limit, period, burst, 0, now) }
                 end
             end
         else
@@ -121,6 +127,5 @@ while arg_at <= #ARGV do
     end
 
     key_at = key_at + n
-    arg_at = arg_at + 3 + n * 6
 end
 return reply

@@ -39,6 +39,10 @@ end
 -- 2^53 (as long as the quotient and 2c are not): shift-and-add over the bits
 -- of a, keeping the running product as quotient and remainder of c.
 local function muldiv(a, b, c)
+    if a * b < 9007199254740992 then
+        -- The product is below 2^53, so exact: one division will do.
+        return divmod(a * b, c)
+    end
     local qb, rb = divmod(b, c)
     local q, r = 0, 0
     local bit = 1
