@@ -211,7 +211,8 @@ async fn noop_server(listen: SocketAddr) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(RateLimitServiceServer::new(NoopHandler))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // TCP_NODELAY, as `sluice serve` sets it.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = tokio::signal::ctrl_c().await;
             },
