@@ -366,6 +366,8 @@ async fn apply_then_export_round_trips_and_apply_rejects_what_validate_rejects()
 
 // === Live reload ===
 
+/// A change is in force on two instances within a second; and every
+/// PostgreSQL socket they hold has TCP_NODELAY.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_limit_is_in_force_on_two_instances_within_a_second() {
     let pg = start_cluster();
@@ -414,6 +416,27 @@ async fn a_changed_limit_is_in_force_on_two_instances_within_a_second() {
         );
         // The new limit counts: the request that was over 2 is now allowed.
         assert_eq!(call(&mut ca, "live", &[("user", "u")]).await.0, Code::Ok);
+    }
+
+    // Every PostgreSQL socket the two instances hold (LISTEN on the
+    // primary, the pools on the primary and the replica) has TCP_NODELAY,
+    // which sqlx sets; this test process opens no other.
+    let sockets = support::sockets::connected_tcp_sockets();
+    let to_postgres: Vec<_> = sockets
+        .iter()
+        .filter(|s| [pg.primary_port, pg.replica_port].contains(&s.peer.port()))
+        .collect();
+    for port in [pg.primary_port, pg.replica_port] {
+        assert!(
+            to_postgres.iter().any(|s| s.peer.port() == port),
+            "no socket to PostgreSQL on {port} among {sockets:#?}"
+        );
+    }
+    for socket in to_postgres {
+        assert!(
+            socket.nodelay,
+            "PostgreSQL socket without TCP_NODELAY: {socket:?}"
+        );
     }
 }
 
