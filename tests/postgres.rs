@@ -422,21 +422,9 @@ async fn a_changed_limit_is_in_force_on_two_instances_within_a_second() {
     // primary, the pools on the primary and the replica) has TCP_NODELAY,
     // which sqlx sets; this test process opens no other.
     let sockets = support::sockets::connected_tcp_sockets();
-    let to_postgres: Vec<_> = sockets
-        .iter()
-        .filter(|s| [pg.primary_port, pg.replica_port].contains(&s.peer.port()))
-        .collect();
     for port in [pg.primary_port, pg.replica_port] {
-        assert!(
-            to_postgres.iter().any(|s| s.peer.port() == port),
-            "no socket to PostgreSQL on {port} among {sockets:#?}"
-        );
-    }
-    for socket in to_postgres {
-        assert!(
-            socket.nodelay,
-            "PostgreSQL socket without TCP_NODELAY: {socket:?}"
-        );
+        let found: Vec<_> = sockets.iter().filter(|s| s.peer.port() == port).collect();
+        support::sockets::assert_nodelay(&format!("PostgreSQL :{port}"), &found, &sockets);
     }
 }
 

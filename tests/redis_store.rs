@@ -794,13 +794,7 @@ async fn every_socket_sluice_holds_has_tcp_nodelay() {
         ("accepted HTTP", &accepted_http),
         ("Redis", &to_redis),
     ] {
-        assert!(!found.is_empty(), "no {what} socket among {sockets:#?}");
-        for socket in found {
-            assert!(
-                socket.nodelay,
-                "{what} socket without TCP_NODELAY: {socket:?}"
-            );
-        }
+        support::sockets::assert_nodelay(what, found, &sockets);
     }
 }
 

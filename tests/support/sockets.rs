@@ -52,3 +52,15 @@ pub fn connected_tcp_sockets() -> Vec<TcpSocket> {
     }
     sockets
 }
+
+/// Asserts that `found`, the sockets of `what`, is not empty and that each
+/// has TCP_NODELAY; `all` is shown when none is found.
+pub fn assert_nodelay(what: &str, found: &[&TcpSocket], all: &[TcpSocket]) {
+    assert!(!found.is_empty(), "no {what} socket among {all:#?}");
+    for socket in found {
+        assert!(
+            socket.nodelay,
+            "{what} socket without TCP_NODELAY: {socket:?}"
+        );
+    }
+}
