@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::limiter::Algorithm;
+pub use crate::secret::{redact_url, Secret};
 use crate::service::{FailureMode, UnknownKey};
 use crate::telemetry::LogFormat;
 
@@ -298,20 +299,6 @@ impl fmt::Debug for StoreUrl {
     }
 }
 
-/// Replaces the password in a URL with `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 fn parse_store(s: &str) -> Result<StoreUrl, String> {
     if s == "memory" {
         return Ok(StoreUrl::Memory);
@@ -345,16 +332,6 @@ fn parse_store(s: &str) -> Result<StoreUrl, String> {
         "unknown store '{}': expected memory, redis://, rediss:// or redis+cluster://",
         redact_url(s)
     ))
-}
-
-/// A secret that never shows in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {

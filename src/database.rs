@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use crate::config::{redact_url, Secret};
+use crate::secret::{redact_url, Secret};
 
 /// The files in `migrations/`, in order. sqlx checks each one's checksum
 /// against what it applied before, so an applied file must never change:

@@ -20,6 +20,7 @@
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
 //! | `clock`     | injected time |
+//! | `secret`    | secrets and URL redaction, for every layer |
 //! | `commands`  | one-shot subcommands (`check`, `rules`, and the PostgreSQL admin ones) |
 //! | `proto`     | generated code |
 //! | `allocator` | the global allocator (a cargo feature) |
@@ -36,6 +37,7 @@ pub mod http;
 pub mod limiter;
 pub mod proto;
 pub mod rules;
+pub mod secret;
 pub mod service;
 pub mod storage;
 pub mod telemetry;

@@ -64,10 +64,10 @@ impl fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RedisTarget::Standalone(url) => {
-                write!(f, "Standalone({})", crate::config::redact_url(url))
+                write!(f, "Standalone({})", crate::secret::redact_url(url))
             }
             RedisTarget::Cluster(urls) => {
-                let urls: Vec<_> = urls.iter().map(|u| crate::config::redact_url(u)).collect();
+                let urls: Vec<_> = urls.iter().map(|u| crate::secret::redact_url(u)).collect();
                 write!(f, "Cluster({urls:?})")
             }
         }
