@@ -20,12 +20,9 @@ WORK=${WORK:-/tmp/sluice-memory}
 PORT=${PORT:-24581}
 
 rm -rf "$WORK" && mkdir -p "$WORK/rules"
-cat >"$WORK/rules/bench.yaml" <<'EOF'
-domain: bench
-descriptors:
-  - key: client_id
-    rate_limit: {unit: hour, requests_per_unit: 1000000000}
-EOF
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
+write_rules hour 1000000000
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
@@ -36,6 +33,7 @@ for build in "sluice=$BIN/sluice" $OTHERS; do
     "$bin" serve --rules "$WORK/rules" --grpc-addr "127.0.0.1:$PORT" \
         --http-addr "127.0.0.1:$((PORT + 1))" --memory-max-keys 2000000 >"$WORK/$name.log" 2>&1 &
     pid=$!
+    pids+=("$pid")
     for _ in $(seq 100); do
         curl -sf "http://127.0.0.1:$((PORT + 1))/healthz" >/dev/null && break
         sleep 0.1

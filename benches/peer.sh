@@ -61,21 +61,9 @@ rm -rf "$WORK" && mkdir -p "$WORK/rules"
 RESULTS="$WORK/results.tsv"
 printf 'mode\tround\tinflight\tserver\tcalls_per_s\tserver_cpu_us\tredis_cpu_us\tredis_calls\tp50_us\tp99_us\tp999_us\tdata_bytes_per_call\n' >"$RESULTS"
 
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    redis-cli -p "$BASE" shutdown nosave >/dev/null 2>&1 || true
-    bash "$REPO/.ci/redis-cluster.sh" stop "$WORK/cluster" $((BASE + 1)) >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-
-cat >"$WORK/rules/bench.yaml" <<'EOF'
-domain: bench
-descriptors:
-  - key: client_id
-    rate_limit: {unit: hour, requests_per_unit: 1000000000}
-EOF
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
+write_rules hour 1000000000
 cat >"$WORK/limits.yaml" <<'EOF'
 - namespace: bench
   name: per-client

@@ -32,23 +32,11 @@ IN_FLIGHT=$((CONNECTIONS * CONCURRENCY))
 
 rm -rf "$WORK" && mkdir -p "$WORK/rules"
 : >"$OUT"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    redis-cli -p "$BASE" shutdown nosave >/dev/null 2>&1 || true
-    bash "$REPO/.ci/redis-cluster.sh" stop "$WORK/cluster" $((BASE + 1)) >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-
-cat >"$WORK/rules/bench.yaml" <<'EOF'
-domain: bench
-descriptors:
-  # 60 a minute per client: with 10 000 clients at the rates seen here, almost
-  # every call is admitted (the script's full read-modify-write path).
-  - key: client_id
-    rate_limit: {unit: minute, requests_per_unit: 60}
-EOF
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
+# 60 a minute per client: with 10 000 clients at the rates seen here, almost
+# every call is admitted (the script's full read-modify-write path).
+write_rules minute 60
 
 start_sluice() { # store-url
     "$BIN/sluice" serve --store "$1" --key-secret bench --rules "$WORK/rules" \
@@ -151,10 +139,6 @@ done
 # Hot key: one client at 10x its limit. Measure the rate one hot client
 # reaches, then give it a per-second limit of a tenth of that. Once with one
 # call in flight (one client waiting for each answer), once with all 64.
-write_rules() { # unit requests_per_unit algorithm
-    printf 'domain: bench\ndescriptors:\n  - key: client_id\n    rate_limit: {unit: %s, requests_per_unit: %s, algorithm: %s}\n' \
-        "$1" "$2" "$3" >"$WORK/rules/bench.yaml"
-}
 hot() { # label connections in-flight-per-connection
     local label=$1 rate limit
     # The rate of a hot client whose every call goes to Redis (nothing denied).
@@ -192,8 +176,8 @@ python3 - "$OUT" "$IN_FLIGHT" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if "hot-probe" not in l]
 print()
-print(f"| target | calls/s (median) | p50 µs | p99 µs | p99.9 µs | EVALSHA per decision | EVALSHA per denied call | local-cache answers | errors | CPU µs/call sluice / Redis / client |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+print(f"| target | calls/s (median) | p50 µs | p99 µs | p99.9 µs | EVALSHA per decision | local-cache answers | errors | CPU µs/call sluice / Redis / client |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for t in dict.fromkeys(r["target"] for r in rows):
     rs = [r for r in rows if r["target"] == t]
     med = lambda f: statistics.median(f(r) for r in rs)
@@ -201,14 +185,12 @@ for t in dict.fromkeys(r["target"] for r in rows):
     per = (f"{sum(r['evalsha'] for r in rs) / max(1, sum(r['decisions'] for r in rs)):.3f}"
            if "evalsha" in rs[0] else "1 (by construction)")
     cache = sum(r.get("local_cache_answers", 0) for r in rs)
-    denied = sum(r.get("decisions", 0) - r.get("admitted", 0) for r in rs)
-    # Every admitted call costs one EVALSHA; what is left went to denials.
-    per_denied = (f"{(sum(r['evalsha'] - r['admitted'] for r in rs)) / denied:.4f}"
-                  if "evalsha" in rs[0] and denied > 0 else "—")
+    # (No EVALSHA per denied call: a batch decides admitted and denied
+    # calls together, so its calls cannot be split between them.)
     errors = sum(r.get("errors", 0) for r in rs)
     p999 = lat("p999")
     c = lambda who: med(lambda r: r["cpu_us_per_call"].get(who, float("nan")))
     cpu = " / ".join("—" if c(w) != c(w) else f"{c(w):.1f}" for w in ("sluice", "redis", "client"))
     print(f"| {t} | {med(lambda r: r['calls_per_s']):.0f} | {lat('p50'):.0f} | {lat('p99'):.0f} | "
-          f"{'—' if p999 != p999 else f'{p999:.0f}'} | {per} | {per_denied} | {cache} | {errors} | {cpu} |")
+          f"{'—' if p999 != p999 else f'{p999:.0f}'} | {per} | {cache} | {errors} | {cpu} |")
 EOF

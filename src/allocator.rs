@@ -1,8 +1,8 @@
 //! The global allocator of every program linking sluice (the server, the
 //! load generator and its no-op ceiling, the tests), chosen by measurement:
 //! a decision allocates and frees a few dozen small blocks across two
-//! worker threads, where glibc's malloc spent about 15 % of the server's
-//! CPU (BENCHMARKS.md). The `mimalloc` feature (the default) or `jemalloc`;
+//! worker threads, where glibc's malloc and free took 11-16 % of the
+//! server's CPU samples (BENCHMARKS.md, "What each change bought"). The `mimalloc` feature (the default) or `jemalloc`;
 //! neither gives the system's.
 
 #[cfg(feature = "mimalloc")]

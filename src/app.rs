@@ -96,7 +96,8 @@ pub async fn serve(
             // TCP_NODELAY on every accepted socket: tonic sets it only on
             // listeners it binds itself. Without it, Nagle's algorithm meets
             // the client's delayed ACK and a response waits 40 ms whenever
-            // two calls share a connection (tests/it/nodelay.rs).
+            // two calls share a connection
+            // (redis_store::every_socket_sluice_holds_has_tcp_nodelay).
             None => Box::pin(grpc_router.serve_with_incoming_shutdown(
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),

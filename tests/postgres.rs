@@ -75,9 +75,7 @@ fn start_cluster() -> PgCluster {
 
 /// `sluice serve --rules postgres ...` on free ports, built by `app::build`.
 async fn serve(pg: &PgCluster, extra: &[&str]) -> TestServer {
-    let mut argv = vec![
-        "sluice",
-        "serve",
+    let mut args = vec![
         "--rules",
         "postgres",
         "--database-url",
@@ -88,20 +86,9 @@ async fn serve(pg: &PgCluster, extra: &[&str]) -> TestServer {
         KEY_SECRET,
         "--database-timeout",
         "1s",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
     ];
-    argv.extend_from_slice(extra);
-    let cli = Cli::try_parse_from(argv).expect("serve flags parse");
-    let SluiceCommand::Serve(args) = cli.command else {
-        panic!("not the serve command");
-    };
-    args.validate().expect("valid serve flags");
-    let deps = sluice::app::build(&args).await.expect("app::build");
-    let rules = deps.limiter.rules().clone();
-    TestServer::serve(deps, rules).await
+    args.extend_from_slice(extra);
+    TestServer::from_cli(&args).await
 }
 
 type Client = sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient<

@@ -738,21 +738,15 @@ async fn every_socket_sluice_holds_has_tcp_nodelay() {
     let rules = tempfile::tempdir().unwrap();
     std::fs::write(rules.path().join("d.yaml"), GENEROUS).unwrap();
     let rules_path = rules.path().display().to_string();
-    let cli = sluice::config::Cli::try_parse_from([
-        "sluice",
-        "serve",
+    let sluice = TestServer::from_cli(&[
         "--store",
         &redis.url(),
+        "--key-secret",
+        "nodelay test",
         "--rules",
         &rules_path,
     ])
-    .unwrap();
-    let sluice::config::Command::Serve(args) = cli.command else {
-        panic!("not serve");
-    };
-    let deps = sluice::app::build(&args).await.unwrap();
-    let rules = deps.limiter.rules().clone();
-    let sluice = TestServer::serve(deps, rules).await;
+    .await;
     let store = sluice.deps.limiter.store().clone();
     assert!(eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up).await);
 

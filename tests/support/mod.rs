@@ -182,6 +182,22 @@ impl TestServer {
         Self::serve(deps, rules).await
     }
 
+    /// `sluice serve ARGS...`, parsed, validated and built by `app::build`
+    /// as `main` does, then served in this process (pass `--grpc-addr` and
+    /// `--http-addr` or not: `serve` binds its own free ports).
+    pub async fn from_cli(args: &[&str]) -> TestServer {
+        use clap::Parser as _;
+        let argv = ["sluice", "serve"].iter().chain(args);
+        let cli = sluice::config::Cli::try_parse_from(argv).expect("serve flags parse");
+        let sluice::config::Command::Serve(args) = cli.command else {
+            panic!("not the serve command");
+        };
+        args.validate().expect("valid serve flags");
+        let deps = app::build(&args).await.expect("app::build");
+        let rules = deps.limiter.rules().clone();
+        Self::serve(deps, rules).await
+    }
+
     /// Serves already-built deps (for tests that use `app::build`).
     pub async fn serve(deps: Deps, rules: RulesHandle) -> TestServer {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -86,12 +86,12 @@ async fn drain(node: Weak<NodeConnection>, mut waiting: mpsc::UnboundedReceiver<
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             first = waiting.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
                 let Some(first) = first else { break };
-                let mut operations = operations(&first.units);
+                let mut count = operations(&first.units);
                 let mut batch = vec![first];
-                while operations < MAX_BATCH_OPERATIONS {
+                while count < MAX_BATCH_OPERATIONS {
                     match waiting.try_recv() {
                         Ok(next) => {
-                            operations += self::operations(&next.units);
+                            count += operations(&next.units);
                             batch.push(next);
                         }
                         Err(_) => break,
@@ -99,7 +99,7 @@ async fn drain(node: Weak<NodeConnection>, mut waiting: mpsc::UnboundedReceiver<
                 }
                 let Some(node) = node.upgrade() else { return };
                 histogram!(names::REDIS_BATCH_OPERATIONS, "store" => node.kind())
-                    .record(operations as f64);
+                    .record(count as f64);
                 in_flight.push(send_batch(node, batch));
             }
         }

@@ -3,8 +3,8 @@
 //! A call goes: local over-limit cache (answers known denials without
 //! Redis) -> circuit breaker (answers at once while Redis is failing) -> the
 //! node's batch queue, under the store timeout. Each node's queue sends what
-//! is waiting as one `EVALSHA` (one per slot on a Cluster) as soon as the
-//! previous one is answered; each unit in it, one counter or, on a
+//! is waiting as one `EVALSHA` (one per slot on a Cluster) as soon as fewer
+//! than two batches are unanswered; each unit in it, one counter or, on a
 //! standalone Redis, all of one request's counters (so that a denied request
 //! consumes nothing), is decided atomically.
 //!
