@@ -10,11 +10,12 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::clock::{Clock, ManualClock, SystemClock};
+use sluice::limiter::RuleSet;
 use sluice::limiter::{
     self, check, Algorithm, CounterSpec, CounterState, Descriptor, Entry, KeyHasher, PlanOptions,
     Request,
 };
-use sluice::rules::{yaml, RuleSet};
+use sluice::rules::yaml;
 use sluice::service::{FailureMode, LimiterSettings, RateLimiter};
 use sluice::storage::memory::MemoryStore;
 use sluice::storage::CounterStore;

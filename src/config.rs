@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use crate::limiter::Algorithm;
@@ -389,7 +390,7 @@ pub struct ServeArgs {
     pub api_key_descriptor: String,
 
     /// What a request with an unknown or revoked API key gets.
-    #[arg(long, env = "SLUICE_UNKNOWN_KEY", value_enum, default_value = "deny")]
+    #[arg(long, env = "SLUICE_UNKNOWN_KEY", value_parser = choice(UNKNOWN_KEY), default_value = "deny")]
     pub unknown_key: UnknownKey,
 
     /// How often usage and violations are written to PostgreSQL.
@@ -415,7 +416,7 @@ pub struct ServeArgs {
     pub key_secret: Option<Secret>,
 
     /// What to answer when the store cannot: allow (OK) or deny (UNAVAILABLE).
-    #[arg(long, env = "SLUICE_FAILURE_MODE", value_enum, default_value = "allow")]
+    #[arg(long, env = "SLUICE_FAILURE_MODE", value_parser = choice(FAILURE_MODE), default_value = "allow")]
     pub failure_mode: FailureMode,
 
     /// The longest a decision waits for the store.
@@ -457,7 +458,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MEMORY_MAX_KEYS", default_value = "1000000")]
     pub memory_max_keys: std::num::NonZeroUsize,
 
-    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_parser = choice(LOG_FORMAT), default_value = "text")]
     pub log_format: LogFormat,
 
     /// Log filter, e.g. `info` or `sluice=debug,info`.
@@ -483,6 +484,59 @@ pub struct ServeArgs {
     /// On SIGTERM: how long in-flight calls may take to finish.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+// The domain enums below carry no clap derives, so the core compiles without
+// clap: each flag maps its spellings to them here, with the help text
+// `--help` shows.
+type Choices<T> = &'static [(&'static str, T, &'static str)];
+
+const FAILURE_MODE: Choices<FailureMode> = &[
+    (
+        "allow",
+        FailureMode::Allow,
+        "Answer OK (the gateways' own default is to let traffic through)",
+    ),
+    (
+        "deny",
+        FailureMode::Deny,
+        "Answer UNAVAILABLE, so the gateway's `failure_mode_deny` decides",
+    ),
+];
+
+const UNKNOWN_KEY: Choices<UnknownKey> = &[
+    (
+        "deny",
+        UnknownKey::Deny,
+        "OVER_LIMIT for the descriptor that carries it",
+    ),
+    (
+        "anonymous",
+        UnknownKey::Anonymous,
+        "The domain's own rules, as for a caller without a key",
+    ),
+];
+
+const LOG_FORMAT: Choices<LogFormat> = &[
+    ("text", LogFormat::Text, "Human-readable lines"),
+    ("json", LogFormat::Json, "One JSON object per line"),
+];
+
+fn choice<T: Copy + Send + Sync + 'static>(
+    choices: Choices<T>,
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(
+        choices
+            .iter()
+            .map(|(name, _, help)| PossibleValue::new(*name).help(*help)),
+    )
+    .map(move |name| {
+        // PossibleValuesParser admits only the names listed, so one matches.
+        choices
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map_or(choices[0].1, |(_, value, _)| *value)
+    })
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {

@@ -6,7 +6,13 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::storage::{CounterStore, StoreHealth};
+/// A counter store's state, as it reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreHealth {
+    Up,
+    /// Failing; answers come from the failure mode. The reason is for humans.
+    Down(String),
+}
 
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -55,10 +61,10 @@ impl Readiness {
     /// not make the instance unready: it still answers, by the failure mode,
     /// and taking every instance out of rotation would help no one; the
     /// report says so for operators.
-    pub fn report(&self, store: &dyn CounterStore) -> Report {
+    pub fn report(&self, store_kind: &str, store_health: StoreHealth) -> Report {
         let rules = self.rules();
         let draining = self.is_draining();
-        let store_state = match store.health() {
+        let store_state = match store_health {
             StoreHealth::Up => "up".to_owned(),
             StoreHealth::Down(why) => format!("down: {why}"),
         };
@@ -66,7 +72,7 @@ impl Readiness {
             ready: !draining && rules.loaded,
             draining,
             rules,
-            store: store.kind().to_owned(),
+            store: store_kind.to_owned(),
             store_state,
         }
     }

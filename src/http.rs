@@ -44,7 +44,8 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    let report = state.readiness.report(state.limiter.store().as_ref());
+    let store = state.limiter.store();
+    let report = state.readiness.report(store.kind(), store.health());
     let code = if report.ready {
         StatusCode::OK
     } else {
@@ -221,7 +222,7 @@ fn json_unit(v: &serde_json::Value) -> Option<Unit> {
     match v {
         serde_json::Value::String(s) => Unit::parse(s),
         serde_json::Value::Number(n) => {
-            crate::grpc::unit_from_proto(i32::try_from(n.as_u64()?).ok()?)
+            crate::convert::unit_from_proto(i32::try_from(n.as_u64()?).ok()?)
         }
         _ => None,
     }

@@ -1,35 +1,56 @@
 //! sluice: a rate-limit decision service for Envoy and Kong.
 //!
-//! A request flows `grpc`/`http` -> [`service::RateLimiter`] ->
+//! A request flows `grpc`/`http` -> `convert` -> [`service::RateLimiter`] ->
 //! `limiter::plan` -> one `CounterStore::apply` -> `limiter::decide`:
 //! a pure core in an imperative shell.
 //!
 //! | module      | job |
 //! |-------------|-----|
 //! | `app`       | composition root: build store, rules, servers; run until shutdown |
-//! | `config`    | the command line (every flag also a `SLUICE_*` env var) |
-//! | `grpc`      | Envoy's `RateLimitService`, health, reflection; proto <-> domain |
+//! | `commands`  | one-shot subcommands (`check`, `rules`, and the PostgreSQL admin ones) |
+//! | `config`    | the command line (every flag also a `SLUICE_*` env var), mapped to domain types |
+//! | `grpc`      | Envoy's `RateLimitService`, health, reflection |
 //! | `http`      | `/json`, `/metrics`, `/healthz`, `/readyz` |
-//! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
-//! | `limiter`   | pure core: request types, window math, counter keys, plan/decide |
-//! | `rules`     | the rule model, envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
-//! | `database`  | PostgreSQL connections and the embedded schema migrations |
-//! | `usage`     | usage and violation metering: bounded queue, batched writes |
-//! | `storage`   | the `CounterStore` trait and its backends |
-//! | `health`    | readiness shared by `/readyz` and gRPC health |
-//! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
+//! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
+//! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
+//! | `storage`   | the `CounterStore` trait and its backends |
+//! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
+//! | `usage`     | usage and violation metering: bounded queue, batched writes |
+//! | `limiter`   | pure core: request types, the rule model, window math, counter keys, plan/decide |
+//! | `database`  | PostgreSQL connections and the embedded schema migrations |
+//! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
+//! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `clock`     | injected time |
 //! | `secret`    | secrets and URL redaction, for every layer |
-//! | `commands`  | one-shot subcommands (`check`, `rules`, and the PostgreSQL admin ones) |
 //! | `proto`     | generated code |
 //! | `allocator` | the global allocator (a cargo feature) |
+//!
+//! ## Layers
+//!
+//! A module imports only from modules in lower layers, never from its own
+//! layer or a higher one, so the module graph has no cycle and the core
+//! compiles without the shell. Tests inside a module may reach up (a core
+//! test may build its rules from YAML). `tests/layers.rs` reads every
+//! `crate::` path in `src/` and fails on an import this table forbids.
+//!
+//! | layer | modules |
+//! |-------|---------|
+//! | 7 | `app`, `commands` |
+//! | 6 | `config` |
+//! | 5 | `grpc`, `http`, `tls` |
+//! | 4 | `convert` |
+//! | 3 | `service` |
+//! | 2 | `storage`, `rules`, `usage` |
+//! | 1 | `limiter`, `database` |
+//! | 0 | `proto`, `clock`, `secret`, `telemetry`, `health`, `allocator` |
 
 mod allocator;
 pub mod app;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod convert;
 pub mod database;
 pub mod grpc;
 pub mod health;

@@ -14,23 +14,19 @@ pub use api_keys::{ApiKeyPolicy, UnknownKey};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use metrics::counter;
 
 use crate::clock::Clock;
 use crate::limiter::{
     self, Code, CurrentLimit, KeyHasher, Outcome, PlanOptions, Request, RequestError,
 };
-use crate::rules::RuleSet;
+use crate::rules::RulesHandle;
 use crate::storage::{CounterStore, StoreError};
 use crate::telemetry::names;
 use crate::usage::UsageRecorder;
 
-/// The rules in force, swapped whole by whichever source reloads them.
-pub type RulesHandle = Arc<ArcSwap<RuleSet>>;
-
 /// What to answer when the store cannot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureMode {
     /// Answer OK (the gateways' own default is to let traffic through).
     Allow,
@@ -156,26 +152,7 @@ impl RateLimiter {
         let outcomes = if plan.ops.is_empty() {
             Vec::new()
         } else {
-            let vetoes = vetoes(&plan, self.settings.plan);
-            // A refused API key denies the request whatever the counters say:
-            // they are only checked, so that it consumes nothing.
-            let refused = !self.settings.plan.global_shadow
-                && plan
-                    .items
-                    .iter()
-                    .any(|item| matches!(item, limiter::PlanItem::Refused));
-            let checks: Vec<limiter::CounterOp>;
-            let ops = if refused {
-                checks = plan
-                    .ops
-                    .iter()
-                    .map(|op| limiter::CounterOp { hits: 0, ..*op })
-                    .collect();
-                &checks
-            } else {
-                &plan.ops
-            };
-            match self.apply(ops, &vetoes).await {
+            match self.apply(&plan.ops, &plan.vetoes).await {
                 Ok(outcomes) => outcomes,
                 Err(e) => {
                     let verdict = self.answer_failure(domain_label, plan.items.len(), e);
@@ -287,27 +264,4 @@ impl RateLimiter {
             FailureMode::Deny => Err(DecideError::Unavailable(error)),
         }
     }
-}
-
-/// Which of a plan's counter operations deny the whole request when they
-/// are denied, as `limiter::decide` judges: all but those of shadow-mode
-/// rules, and none in global shadow mode. The store consumes nothing for a
-/// request one of them denies.
-fn vetoes(plan: &limiter::Plan<'_>, options: PlanOptions) -> Vec<bool> {
-    let mut vetoes = vec![!options.global_shadow; plan.ops.len()];
-    for item in &plan.items {
-        if let limiter::PlanItem::Limited {
-            rule: Some(rule),
-            op,
-            ..
-        } = item
-        {
-            if rule.shadow_mode {
-                if let Some(veto) = vetoes.get_mut(*op) {
-                    *veto = false;
-                }
-            }
-        }
-    }
-    vetoes
 }

@@ -54,7 +54,7 @@ pub mod names {
     pub const USAGE_FLUSHES: &str = "sluice_usage_flushes_total";
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,

@@ -2,8 +2,6 @@
 //! reflection. Proto types become domain types here and nowhere else, and
 //! this is the one place where errors become `tonic::Status`.
 
-mod convert;
-
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -22,7 +20,7 @@ use crate::proto::rls::{
 use crate::service::{DecideError, RateLimiter};
 use crate::telemetry::names;
 
-pub use convert::{request_from_proto, unit_from_proto, verdict_to_proto};
+use crate::convert::{request_from_proto, verdict_to_proto};
 
 /// The fully-qualified service name, as health checks name it.
 pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";

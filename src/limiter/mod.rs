@@ -4,6 +4,7 @@
 
 mod key;
 mod plan;
+mod ruleset;
 mod window;
 
 pub use key::{CounterKey, KeyHasher};
@@ -11,6 +12,7 @@ pub use plan::{
     decide, plan, plan_for, Caller, CounterOp, CurrentLimit, Decision, DescriptorDecision, Plan,
     PlanItem, PlanOptions, QuotaItem, MONTHLY_QUOTA,
 };
+pub use ruleset::{ApiKey, Level, Match, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch};
 pub use window::{check, gcra_interval_us, Checked, CounterSpec, CounterState, Outcome};
 
 use std::fmt;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::window::{CounterSpec, Outcome};
 use super::{Algorithm, Code, CounterKey, KeyHasher, Request, Unit};
-use crate::rules::model::{ApiKey, Rule, RuleLimit, RuleSet};
+use super::{ApiKey, Rule, RuleLimit, RuleSet};
 
 /// Server-wide settings that shape a plan and a decision.
 #[derive(Clone, Copy, Debug, Default)]
@@ -75,8 +75,54 @@ pub struct QuotaItem {
 pub struct Plan<'r> {
     pub domain_known: bool,
     pub items: Vec<PlanItem<'r>>,
+    /// What the store is asked, in order.
     pub ops: Vec<CounterOp>,
+    /// Per op: whether its denial denies the whole request, as [`decide`]
+    /// judges: all but those of shadow-mode rules, and none in global shadow
+    /// mode. The store consumes nothing for a request one of them denies.
+    pub vetoes: Vec<bool>,
     pub quotas: Vec<QuotaItem>,
+}
+
+impl<'r> Plan<'r> {
+    fn new(
+        domain_known: bool,
+        items: Vec<PlanItem<'r>>,
+        mut ops: Vec<CounterOp>,
+        quotas: Vec<QuotaItem>,
+        options: PlanOptions,
+    ) -> Plan<'r> {
+        let mut vetoes = vec![!options.global_shadow; ops.len()];
+        for item in &items {
+            if let PlanItem::Limited {
+                rule: Some(rule),
+                op,
+                ..
+            } = item
+            {
+                if rule.shadow_mode {
+                    if let Some(veto) = vetoes.get_mut(*op) {
+                        *veto = false;
+                    }
+                }
+            }
+        }
+        // A refused API key denies the request whatever the counters say:
+        // they are only checked, so that it consumes nothing.
+        let refused = items.iter().any(|item| matches!(item, PlanItem::Refused));
+        if refused && !options.global_shadow {
+            for op in &mut ops {
+                op.hits = 0;
+            }
+        }
+        Plan {
+            domain_known,
+            items,
+            ops,
+            vetoes,
+            quotas,
+        }
+    }
 }
 
 /// Matches every descriptor of a validated request against the rules.
@@ -144,12 +190,7 @@ pub fn plan_for<'r>(
             items.push(PlanItem::NoLimit);
             count_quota(i, d.hits.unwrap_or(request.hits), &mut ops);
         }
-        return Plan {
-            domain_known,
-            items,
-            ops,
-            quotas,
-        };
+        return Plan::new(domain_known, items, ops, quotas, options);
     }
 
     let matches: Vec<_> = request
@@ -246,12 +287,7 @@ pub fn plan_for<'r>(
             hits,
         });
     }
-    Plan {
-        domain_known,
-        items,
-        ops,
-        quotas,
-    }
+    Plan::new(domain_known, items, ops, quotas, options)
 }
 
 /// The limit reported back to the caller.

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{ApiKey, RuleSet, Scope};
 use super::yaml::{self, Scalar, YamlDescriptor, YamlRateLimit, YamlReplaces, YamlRoot};
 use super::{RuleError, RuleErrors};
+use crate::limiter::{ApiKey, RuleSet, Scope};
 
 /// Everything a running sluice needs from PostgreSQL, read in one
 /// consistent snapshot.

@@ -3,14 +3,19 @@
 //! source (the `catalog` it reads, and the `postgres` loader and reloader).
 
 pub mod catalog;
-pub mod model;
 pub mod postgres;
 pub mod watch;
 pub mod yaml;
 
-pub use model::{ApiKey, Rule, RuleLimit, RuleSet, Scope};
-
 use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::limiter::RuleSet;
+
+/// The rules in force, swapped whole by whichever source reloads them.
+pub type RulesHandle = Arc<ArcSwap<RuleSet>>;
 
 /// One problem in a rules source, located by file and by the path inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]

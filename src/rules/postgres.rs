@@ -24,9 +24,9 @@ use super::catalog::{
     rows_from_yaml, yaml_from_rows, Catalog, KeyRow, PlanRow, RuleRow, RuleScope, TenantRow,
 };
 use super::yaml::YamlRoot;
-use super::{RuleErrors, RuleSet};
+use super::{RuleErrors, RulesHandle};
 use crate::health::Readiness;
-use crate::service::RulesHandle;
+use crate::limiter::RuleSet;
 use crate::telemetry::names;
 
 /// The NOTIFY channel the schema's triggers send on.

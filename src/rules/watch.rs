@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use metrics::{counter, gauge};
 
-use super::{yaml, RuleErrors, RuleSet};
+use super::{yaml, RuleErrors, RulesHandle};
 use crate::health::Readiness;
-use crate::service::RulesHandle;
+use crate::limiter::RuleSet;
 use crate::telemetry::names;
 
 /// A digest of the names and contents of the rule files under `path`;

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::model::{Level, Node, Rule, RuleLimit, RuleSet, ValueMatch};
 use super::{RuleError, RuleErrors};
 use crate::limiter::{Algorithm, Unit};
+use crate::limiter::{Level, Node, Rule, RuleLimit, RuleSet, ValueMatch};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

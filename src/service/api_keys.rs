@@ -3,12 +3,12 @@
 
 use metrics::counter;
 
+use crate::limiter::RuleSet;
 use crate::limiter::{Caller, KeyHasher, Request};
-use crate::rules::RuleSet;
 use crate::telemetry::names;
 
 /// What a request with an unknown or revoked API key gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnknownKey {
     /// OVER_LIMIT for the descriptor that carries it.
     Deny,
@@ -60,8 +60,8 @@ impl ApiKeyPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::ApiKey;
     use crate::limiter::{Descriptor, Entry};
-    use crate::rules::ApiKey;
 
     fn request<'a>(descriptors: &[&[(&'a str, &'a str)]]) -> Request<'a> {
         Request {

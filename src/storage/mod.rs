@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use crate::health::StoreHealth;
 pub use crate::limiter::CounterOp;
 use crate::limiter::Outcome;
 
@@ -81,13 +82,6 @@ pub async fn apply_in_two_steps<S: CounterStore + ?Sized>(
         })
         .collect();
     store.apply(&retry).await
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreHealth {
-    Up,
-    /// Failing; answers come from the failure mode. The reason is for humans.
-    Down(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

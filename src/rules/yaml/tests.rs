@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::limiter::Entry;
-use crate::rules::model::ValueMatch;
+use crate::limiter::ValueMatch;
 
 /// Parses and compiles one file, or panics with its errors.
 fn load(text: &str) -> RuleSet {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::limiter::{bounds, Algorithm, Entry, Unit};
+use super::{bounds, Algorithm, Entry, Unit};
 
 /// One configured limit, at the end of a descriptor path.
 #[derive(Clone, Debug, PartialEq, Eq)]
