@@ -356,9 +356,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let http = TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding HTTP on {}", args.http_addr))?;
+    // The bound addresses, not the flags: with port 0 the log tells which.
+    let local = |l: &TcpListener| {
+        l.local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string())
+    };
     tracing::info!(
-        grpc = %args.grpc_addr,
-        http = %args.http_addr,
+        grpc = %local(&grpc),
+        http = %local(&http),
         store = ?args.store,
         rules = %args.rules,
         "sluice serving"

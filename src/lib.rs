@@ -31,7 +31,7 @@
 //! A module imports only from modules in lower layers, never from its own
 //! layer or a higher one, so the module graph has no cycle and the core
 //! compiles without the shell. Tests inside a module may reach up (a core
-//! test may build its rules from YAML). `tests/layers.rs` reads every
+//! test may build its rules from YAML). `tests/it/layers.rs` reads every
 //! `crate::` path in `src/` and fails on an import this table forbids.
 //!
 //! | layer | modules |

@@ -113,8 +113,14 @@ pub fn init_tracing(
     };
     let registry = tracing_subscriber::registry().with(otel_layer);
     match format {
+        // Colours only for a terminal: a file or a log collector would keep
+        // the escape codes.
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_filter(log_filter))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                    .with_filter(log_filter),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

@@ -2,7 +2,7 @@
 //! `serve` refusing bad configuration, and `serve` starting, answering and
 //! stopping on SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::process::{Command, Output};
@@ -370,18 +370,18 @@ async fn serve_starts_with_the_examples_answers_and_stops_on_sigterm() {
         .status()
         .expect("running kill");
     assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10) + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = sluice.process.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sluice serve still running 20 s after SIGTERM:\n{}",
-            sluice.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut status = None;
+    let exited = support::eventually(Duration::from_secs(10) + Duration::from_secs(10), || {
+        status = sluice.process.child.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    assert!(
+        exited.is_some(),
+        "sluice serve still running 20 s after SIGTERM:\n{}",
+        sluice.log_text()
+    );
+    let status = status.expect("exited");
     assert!(
         status.success(),
         "sluice serve exited with {status}:\n{}",

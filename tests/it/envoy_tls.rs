@@ -4,7 +4,7 @@
 //!
 //! Needs `envoy` (`bash .ci/install-tools.sh`); fails without it.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! Each test starts its own sluice on `127.0.0.1:0` with a [`ManualClock`],
 //! so windows never roll over mid-test and reset times are exact.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //!
 //! Needs `grpcurl` (`bash .ci/install-tools.sh`); fails without it.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! out, 200 when OK and 429 when over the limit. The response shape is what
 //! the Kong plugin in `examples/kong` reads.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 //! Servers are built by the real `app::build` from `sluice serve` flags;
 //! admin commands run the real `sluice` binary.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -19,7 +19,7 @@ use sluice::proto::rls::rate_limit_response::Code;
 use sluice::proto::rls::RateLimitRequest;
 use sqlx::PgPool;
 use support::postgres::PgCluster;
-use support::{repo, request, TestServer};
+use support::{repo, request, wait_until, TestServer};
 
 /// What the feature promises: a change in force within a second.
 const PROMISED: Duration = Duration::from_secs(1);
@@ -161,17 +161,14 @@ async fn time_until_limit(
     want: Option<u32>,
     deadline: Duration,
 ) -> Duration {
-    let started = Instant::now();
-    loop {
-        if limit_of(client, domain, entries).await == want {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "{what}: limit {want:?} not in force within {deadline:?} (promised {PROMISED:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let in_force = wait_until(deadline, || {
+        let mut client = client.clone();
+        async move { limit_of(&mut client, domain, entries).await == want }
+    })
+    .await;
+    in_force.unwrap_or_else(|| {
+        panic!("{what}: limit {want:?} not in force within {deadline:?} (promised {PROMISED:?})")
+    })
 }
 
 async fn readyz(server: &TestServer) -> (u16, serde_json::Value) {

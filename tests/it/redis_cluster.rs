@@ -2,7 +2,7 @@
 //! one shared limit across instances, agreement despite skewed clocks, and
 //! a master killed under load.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,7 +54,8 @@ async fn instance(
     let up = eventually(Duration::from_secs(10), || {
         store.health() == StoreHealth::Up
     })
-    .await;
+    .await
+    .is_some();
     assert!(up, "cluster store never came up: {:?}", store.health());
     let mut config = TestConfig::new(rules_from_yaml(&[RULES]));
     config.store = Some(store.clone());
@@ -200,6 +201,7 @@ async fn promoted(cluster: &RedisCluster, dead: u16) -> bool {
         info.contains("cluster_state:ok") && masters.len() == 3 && !masters.contains(&dead)
     })
     .await
+    .is_some()
 }
 
 /// SIGKILL a master under load: no call waits past the store timeout, calls
@@ -251,7 +253,9 @@ async fn master_killed_under_load() {
 
     // Decisions resume once the new master is known (a probe and a refresh).
     let resumed = Instant::now();
-    let ok = eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up).await;
+    let ok = eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up)
+        .await
+        .is_some();
     assert!(ok, "store still {:?} after the promotion", store.health());
     eprintln!(
         "failover took {failover:?}; store up again {:?} after the promotion",
@@ -291,7 +295,9 @@ async fn master_killed_under_load() {
     // The killed node comes back (as a replica): nothing changes for callers.
     tally.reset();
     cluster.restart(victim);
-    let rejoined = eventually(Duration::from_secs(30), || cluster.healthy()).await;
+    let rejoined = eventually(Duration::from_secs(30), || cluster.healthy())
+        .await
+        .is_some();
     assert!(rejoined, "node {victim} did not rejoin");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (decided, by_failure_mode, errors, slowest) = tally.snapshot();
@@ -391,7 +397,8 @@ async fn tls_and_a_password_on_every_node() {
     let up = eventually(Duration::from_secs(10), || {
         store.health() == StoreHealth::Up
     })
-    .await;
+    .await
+    .is_some();
     assert!(up, "TLS cluster store never came up: {:?}", store.health());
 
     // Counters on every master: 2 admitted per key, the third denied.
@@ -452,7 +459,8 @@ async fn tls_and_a_password_on_every_node() {
             Duration::from_secs(10),
             || matches!(store.health(), StoreHealth::Down(ref why) if why != "connecting"),
         )
-        .await;
+        .await
+        .is_some();
         let health = store.health();
         assert!(settled, "{case}: {health:?}");
         let StoreHealth::Down(why) = health else {

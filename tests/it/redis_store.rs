@@ -6,7 +6,7 @@
 //!
 //! The storage contract itself is `storage_contract.rs`.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -22,7 +22,7 @@ use sluice::storage::{CounterStore, StoreHealth};
 use support::redis::{drive, RedisConfig, RedisServer, Tally};
 use support::{eventually, request, rules_from_yaml, TestConfig, TestServer};
 
-const PRELUDE: &str = include_str!("../src/storage/scripts/prelude.lua");
+const PRELUDE: &str = include_str!("../../src/storage/scripts/prelude.lua");
 
 /// Slack for a busy two-core machine on top of a promised deadline.
 const MARGIN: Duration = Duration::from_millis(250);
@@ -35,7 +35,8 @@ async fn up(store: &RedisStore) {
     let ok = eventually(Duration::from_secs(10), || {
         store.health() == StoreHealth::Up
     })
-    .await;
+    .await
+    .is_some();
     assert!(ok, "store never came up: {:?}", store.health());
 }
 
@@ -445,7 +446,8 @@ async fn redis_down_then_back() {
     let resumed = eventually(Duration::from_secs(5), || {
         tally.decided.load(Ordering::SeqCst) > 0
     })
-    .await;
+    .await
+    .is_some();
     let took = back.elapsed();
     assert!(resumed, "decisions never resumed");
     assert!(
@@ -489,7 +491,9 @@ async fn starts_with_redis_down() {
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(started.elapsed() <= timeout + MARGIN);
     }
-    let down = eventually(Duration::from_secs(3), || store.breaker_open()).await;
+    let down = eventually(Duration::from_secs(3), || store.breaker_open())
+        .await
+        .is_some();
     assert!(
         down,
         "breaker open while Redis is down: {:?}",
@@ -523,7 +527,9 @@ async fn starts_with_redis_down() {
 /// Waits for the start-up probe; then a counter call must succeed.
 async fn decides(store: RedisStore) -> Result<(), String> {
     let connecting = StoreHealth::Down("connecting".into());
-    let settled = eventually(Duration::from_secs(5), || store.health() != connecting).await;
+    let settled = eventually(Duration::from_secs(5), || store.health() != connecting)
+        .await
+        .is_some();
     assert!(settled, "the start-up probe never finished");
     if let StoreHealth::Down(why) = store.health() {
         return Err(why);
@@ -661,11 +667,14 @@ async fn serve_with_redis_from_the_command_line() {
     args.validate().unwrap();
     assert!(!format!("{args:?}").contains("from-the-flag"));
     let deps = sluice::app::build(&args).await.unwrap();
-    let rules = deps.limiter.rules().clone();
-    let sluice = TestServer::serve(deps, rules).await;
+    let sluice = TestServer::serve(deps).await;
     let store = sluice.deps.limiter.store().clone();
     assert_eq!(store.kind(), "redis");
-    assert!(eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up).await);
+    assert!(
+        eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up)
+            .await
+            .is_some()
+    );
 
     let mut client = sluice.client().await;
     let r = client
@@ -748,7 +757,11 @@ async fn every_socket_sluice_holds_has_tcp_nodelay() {
     ])
     .await;
     let store = sluice.deps.limiter.store().clone();
-    assert!(eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up).await);
+    assert!(
+        eventually(Duration::from_secs(5), || store.health() == StoreHealth::Up)
+            .await
+            .is_some()
+    );
 
     // Two calls in flight on one gRPC connection, decided by Redis.
     let client = sluice.client().await;

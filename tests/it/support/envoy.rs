@@ -165,7 +165,8 @@ impl Envoy {
         let ready = wait_until(Duration::from_secs(30), || async {
             matches!(http::get(admin, "/ready").await, Ok(r) if r.status == 200)
         })
-        .await;
+        .await
+        .is_some();
         envoy.process.assert_running(&envoy.log_text());
         assert!(
             ready,

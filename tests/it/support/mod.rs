@@ -5,8 +5,6 @@
 //! A test that needs a tool it cannot find fails, saying how to install it;
 //! it never passes because something was absent.
 
-#![allow(dead_code)]
-
 pub mod certs;
 pub mod envoy;
 pub mod http;
@@ -150,7 +148,6 @@ impl TestConfig {
 pub struct TestServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub rules: RulesHandle,
     pub deps: Deps,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -181,7 +178,7 @@ impl TestServer {
             shutdown_grace: config.shutdown_grace,
             tls: config.tls,
         };
-        Self::serve(deps, rules).await
+        Self::serve(deps).await
     }
 
     /// `sluice serve ARGS...`, parsed, validated and built by `app::build`
@@ -196,12 +193,11 @@ impl TestServer {
         };
         args.validate().expect("valid serve flags");
         let deps = app::build(&args).await.expect("app::build");
-        let rules = deps.limiter.rules().clone();
-        Self::serve(deps, rules).await
+        Self::serve(deps).await
     }
 
     /// Serves already-built deps (for tests that use `app::build`).
-    pub async fn serve(deps: Deps, rules: RulesHandle) -> TestServer {
+    pub async fn serve(deps: Deps) -> TestServer {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
@@ -213,7 +209,6 @@ impl TestServer {
         TestServer {
             grpc_addr,
             http_addr,
-            rules,
             deps,
             stop: Some(stop),
             task: Some(task),
@@ -222,10 +217,6 @@ impl TestServer {
 
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc_addr)
-    }
-
-    pub fn http_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http_addr, path)
     }
 
     /// A connected tonic client.
@@ -297,36 +288,48 @@ pub fn request(
     }
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
+/// Polls the async `f` every 20 ms until it returns true: how long that
+/// took, or `None` once `timeout` has passed. The one polling loop of the
+/// tests; a test that promises a deadline asserts on the time it returns.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
     loop {
-        if f() {
-            return true;
+        if f().await {
+            return Some(started.elapsed());
         }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
+        if started.elapsed() >= timeout {
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Polls the async `f` until it returns true or `timeout` passes.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
+/// [`wait_until`] for the synchronous set-up code that starts the external
+/// servers (outside any runtime): blocks the thread between polls.
+pub fn block_until(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Option<Duration> {
+    let started = std::time::Instant::now();
     loop {
-        if f().await {
-            return true;
+        if f() {
+            return Some(started.elapsed());
         }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
+        if started.elapsed() >= timeout {
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::thread::sleep(interval);
     }
+}
+
+/// [`wait_until`] for a condition that needs no `.await`.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    wait_until(timeout, || std::future::ready(f())).await
 }
 
 /// A child process killed (and reaped) when dropped, so a failing test
@@ -370,35 +373,46 @@ pub struct SluiceProcess {
 }
 
 impl SluiceProcess {
-    /// Runs `command` (`sluice serve ...` without addresses) on free ports,
-    /// the gRPC one as a flag and the HTTP one from `SLUICE_HTTP_ADDR`, as
-    /// Helm sets it, and waits until it answers `/healthz`.
+    /// Runs `command` (`sluice serve ...` without addresses) on ports the
+    /// kernel picks (port 0: the gRPC one as a flag, the HTTP one from
+    /// `SLUICE_HTTP_ADDR`, as Helm sets it), reads the bound addresses from
+    /// its start-up log line, and waits until it answers `/healthz`.
     pub async fn start(mut command: std::process::Command) -> SluiceProcess {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("sluice.log");
         let log_file = std::fs::File::create(&log).unwrap();
         let process = ChildGuard::spawn(
             "sluice serve",
             command
-                .args(["--grpc-addr", &grpc.to_string()])
-                .env("SLUICE_HTTP_ADDR", http_addr.to_string())
+                .args(["--grpc-addr", "127.0.0.1:0"])
+                .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
                 .stdin(std::process::Stdio::null())
                 .stdout(log_file.try_clone().unwrap())
                 .stderr(log_file),
         );
         let mut sluice = SluiceProcess {
-            grpc,
-            http: http_addr,
+            grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
             process,
             log,
             _dir: dir,
         };
-        let up = wait_until(Duration::from_secs(30), || async {
-            matches!(http::get(http_addr, "/healthz").await, Ok(r) if r.status == 200)
+        let mut bound = None;
+        let logged = eventually(Duration::from_secs(30), || {
+            bound = logged_addresses(&sluice.log_text());
+            bound.is_some()
         })
         .await;
+        if let Some((grpc, http)) = bound.filter(|_| logged.is_some()) {
+            (sluice.grpc, sluice.http) = (grpc, http);
+        }
+        let http_addr = sluice.http;
+        let up = logged.is_some()
+            && wait_until(Duration::from_secs(30), || async {
+                matches!(http::get(http_addr, "/healthz").await, Ok(r) if r.status == 200)
+            })
+            .await
+            .is_some();
         let log_text = sluice.log_text();
         sluice.process.assert_running(&log_text);
         assert!(
@@ -411,6 +425,16 @@ impl SluiceProcess {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The `grpc=` and `http=` addresses of sluice's "sluice serving" log line.
+fn logged_addresses(log: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let line = log.lines().find(|l| l.contains("sluice serving"))?;
+    let field = |name: &str| -> Option<SocketAddr> {
+        let start = line.find(&format!("{name}="))? + name.len() + 1;
+        line[start..].split_whitespace().next()?.parse().ok()
+    };
+    Some((field("grpc")?, field("http")?))
 }
 
 pub fn path_str(p: &Path) -> String {

@@ -5,9 +5,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{free_port, repo, tool};
+use super::{block_until, free_port, repo, tool};
 
 pub struct PgCluster {
     pub dir: PathBuf,
@@ -160,12 +160,11 @@ impl PgCluster {
     }
 
     fn wait_accepting(&self, ports: &[u16]) {
-        let deadline = Instant::now() + Duration::from_secs(30);
         for &port in ports {
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "port {port} did not come back");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let back = block_until(Duration::from_secs(30), Duration::from_millis(50), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            assert!(back.is_some(), "port {port} did not come back");
         }
     }
 }

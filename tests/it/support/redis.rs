@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::certs::TestCa;
-use super::{free_port, free_port_range, repo, tool, ChildGuard};
+use super::{block_until, free_port, free_port_range, repo, tool, ChildGuard};
 
 /// How to start a standalone server.
 #[derive(Clone, Default)]
@@ -89,23 +89,22 @@ impl RedisServer {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let ready = block_until(Duration::from_secs(10), Duration::from_millis(20), || {
             if self.cli(&["PING"]).trim() == "PONG" {
-                return;
+                return true;
             }
             let log = self.log();
             if let Some(child) = &mut self.child {
                 child.assert_running(&log);
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} not ready after 10 s:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            false
+        });
+        assert!(
+            ready.is_some(),
+            "redis-server on port {} not ready after 10 s:\n{}",
+            self.port,
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -343,14 +342,6 @@ impl RedisCluster {
     pub fn time_us(&self, port: u16) -> u64 {
         parse_time(&self.cli(port, &["TIME"]))
     }
-
-    /// Sum of `calls` of one command over the masters.
-    pub fn command_calls(&self, command: &str) -> u64 {
-        self.ports()
-            .iter()
-            .map(|&p| command_calls(&self.cli(p, &["INFO", "commandstats"]), command))
-            .sum()
-    }
 }
 
 impl Drop for RedisCluster {
@@ -554,26 +545,19 @@ impl TlsRedisCluster {
         for port in cluster.ports() {
             cluster.wait_for(port, "cluster_state:ok", &["CLUSTER", "INFO"]);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let linked = cluster
-                .ports()
-                .iter()
-                .filter(|&&p| {
-                    cluster
-                        .cli(p, &["INFO", "replication"])
-                        .contains("master_link_status:up")
-                })
-                .count();
-            if linked == 3 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "TLS cluster replicas not linked after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let linked = block_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let ports = cluster.ports();
+            let linked = ports.iter().filter(|&&p| {
+                cluster
+                    .cli(p, &["INFO", "replication"])
+                    .contains("master_link_status:up")
+            });
+            linked.count() == 3
+        });
+        assert!(
+            linked.is_some(),
+            "TLS cluster replicas not linked after 30 s"
+        );
         cluster
     }
 
@@ -612,15 +596,13 @@ impl TlsRedisCluster {
     }
 
     fn wait_for(&self, port: u16, expect: &str, args: &[&str]) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.cli(port, args).contains(expect) {
+        let seen = block_until(Duration::from_secs(30), Duration::from_millis(50), || {
+            self.cli(port, args).contains(expect)
+        });
+        if seen.is_none() {
             let log = std::fs::read_to_string(self.dir.path().join(format!("{port}/redis.log")))
                 .unwrap_or_default();
-            assert!(
-                Instant::now() < deadline,
-                "node {port}: no `{expect}` from {args:?} within 30 s:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            panic!("node {port}: no `{expect}` from {args:?} within 30 s:\n{log}");
         }
     }
 }
