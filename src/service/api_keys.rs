@@ -61,21 +61,14 @@ impl ApiKeyPolicy {
 mod tests {
     use super::*;
     use crate::limiter::ApiKey;
-    use crate::limiter::{Descriptor, Entry};
+    use crate::limiter::Descriptor;
 
     fn request<'a>(descriptors: &[&[(&'a str, &'a str)]]) -> Request<'a> {
         Request {
             domain: "d",
             descriptors: descriptors
                 .iter()
-                .map(|pairs| Descriptor {
-                    entries: pairs
-                        .iter()
-                        .map(|&(key, value)| Entry { key, value })
-                        .collect(),
-                    limit_override: None,
-                    hits: None,
-                })
+                .map(|pairs| Descriptor::new(pairs.iter().copied(), None, None))
                 .collect(),
             hits: 1,
         }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::limiter::{check, CounterState, Descriptor, Entry};
+use crate::limiter::{check, CounterState, Descriptor};
 use crate::rules::catalog::{rows_from_yaml, Catalog, KeyRow, PlanRow, RuleScope, TenantRow};
 use crate::rules::yaml::parse_str;
 
@@ -65,14 +65,7 @@ fn rules() -> RuleSet {
 }
 
 fn d<'a>(pairs: &[(&'a str, &'a str)]) -> Descriptor<'a> {
-    Descriptor {
-        entries: pairs
-            .iter()
-            .map(|&(key, value)| Entry { key, value })
-            .collect(),
-        limit_override: None,
-        hits: None,
-    }
+    Descriptor::new(pairs.iter().copied(), None, None)
 }
 
 /// A status, flattened: code, limit, limit name, tenant quota, refused.

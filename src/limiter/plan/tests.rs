@@ -28,14 +28,7 @@ fn options(default_algorithm: Algorithm) -> PlanOptions {
 }
 
 fn d<'a>(pairs: &[(&'a str, &'a str)]) -> Descriptor<'a> {
-    Descriptor {
-        entries: pairs
-            .iter()
-            .map(|&(key, value)| Entry { key, value })
-            .collect(),
-        limit_override: None,
-        hits: None,
-    }
+    Descriptor::new(pairs.iter().copied(), None, None)
 }
 
 fn with_hits(mut descriptor: Descriptor<'_>, hits: u64) -> Descriptor<'_> {
