@@ -56,45 +56,57 @@ pub fn tool(name: &str) -> PathBuf {
     );
 }
 
-/// A port nobody is listening on right now.
+/// A port for an external server (Redis, PostgreSQL, Envoy) that must be
+/// told its port before it starts. Ports come from below the kernel's
+/// ephemeral range, where port-0 binds and outgoing connections (of every
+/// test in this process) never land, and none is handed out twice in this
+/// process; so only another program choosing the same port could take it.
+/// Where the code allows, bind port 0 and read the address instead.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
+    reserve_ports(1, &[0])
 }
 
-/// `count` consecutive free ports (and their +10000 cluster-bus ports).
+/// `count` consecutive free ports, and their +10000 cluster-bus ports.
 pub fn free_port_range(count: u16) -> u16 {
-    'search: for _ in 0..200 {
-        let base = 20_000 + (rand_u16() % 20_000);
+    reserve_ports(count, &[0, 10_000])
+}
+
+fn reserve_ports(count: u16, offsets: &[u16]) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let span = offsets.iter().max().copied().unwrap_or(0) + count;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000, ephemeral_low - span);
+    assert!(
+        high > low,
+        "no room below the ephemeral ports ({ephemeral_low})"
+    );
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    'search: for _ in 0..500 {
+        let base = low + rand_u16() % (high - low);
         for p in base..base + count {
-            for port in [p, p + 10_000] {
-                if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            for port in offsets.iter().map(|o| p + o) {
+                if handed_out.contains(&port)
+                    || std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+                {
                     continue 'search;
                 }
             }
         }
+        handed_out.extend((base..base + count).flat_map(|p| offsets.iter().map(move |o| p + o)));
         return base;
     }
-    panic!("no free port range of {count}");
+    panic!("no free range of {count} ports below {ephemeral_low}");
 }
 
 fn rand_u16() -> u16 {
-    let mut b = [0u8; 2];
-    getrandom_fill(&mut b);
-    u16::from_le_bytes(b)
-}
-
-fn getrandom_fill(buf: &mut [u8]) {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS per instance; good enough for ports.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(std::process::id() as u64);
-    let v = h.finish().to_le_bytes();
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = v[i % 8];
-    }
+    h.finish() as u16
 }
 
 /// Compiles rules from YAML text (one document per domain).
