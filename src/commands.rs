@@ -41,7 +41,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect(),
             limit: None,
-            hits_addend: args.hits,
+            hits_addend: args.hits.map(pbjson_types::UInt64Value::from),
         }],
         hits_addend: 0,
     };

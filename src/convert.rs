@@ -1,4 +1,5 @@
-//! Proto <-> domain conversions for the rate-limit API.
+//! Proto <-> domain conversions for the rate-limit API, for gRPC and `/json`
+//! alike (`/json` decodes and encodes these same messages; see `http`).
 
 use crate::limiter::{Code, Descriptor, LimitOverride, Request, RequestError, Unit};
 use crate::proto::common::RateLimitDescriptor;
@@ -41,13 +42,12 @@ fn descriptor_from_proto(
     Ok(Descriptor::new(
         d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
         limit_override,
-        d.hits_addend,
+        d.hits_addend.as_ref().map(|h| h.value),
     ))
 }
 
-/// The unit a `RateLimitUnit` number names; also the number form of a unit in
-/// the JSON API.
-pub fn unit_from_proto(unit: i32) -> Option<Unit> {
+/// The unit a `RateLimitUnit` number names.
+fn unit_from_proto(unit: i32) -> Option<Unit> {
     Some(match RateLimitUnit::try_from(unit).ok()? {
         RateLimitUnit::Unknown => return None,
         RateLimitUnit::Second => Unit::Second,
@@ -94,7 +94,7 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
                     unit: unit_to_proto(l.unit) as i32,
                 }),
                 limit_remaining: s.remaining,
-                duration_until_reset: s.reset.map(|d| prost_types::Duration {
+                duration_until_reset: s.reset.map(|d| pbjson_types::Duration {
                     seconds: d.as_secs() as i64,
                     nanos: d.subsec_nanos() as i32,
                 }),
@@ -102,7 +102,7 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
                     requests,
                     id: String::new(),
                     expiration_specifier: Some(rsp::quota::ExpirationSpecifier::ValidUntil(
-                        prost_types::Timestamp {
+                        pbjson_types::Timestamp {
                             seconds: (until_us / 1_000_000) as i64,
                             nanos: ((until_us % 1_000_000) * 1_000) as i32,
                         },
@@ -121,15 +121,15 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
             .collect(),
         request_headers_to_add: Vec::new(),
         raw_body: Vec::new(),
-        dynamic_metadata: (!v.metadata.is_empty()).then(|| prost_types::Struct {
+        dynamic_metadata: (!v.metadata.is_empty()).then(|| pbjson_types::Struct {
             fields: v
                 .metadata
                 .iter()
                 .map(|(k, val)| {
                     (
                         k.clone(),
-                        prost_types::Value {
-                            kind: Some(prost_types::value::Kind::StringValue(val.clone())),
+                        pbjson_types::Value {
+                            kind: Some(pbjson_types::value::Kind::StringValue(val.clone())),
                         },
                     )
                 })

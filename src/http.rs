@@ -1,9 +1,17 @@
 //! The HTTP front end: `/metrics`, `/healthz`, `/readyz`, and `POST /json`,
-//! which takes the proto3 JSON form of a `RateLimitRequest` and answers the
-//! JSON `RateLimitResponse`: 200 when OK, 429 when over the limit.
+//! Envoy's rate-limit call in proto3 JSON: the body is a `RateLimitRequest`
+//! (lowerCamelCase or proto field names, 64-bit numbers as strings or
+//! numbers, enums by name or number), the answer a `RateLimitResponse` with
+//! every field written, zero values too. 200 when OK, 429 when over the
+//! limit, 400 `{"error": ...}` naming the field for bad input, 503 when the
+//! store fails under `--failure-mode deny`.
+//!
+//! The JSON mapping is generated from the protos (pbjson, see build.rs) and a
+//! decoded message goes through `convert` as a gRPC one does, so `/json` and
+//! gRPC cannot drift apart: this module only routes and picks status codes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,11 +21,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics::histogram;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Serialize;
 
+use crate::convert::{request_from_proto, verdict_to_proto};
 use crate::health::Readiness;
-use crate::limiter::{Code, Descriptor, LimitOverride, Request, RequestError, Unit};
-use crate::service::{DecideError, RateLimiter, Verdict};
+use crate::limiter::Code;
+use crate::proto::rls::RateLimitRequest;
+use crate::service::{DecideError, RateLimiter};
 use crate::telemetry::names;
 
 #[derive(Clone)]
@@ -57,39 +67,58 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
 async fn json(State(state): State<HttpState>, body: Bytes) -> Response {
     let started = Instant::now();
     let response = match decode(&body) {
+        Ok(message) => decide(&state.limiter, &message).await,
         Err(message) => error(StatusCode::BAD_REQUEST, message),
-        Ok(request) => match request.to_domain() {
-            Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-            Ok(req) => match state.limiter.should_rate_limit(&req).await {
-                Ok(verdict) => {
-                    let code = match verdict.overall {
-                        Code::Ok => StatusCode::OK,
-                        Code::OverLimit => StatusCode::TOO_MANY_REQUESTS,
-                    };
-                    (code, Json(JsonResponse::from(&verdict))).into_response()
-                }
-                Err(DecideError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-                Err(DecideError::Unavailable(e)) => {
-                    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                }
-            },
-        },
     };
     histogram!(names::REQUEST_DURATION, "api" => "json").record(started.elapsed().as_secs_f64());
     response
 }
 
-fn decode(body: &[u8]) -> Result<JsonRequest, String> {
+async fn decide(limiter: &RateLimiter, message: &RateLimitRequest) -> Response {
+    let result = match request_from_proto(message) {
+        Ok(request) => limiter.should_rate_limit(&request).await,
+        Err(e) => Err(DecideError::Invalid(e)),
+    };
+    match result {
+        Ok(verdict) => {
+            let code = match verdict.overall {
+                Code::Ok => StatusCode::OK,
+                Code::OverLimit => StatusCode::TOO_MANY_REQUESTS,
+            };
+            (code, Json(verdict_to_proto(&verdict))).into_response()
+        }
+        Err(DecideError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(DecideError::Unavailable(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The body as a message; an error names the path to the bad field
+/// (`descriptors[0].limit.unit: unknown variant ...`).
+fn decode(body: &[u8]) -> Result<RateLimitRequest, String> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        let error = e.into_inner();
+        let mut message = error.to_string();
+        if message.starts_with(NOT_A_NUMBER) {
+            message = format!(
+                "expected a number that fits the field, or a string holding one, at line {} column {}",
+                error.line(),
+                error.column()
+            );
+        }
         if path == "." {
-            e.into_inner().to_string()
+            message
         } else {
-            format!("{path}: {}", e.into_inner())
+            format!("{path}: {message}")
         }
     })
 }
+
+/// pbjson reads a number as an untagged enum (a number, or a string holding
+/// one), whose error for anything else (`-1` for a uint32, `1.5`, `true`)
+/// says only that no variant matched.
+const NOT_A_NUMBER: &str = "data did not match any variant of untagged enum";
 
 fn error(code: StatusCode, message: String) -> Response {
     #[derive(Serialize)]
@@ -99,265 +128,21 @@ fn error(code: StatusCode, message: String) -> Response {
     (code, Json(Error { error: message })).into_response()
 }
 
-// === JSON request: proto3 JSON mapping (lowerCamelCase, or the proto names) ===
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonRequest {
-    #[serde(default)]
-    pub domain: String,
-    #[serde(default)]
-    pub descriptors: Vec<JsonDescriptor>,
-    #[serde(
-        default,
-        rename = "hitsAddend",
-        alias = "hits_addend",
-        deserialize_with = "number"
-    )]
-    pub hits_addend: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonDescriptor {
-    #[serde(default)]
-    pub entries: Vec<JsonEntry>,
-    #[serde(default)]
-    pub limit: Option<JsonOverride>,
-    #[serde(
-        default,
-        rename = "hitsAddend",
-        alias = "hits_addend",
-        deserialize_with = "opt_number"
-    )]
-    pub hits_addend: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonEntry {
-    #[serde(default)]
-    pub key: String,
-    #[serde(default)]
-    pub value: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonOverride {
-    #[serde(
-        default,
-        rename = "requestsPerUnit",
-        alias = "requests_per_unit",
-        deserialize_with = "number"
-    )]
-    pub requests_per_unit: u64,
-    #[serde(default)]
-    pub unit: serde_json::Value,
-}
-
-/// proto3 JSON writes 64-bit integers as strings and accepts numbers too.
-fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    Ok(opt_number(d)?.unwrap_or(0))
-}
-
-fn opt_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    use serde::de::Error;
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Null => Ok(None),
-        serde_json::Value::Number(n) => n
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| D::Error::custom(format!("expected a non-negative integer, got {n}"))),
-        serde_json::Value::String(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| D::Error::custom(format!("expected a non-negative integer, got \"{s}\""))),
-        other => Err(D::Error::custom(format!(
-            "expected a non-negative integer, got {other}"
-        ))),
-    }
-}
-
-impl JsonRequest {
-    pub fn to_domain(&self) -> Result<Request<'_>, RequestError> {
-        let hits = self.hits_addend.clamp(1, u64::from(u32::MAX));
-        let descriptors = self
-            .descriptors
-            .iter()
-            .enumerate()
-            .map(|(index, d)| {
-                let limit_override = match &d.limit {
-                    None => None,
-                    Some(o) => Some(LimitOverride {
-                        requests_per_unit: u32::try_from(o.requests_per_unit).map_err(|_| {
-                            RequestError::BadOverrideUnit {
-                                index,
-                                reason: "requests_per_unit is larger than 4294967295".into(),
-                            }
-                        })?,
-                        unit: json_unit(&o.unit).ok_or_else(|| RequestError::BadOverrideUnit {
-                            index,
-                            reason: format!("unknown rate limit unit {}", o.unit),
-                        })?,
-                    }),
-                };
-                Ok(Descriptor::new(
-                    d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
-                    limit_override,
-                    d.hits_addend,
-                ))
-            })
-            .collect::<Result<_, RequestError>>()?;
-        Ok(Request {
-            domain: &self.domain,
-            descriptors,
-            hits,
-        })
-    }
-}
-
-/// An enum in proto3 JSON is its name or its number.
-fn json_unit(v: &serde_json::Value) -> Option<Unit> {
-    match v {
-        serde_json::Value::String(s) => Unit::parse(s),
-        serde_json::Value::Number(n) => {
-            crate::convert::unit_from_proto(i32::try_from(n.as_u64()?).ok()?)
-        }
-        _ => None,
-    }
-}
-
-// === JSON response ===
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct JsonResponse {
-    pub overall_code: String,
-    pub statuses: Vec<JsonStatus>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub response_headers_to_add: Vec<JsonHeader>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dynamic_metadata: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct JsonStatus {
-    pub code: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_limit: Option<JsonLimit>,
-    pub limit_remaining: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_until_reset: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quota: Option<JsonQuota>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct JsonLimit {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    pub requests_per_unit: u32,
-    pub unit: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct JsonQuota {
-    pub requests: u32,
-    /// RFC 3339, UTC.
-    pub valid_until: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct JsonHeader {
-    pub key: String,
-    pub value: String,
-}
-
-impl From<&Verdict> for JsonResponse {
-    fn from(v: &Verdict) -> JsonResponse {
-        JsonResponse {
-            overall_code: v.overall.as_str().to_owned(),
-            statuses: v
-                .statuses
-                .iter()
-                .map(|s| JsonStatus {
-                    code: s.code.as_str().to_owned(),
-                    current_limit: s.limit.as_ref().map(|l| JsonLimit {
-                        name: l.name.as_deref().unwrap_or_default().to_owned(),
-                        requests_per_unit: l.requests_per_unit,
-                        unit: l.unit.as_str().to_ascii_uppercase(),
-                    }),
-                    limit_remaining: s.remaining,
-                    duration_until_reset: s.reset.map(proto_duration),
-                    quota: s.quota.map(|(requests, until_us)| JsonQuota {
-                        requests,
-                        valid_until: rfc3339(until_us),
-                    }),
-                })
-                .collect(),
-            response_headers_to_add: v
-                .response_headers
-                .iter()
-                .map(|(k, val)| JsonHeader {
-                    key: (*k).to_owned(),
-                    value: val.clone(),
-                })
-                .collect(),
-            dynamic_metadata: (!v.metadata.is_empty()).then(|| {
-                v.metadata
-                    .iter()
-                    .map(|(k, val)| (k.clone(), serde_json::Value::String(val.clone())))
-                    .collect()
-            }),
-        }
-    }
-}
-
-/// A `google.protobuf.Duration` in proto3 JSON: `"42s"`, `"1.500s"`.
-pub fn proto_duration(d: Duration) -> String {
-    let nanos = d.subsec_nanos();
-    if nanos == 0 {
-        format!("{}s", d.as_secs())
-    } else if nanos % 1_000_000 == 0 {
-        format!("{}.{:03}s", d.as_secs(), nanos / 1_000_000)
-    } else if nanos % 1_000 == 0 {
-        format!("{}.{:06}s", d.as_secs(), nanos / 1_000)
-    } else {
-        format!("{}.{:09}s", d.as_secs(), nanos)
-    }
-}
-
-fn rfc3339(us: u64) -> String {
-    chrono::DateTime::from_timestamp_micros(us as i64)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn durations_use_proto3_json_form() {
-        assert_eq!(proto_duration(Duration::from_secs(42)), "42s");
-        assert_eq!(proto_duration(Duration::from_millis(1500)), "1.500s");
-        assert_eq!(
-            proto_duration(Duration::from_micros(2_000_001)),
-            "2.000001s"
-        );
-    }
+    use super::*;
+    use crate::limiter::{CurrentLimit, LimitOverride, Unit};
+    use crate::service::{Status, Verdict};
 
     #[test]
     fn requests_accept_camel_case_snake_case_and_string_numbers() {
-        let r = decode(
+        let message = decode(
             br#"{"domain":"d","hits_addend":3,"descriptors":[{"entries":[{"key":"k","value":"v"}],"hitsAddend":"0","limit":{"requestsPerUnit":5,"unit":"MINUTE"}}]}"#,
         )
         .unwrap();
-        let req = r.to_domain().unwrap();
+        let req = request_from_proto(&message).unwrap();
         assert_eq!(req.hits, 3);
         assert_eq!(req.descriptors[0].hits, Some(0));
         assert_eq!(
@@ -374,5 +159,42 @@ mod tests {
         let err = decode(br#"{"domain":"d","descriptors":[{"entriez":[]}]}"#).unwrap_err();
         assert!(err.starts_with("descriptors[0]"), "{err}");
         assert!(err.contains("entriez"), "{err}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_say_so() {
+        let err = decode(br#"{"domain":"d","hitsAddend":-1}"#).unwrap_err();
+        assert!(
+            err.starts_with("hitsAddend: expected a number that fits the field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn answers_are_proto3_json_with_zero_values_written() {
+        let verdict = Verdict {
+            overall: Code::OverLimit,
+            statuses: vec![Status {
+                code: Code::OverLimit,
+                limit: Some(CurrentLimit {
+                    requests_per_unit: 3,
+                    unit: Unit::Minute,
+                    name: None,
+                }),
+                remaining: 0,
+                reset: Some(Duration::from_millis(1500)),
+                quota: None,
+            }],
+            response_headers: Vec::new(),
+            metadata: Vec::new(),
+        };
+        let json = serde_json::to_value(verdict_to_proto(&verdict)).unwrap();
+        let status = &json["statuses"][0];
+        assert_eq!(json["overallCode"], "OVER_LIMIT");
+        assert_eq!(status["currentLimit"]["unit"], "MINUTE");
+        assert_eq!(status["currentLimit"]["requestsPerUnit"], 3);
+        assert_eq!(status["limitRemaining"], 0);
+        assert_eq!(status["durationUntilReset"], "1.500s");
+        assert!(status.get("quota").is_none(), "{json}");
     }
 }

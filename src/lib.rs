@@ -23,7 +23,7 @@
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `clock`     | injected time |
 //! | `secret`    | secrets and URL redaction, for every layer |
-//! | `proto`     | generated code |
+//! | `proto`     | generated code: messages, service, their proto3 JSON mapping |
 //! | `allocator` | the global allocator (a cargo feature) |
 //!
 //! ## Layers

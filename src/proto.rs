@@ -2,11 +2,20 @@
 
 #![allow(clippy::all, missing_docs)]
 
+/// A package's prost messages (and tonic service), and their proto3 JSON
+/// mapping: pbjson's serde impls.
+macro_rules! include_package {
+    ($package:literal) => {
+        tonic::include_proto!($package);
+        include!(concat!(env!("OUT_DIR"), "/", $package, ".serde.rs"));
+    };
+}
+
 pub mod envoy {
     pub mod config {
         pub mod core {
             pub mod v3 {
-                tonic::include_proto!("envoy.config.core.v3");
+                include_package!("envoy.config.core.v3");
             }
         }
     }
@@ -14,7 +23,7 @@ pub mod envoy {
         pub mod common {
             pub mod ratelimit {
                 pub mod v3 {
-                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                    include_package!("envoy.extensions.common.ratelimit.v3");
                 }
             }
         }
@@ -22,13 +31,13 @@ pub mod envoy {
     pub mod service {
         pub mod ratelimit {
             pub mod v3 {
-                tonic::include_proto!("envoy.service.ratelimit.v3");
+                include_package!("envoy.service.ratelimit.v3");
             }
         }
     }
     pub mod r#type {
         pub mod v3 {
-            tonic::include_proto!("envoy.r#type.v3");
+            include_package!("envoy.r#type.v3");
         }
     }
 }

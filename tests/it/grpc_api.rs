@@ -83,7 +83,7 @@ fn one(key: &str, value: &str) -> RateLimitRequest {
     request("api", &[&[(key, value)]])
 }
 
-fn secs(d: &Option<prost_types::Duration>) -> f64 {
+fn secs(d: &Option<pbjson_types::Duration>) -> f64 {
     let d = d.as_ref().expect("duration_until_reset is set");
     d.seconds as f64 + f64::from(d.nanos) / 1e9
 }
@@ -162,7 +162,7 @@ async fn hits_addend_zero_means_one_descriptor_value_wins_and_zero_only_checks()
     let bucket = |request_hits: u32, descriptor_hits: Option<u64>| {
         let mut r = one("bucket", "b-1");
         r.hits_addend = request_hits;
-        r.descriptors[0].hits_addend = descriptor_hits;
+        r.descriptors[0].hits_addend = descriptor_hits.map(Into::into);
         r
     };
 
@@ -293,7 +293,7 @@ async fn invalid_requests_are_invalid_argument_naming_the_field() {
     });
     cases.push((bad_unit, "descriptors[0].limit.unit"));
     let mut too_many_hits = one("client", "c");
-    too_many_hits.descriptors[0].hits_addend = Some(u64::from(u32::MAX) + 1);
+    too_many_hits.descriptors[0].hits_addend = Some((u64::from(u32::MAX) + 1).into());
     cases.push((too_many_hits, "descriptors[0].hits_addend"));
 
     for (req, field) in cases {
@@ -513,7 +513,7 @@ async fn assert_denied_requests_consume_nothing(server: &TestServer) {
 
     // The wide limit still has its 4.
     let mut check = one("wide", "d-1");
-    check.descriptors[0].hits_addend = Some(0);
+    check.descriptors[0].hits_addend = Some(0u64.into());
     let r = call(&mut client, check).await;
     assert_eq!(remaining_of(&r.statuses[0]), 4);
     for _ in 0..4 {

@@ -122,7 +122,7 @@ async fn limit_of(client: &mut Client, domain: &str, entries: &[(&str, &str)]) -
                 })
                 .collect(),
             limit: None,
-            hits_addend: Some(0),
+            hits_addend: Some(0u64.into()),
         }],
         hits_addend: 0,
     };

@@ -56,7 +56,7 @@ async fn serve(rules: &Path) -> TestServer {
 /// The configured limit for `domain`/`key=value`, checked without consuming.
 async fn limit_of(server: &TestServer, domain: &str, key: &str) -> Option<u32> {
     let mut req = request(domain, &[&[(key, "probe")]]);
-    req.descriptors[0].hits_addend = Some(0);
+    req.descriptors[0].hits_addend = Some(0u64.into());
     let r = server
         .client()
         .await
