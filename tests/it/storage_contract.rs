@@ -3,10 +3,12 @@
 //! servers, started here).
 //!
 //! Time: the suite drives an injected clock. The in-process store reads it
-//! directly; the Redis stores are built with `RedisOptions::test_clock`, so
+//! directly; the Redis stores are built with `RedisStore::with_clock`, so
 //! their scripts take that time instead of Redis' `TIME` and the same exact
-//! sequences replay everywhere. The real-`TIME` path is covered by
-//! `redis_store.rs` and `redis_cluster.rs`.
+//! sequences replay everywhere. (A paused Tokio clock cannot do this: it
+//! jumps to the next timer, the store timeout, whenever the test waits on
+//! Redis' socket.) The real-`TIME` path is covered by `redis_store.rs` and
+//! `redis_cluster.rs`.
 //!
 //! Two parts: hand-worked sequences per algorithm (admit/deny, remaining,
 //! reset, `hits_addend`, check-only hits), then thousands of random
@@ -74,9 +76,8 @@ fn memory_subject() -> Subject {
     }
 }
 
-fn redis_options(clock: &Arc<ManualClock>, cache: bool) -> RedisOptions {
+fn redis_options(cache: bool) -> RedisOptions {
     let mut options = RedisOptions::new(Duration::from_secs(2));
-    options.test_clock = Some(clock.clone() as Arc<dyn Clock>);
     if !cache {
         options.local_cache_size = 0;
     }
@@ -94,9 +95,10 @@ async fn wait_up(store: &RedisStore) {
 
 async fn standalone_subject(server: &RedisServer, cache: bool) -> Subject {
     let clock = test_clock();
-    let store = RedisStore::new(
+    let store = RedisStore::with_clock(
         &RedisTarget::Standalone(server.url()),
-        redis_options(&clock, cache),
+        redis_options(cache),
+        clock.clone(),
     )
     .unwrap();
     wait_up(&store).await;
@@ -117,9 +119,10 @@ async fn standalone_subject(server: &RedisServer, cache: bool) -> Subject {
 
 async fn cluster_subject(cluster: &RedisCluster) -> Subject {
     let clock = test_clock();
-    let store = RedisStore::new(
+    let store = RedisStore::with_clock(
         &RedisTarget::Cluster(cluster.urls()),
-        redis_options(&clock, true),
+        redis_options(true),
+        clock.clone(),
     )
     .unwrap();
     wait_up(&store).await;

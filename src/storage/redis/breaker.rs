@@ -15,9 +15,10 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics::{counter, gauge};
+use tokio::time::Instant;
 
 use crate::storage::{StoreError, StoreHealth};
 use crate::telemetry::names;
@@ -37,6 +38,7 @@ pub struct Breaker {
     consecutive: AtomicU32,
     /// When the current run of failures began, µs after `epoch`.
     run_started_us: AtomicU64,
+    /// Tokio's clock, so tests can pause it.
     epoch: Instant,
     /// Why it opened, for `/readyz`.
     reason: Mutex<String>,
@@ -96,14 +98,10 @@ impl Breaker {
     /// A call failed. Returns true when this failure opened the breaker, so
     /// the caller starts the probe (exactly one probe runs per opening).
     pub fn record_failure(&self, error: &StoreError) -> bool {
-        self.record_failure_at(error, self.epoch.elapsed())
-    }
-
-    fn record_failure_at(&self, error: &StoreError, now: Duration) -> bool {
         if !error.is_transient() {
             return false;
         }
-        let now_us = now.as_micros() as u64;
+        let now_us = self.epoch.elapsed().as_micros() as u64;
         let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         if n == 1 {
             self.run_started_us.store(now_us, Ordering::Relaxed);
@@ -168,30 +166,33 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::advance;
+
     use super::*;
 
-    #[test]
-    fn opens_after_consecutive_failures_spanning_the_timeout() {
-        let span = Duration::from_millis(50);
-        let b = Breaker::new("test", 3, span, Duration::from_millis(100));
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_spanning_the_timeout() {
+        let ms = Duration::from_millis;
+        let b = Breaker::new("test", 3, ms(50), ms(100));
         let e = StoreError::Connection("refused".into());
-        let at = Duration::from_millis;
-        assert!(!b.record_failure_at(&e, at(0)));
-        assert!(!b.record_failure_at(&e, at(60)));
+        assert!(!b.record_failure(&e));
+        advance(ms(60)).await;
+        assert!(!b.record_failure(&e));
         b.record_success();
-        assert!(!b.record_failure_at(&e, at(100)));
-        assert!(!b.record_failure_at(&e, at(101)));
-        assert!(!b.record_failure_at(&e, at(102)), "three at once: a spike");
+        advance(ms(40)).await;
+        assert!(!b.record_failure(&e));
+        advance(ms(1)).await;
+        assert!(!b.record_failure(&e));
+        advance(ms(1)).await;
+        assert!(!b.record_failure(&e), "three at once: a spike");
         assert!(b.allows());
-        assert!(
-            b.record_failure_at(&e, at(150)),
-            "still failing a timeout later"
-        );
+        advance(ms(48) - Duration::from_micros(1)).await;
+        assert!(!b.record_failure(&e), "a microsecond short of the timeout");
+        advance(Duration::from_micros(1)).await;
+        assert!(b.record_failure(&e), "still failing a timeout later");
         assert!(!b.allows());
-        assert!(
-            !b.record_failure_at(&e, at(200)),
-            "only one opening per outage"
-        );
+        advance(ms(50)).await;
+        assert!(!b.record_failure(&e), "only one opening per outage");
         assert!(matches!(b.health(), StoreHealth::Down(r) if r.contains("refused")));
         b.close();
         assert!(b.allows());

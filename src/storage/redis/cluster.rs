@@ -21,12 +21,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::future::join_all;
 use metrics::counter;
 use redis::{RedisError, Value};
+use tokio::time::Instant;
 
 use super::batch::{self, UnitReply};
 use super::connect::{Connector, NodeConnection};

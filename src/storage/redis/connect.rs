@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
@@ -18,6 +18,7 @@ use redis::{
     IntoConnectionInfo, RedisError, TlsCertificates,
 };
 use redis::{Pipeline, Value};
+use tokio::time::Instant;
 
 use super::batch::{BatchQueue, UnitReply};
 use super::redis_error;
@@ -145,12 +146,9 @@ pub struct NodeConnection {
     timeout: Duration,
     client: Client,
     config: AsyncConnectionConfig,
-    pace: Duration,
+    pace: Pace,
     connected: ArcSwapOption<MultiplexedConnection>,
     state: Mutex<Attempts>,
-    /// µs after `epoch` before which no new attempt starts.
-    next_attempt_us: AtomicU64,
-    epoch: Instant,
     batches: BatchQueue,
 }
 
@@ -179,11 +177,9 @@ impl NodeConnection {
             timeout: connector.timeout,
             client,
             config: connector.config.clone(),
-            pace,
+            pace: Pace::new(pace),
             connected: ArcSwapOption::empty(),
             state: Mutex::default(),
-            next_attempt_us: AtomicU64::new(0),
-            epoch: Instant::now(),
             batches: BatchQueue::start(node.clone()),
         }))
     }
@@ -243,7 +239,7 @@ impl NodeConnection {
     /// the last attempt failed less than `pace` ago: the breaker's probe is
     /// the paced attempt, and must not be turned away by the pace.
     pub fn allow_attempt_now(&self) {
-        self.next_attempt_us.store(0, Ordering::Relaxed);
+        self.pace.allow_now();
     }
 
     /// The connection, connecting first if needed.
@@ -259,14 +255,11 @@ impl NodeConnection {
             match &state.under_way {
                 Some(attempt) => attempt.clone(),
                 None => {
-                    let now = self.epoch.elapsed().as_micros() as u64;
-                    let next = self.next_attempt_us.load(Ordering::Relaxed);
-                    if now < next {
+                    if let Some(wait) = self.pace.wait() {
                         return Err(StoreError::Connection(format!(
-                            "{}: {}; next attempt in {:?}",
+                            "{}: {}; next attempt in {wait:?}",
                             self.address,
                             state.last_error.as_deref().unwrap_or("not connected"),
-                            Duration::from_micros(next - now)
                         )));
                     }
                     let attempt = Self::connect(Arc::downgrade(self)).boxed().shared();
@@ -301,9 +294,7 @@ impl NodeConnection {
                 state.last_error = None;
             }
             Err(e) => {
-                let next = node.epoch.elapsed() + node.pace;
-                node.next_attempt_us
-                    .store(next.as_micros() as u64, Ordering::Relaxed);
+                node.pace.failed();
                 state.last_error = Some(e.clone());
             }
         }
@@ -321,5 +312,73 @@ impl NodeConnection {
                 self.connected.compare_and_swap(&current, None);
             }
         }
+    }
+}
+
+// === Pace ===
+
+/// At most one connection attempt per `pace` while connecting fails: after
+/// a failed attempt, the next may start `pace` later.
+struct Pace {
+    pace: Duration,
+    /// µs after `epoch` before which no new attempt starts.
+    next_attempt_us: AtomicU64,
+    /// Tokio's clock, so tests can pause it.
+    epoch: Instant,
+}
+
+impl Pace {
+    fn new(pace: Duration) -> Pace {
+        Pace {
+            pace,
+            next_attempt_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// How long until an attempt may start; `None`: now.
+    fn wait(&self) -> Option<Duration> {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let next = self.next_attempt_us.load(Ordering::Relaxed);
+        (now < next).then(|| Duration::from_micros(next - now))
+    }
+
+    /// An attempt failed just now.
+    fn failed(&self) {
+        let next = self.epoch.elapsed() + self.pace;
+        self.next_attempt_us
+            .store(next.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The next attempt may start at once.
+    fn allow_now(&self) {
+        self.next_attempt_us.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::advance;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_attempt_per_pace_while_connecting_fails() {
+        let ms = Duration::from_millis;
+        let pace = Pace::new(ms(500));
+        assert_eq!(pace.wait(), None, "the first attempt at once");
+        advance(ms(100)).await;
+        pace.failed();
+        assert_eq!(pace.wait(), Some(ms(500)));
+        advance(ms(499)).await;
+        assert_eq!(pace.wait(), Some(ms(1)), "not a moment early");
+        advance(ms(1)).await;
+        assert_eq!(pace.wait(), None, "on time");
+
+        pace.failed();
+        advance(ms(10)).await;
+        assert_eq!(pace.wait(), Some(ms(490)));
+        pace.allow_now();
+        assert_eq!(pace.wait(), None, "a probe is not turned away");
     }
 }

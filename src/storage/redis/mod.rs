@@ -30,13 +30,14 @@ mod standalone;
 
 use std::fmt;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use metrics::counter;
 use redis::{RedisError, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use self::breaker::Breaker;
 use self::cluster::Cluster;
@@ -90,10 +91,6 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// PEM certificates to trust for `rediss://` instead of the web PKI roots.
     pub ca_cert: Option<Vec<u8>>,
-    /// TESTS ONLY: pass this clock's time to the scripts instead of letting
-    /// them read Redis' `TIME`, to replay exact sequences. Production never
-    /// sets it: sluice instances agree because they share Redis' clock.
-    pub test_clock: Option<Arc<dyn Clock>>,
 }
 
 impl RedisOptions {
@@ -105,7 +102,6 @@ impl RedisOptions {
             local_cache_size: 100_000,
             password: None,
             ca_cert: None,
-            test_clock: None,
         }
     }
 }
@@ -119,7 +115,6 @@ impl fmt::Debug for RedisOptions {
             .field("local_cache_size", &self.local_cache_size)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("ca_cert", &self.ca_cert.is_some())
-            .field("test_clock", &self.test_clock.is_some())
             .finish()
     }
 }
@@ -164,9 +159,11 @@ struct Inner {
     breaker: Breaker,
     cache: Option<OverLimitCache>,
     timeout: Duration,
-    /// Local monotonic time for the over-limit cache (or the test clock).
+    /// Local monotonic time (Tokio's clock) for the over-limit cache.
     epoch: Instant,
-    test_clock: Option<Arc<dyn Clock>>,
+    /// Counts in this clock's time instead of Redis' (see
+    /// [`RedisStore::with_clock`]).
+    clock: Option<Arc<dyn Clock>>,
     /// Wakes the supervisor when the breaker opens.
     opened: Arc<Notify>,
     supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -187,6 +184,29 @@ impl RedisStore {
     /// connects, loads the scripts, and later probes while the breaker is
     /// open. Fails only on an invalid URL. Needs a Tokio runtime.
     pub fn new(target: &RedisTarget, options: RedisOptions) -> Result<RedisStore, RedisError> {
+        RedisStore::build(target, options, None)
+    }
+
+    /// A store that counts in `clock`'s time instead of Redis' `TIME`: the
+    /// scripts are given its time, and the over-limit cache ages by it too
+    /// (its denials must expire when the counters' windows move on). For
+    /// the storage contract suite, which replays exact sequences at chosen
+    /// times on a real Redis; a paused Tokio clock cannot stand in there,
+    /// since it would jump ahead whenever the test waits on a socket. Never
+    /// in `sluice serve`: instances agree because they share Redis' clock.
+    pub fn with_clock(
+        target: &RedisTarget,
+        options: RedisOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<RedisStore, RedisError> {
+        RedisStore::build(target, options, Some(clock))
+    }
+
+    fn build(
+        target: &RedisTarget,
+        options: RedisOptions,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<RedisStore, RedisError> {
         let timeout = options.store_timeout;
         let connector = |url: &str| {
             Connector::new(
@@ -229,7 +249,7 @@ impl RedisStore {
             cache: OverLimitCache::new(options.local_cache_size),
             timeout,
             epoch: Instant::now(),
-            test_clock: options.test_clock,
+            clock,
             opened: Arc::new(Notify::new()),
             supervisor: std::sync::Mutex::new(None),
         });
@@ -264,7 +284,7 @@ impl Drop for Inner {
 
 impl Inner {
     fn local_now_us(&self) -> u64 {
-        match &self.test_clock {
+        match &self.clock {
             Some(clock) => clock.now_us(),
             None => self.epoch.elapsed().as_micros() as u64,
         }
@@ -291,7 +311,7 @@ impl Inner {
         let sent_us = self.local_now_us();
         let call = Call {
             ops,
-            now_us: self.test_clock.as_ref().map(|c| c.now_us()),
+            now_us: self.clock.as_ref().map(|c| c.now_us()),
         };
         let mut in_flight = InFlight {
             inner: self,
