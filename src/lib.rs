@@ -22,6 +22,7 @@
 //! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `clock`     | injected time |
+//! | `reload`    | file reloads: poll a fingerprint of the files, act on a change |
 //! | `secret`    | secrets and URL redaction, for every layer |
 //! | `proto`     | generated code: messages, service, their proto3 JSON mapping |
 //! | `allocator` | the global allocator (a cargo feature) |
@@ -43,7 +44,7 @@
 //! | 3 | `service` |
 //! | 2 | `storage`, `rules`, `usage` |
 //! | 1 | `limiter`, `database` |
-//! | 0 | `proto`, `clock`, `secret`, `telemetry`, `health`, `allocator` |
+//! | 0 | `proto`, `clock`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
 
 mod allocator;
 pub mod app;
@@ -57,6 +58,7 @@ pub mod health;
 pub mod http;
 pub mod limiter;
 pub mod proto;
+pub mod reload;
 pub mod rules;
 pub mod secret;
 pub mod service;

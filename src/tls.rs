@@ -21,6 +21,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::reload;
+
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -107,41 +109,30 @@ impl TlsReloader {
     }
 
     fn fingerprint(&self) -> Option<[u8; 32]> {
-        let mut h = blake3::Hasher::new();
-        let paths = [
-            Some(&self.files.cert),
-            Some(&self.files.key),
-            self.files.client_ca.as_ref(),
-        ];
-        for path in paths.into_iter().flatten() {
-            h.update(&std::fs::read(path).ok()?);
-            h.update(&[0]);
-        }
-        Some(*h.finalize().as_bytes())
+        let files = &self.files;
+        reload::fingerprint(
+            [
+                Some(&files.cert),
+                Some(&files.key),
+                files.client_ca.as_ref(),
+            ]
+            .into_iter()
+            .flatten(),
+        )
     }
 
     /// Polls the files and swaps in new certificates when they change.
     pub async fn watch(self: Arc<Self>, poll: Duration) {
-        let mut last = self.fingerprint();
-        let mut ticker = tokio::time::interval(poll);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            let current = self.fingerprint();
-            if current.is_none() || current == last {
-                continue;
+        let apply = || match load_config(&self.files) {
+            Ok(config) => {
+                self.config.store(config);
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
             }
-            last = current;
-            match load_config(&self.files) {
-                Ok(config) => {
-                    self.config.store(config);
-                    tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "new TLS certificates do not load; keeping the ones in force")
-                }
+            Err(e) => {
+                tracing::warn!(error = %e, "new TLS certificates do not load; keeping the ones in force")
             }
-        }
+        };
+        reload::on_change(poll, || self.fingerprint(), apply).await;
     }
 }
 
