@@ -225,11 +225,13 @@ fn bench_plan_decide(c: &mut Criterion) {
 fn bench_should_rate_limit(c: &mut Criterion) {
     // The Prometheus recorder `sluice serve` installs, so metrics cost what
     // they cost in production (with no recorder, they are no-ops).
-    let _metrics = sluice::telemetry::prometheus();
+    let metrics = sluice::telemetry::prometheus();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // And its upkeep, as `sluice serve` runs it: memory stays bounded.
+    let _upkeep = runtime.spawn(sluice::telemetry::upkeep(metrics));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store: Arc<dyn CounterStore> = Arc::new(MemoryStore::new(1_000_000, clock.clone()));
     let limiter = RateLimiter::new(

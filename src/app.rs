@@ -27,6 +27,7 @@ use crate::service::{ApiKeyPolicy, LimiterSettings, RateLimiter};
 use crate::storage::memory::MemoryStore;
 use crate::storage::redis::{RedisOptions, RedisStore, RedisTarget};
 use crate::storage::CounterStore;
+use crate::task::{OwnedTask, TaskSet};
 use crate::telemetry::{self, names};
 use crate::tls::{self, TlsFiles, TlsReloader};
 use crate::usage::UsageRecorder;
@@ -45,13 +46,30 @@ pub struct Deps {
     pub shutdown_grace: Duration,
     /// Serve gRPC over TLS with these (reloading) certificates.
     pub tls: Option<Arc<TlsReloader>>,
+    /// The background tasks `build` started (rule and certificate reloads,
+    /// usage writes, counter expiry, metrics upkeep); `serve` ends them when
+    /// it returns.
+    pub tasks: TaskSet,
 }
 
 /// Serves the rate-limit API (with health and reflection) on `grpc` and the
 /// HTTP endpoints on `http` until `shutdown` completes; then reports
 /// NOT_SERVING, stops accepting, and gives in-flight calls up to the grace
-/// period to finish.
+/// period to finish. Ends the background tasks in `deps` when it returns,
+/// whether it stopped by `shutdown` or because a server failed.
 pub async fn serve(
+    grpc: TcpListener,
+    http: TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let tasks = deps.tasks.clone();
+    let result = serve_until(grpc, http, deps, shutdown).await;
+    tasks.end().await;
+    result
+}
+
+async fn serve_until(
     grpc: TcpListener,
     http: TcpListener,
     deps: Deps,
@@ -62,10 +80,10 @@ pub async fn serve(
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
     health.set_service_status("", ServingStatus::Serving).await;
-    let _store_health = AbortOnDrop(tokio::spawn(report_store_health(
+    let _store_health = OwnedTask::spawn(report_store_health(
         health.clone(),
         deps.limiter.store().clone(),
-    )));
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -183,21 +201,14 @@ async fn report_store_health(
     }
 }
 
-/// Aborts a background task when dropped: `serve` returns from several
-/// places, and its helpers must not outlive it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Builds everything `serve` needs from the command line, and starts the
-/// background tasks (rule reloads, counter expiry).
+/// background tasks (rule reloads, counter expiry, ...) in `Deps::tasks`.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let readiness = Arc::new(Readiness::default());
+    let tasks = TaskSet::default();
+    let metrics = telemetry::prometheus();
+    tasks.spawn(telemetry::upkeep(metrics.clone()));
 
     let rules: RulesHandle = Arc::new(ArcSwap::from_pointee(RuleSet::new()));
     let mut usage = None;
@@ -205,7 +216,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         RulesSource::Files(path) => {
             watch::load_into(path, &rules, &readiness)
                 .map_err(|errors| anyhow::anyhow!("invalid rules:\n{errors}"))?;
-            tokio::spawn(watch::watch(
+            tasks.spawn(watch::watch(
                 path.clone(),
                 args.rules_poll,
                 rules.clone(),
@@ -215,12 +226,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         RulesSource::Postgres => {
             let (mut source, primary) = postgres_source(args, &rules, &readiness)?;
             source.start_up(args.require_rules).await?;
-            tokio::spawn(source.run());
-            usage = Some(UsageRecorder::start(
-                primary,
-                args.usage_flush,
-                args.usage_queue.get(),
-            ));
+            tasks.spawn(source.run());
+            let (recorder, writer) =
+                UsageRecorder::new(primary, args.usage_flush, args.usage_queue.get());
+            tasks.spawn(writer);
+            usage = Some(recorder);
         }
     }
 
@@ -231,7 +241,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
     let store: Arc<dyn CounterStore> = match &args.store {
         StoreUrl::Memory => {
             let store = Arc::new(MemoryStore::new(args.memory_max_keys.get(), clock.clone()));
-            tokio::spawn(sweep(store.clone()));
+            tasks.spawn(sweep(store.clone()));
             store
         }
         StoreUrl::Redis(url) => redis_store(RedisTarget::Standalone(url.clone()), args)?,
@@ -270,7 +280,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
                 client_ca: args.tls_client_ca.clone(),
             })
             .context("loading TLS certificates")?;
-            tokio::spawn(reloader.clone().watch(Duration::from_secs(1)));
+            tasks.spawn(reloader.clone().watch(Duration::from_secs(1)));
             Some(reloader)
         }
         _ => None,
@@ -279,8 +289,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         limiter: Arc::new(limiter),
         tls,
         readiness,
-        metrics: telemetry::prometheus(),
+        metrics,
         shutdown_grace: args.shutdown_grace,
+        tasks,
     })
 }
 

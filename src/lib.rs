@@ -22,6 +22,7 @@
 //! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `clock`     | injected time |
+//! | `task`      | background tasks, each owned and ended with its owner |
 //! | `reload`    | file reloads: poll a fingerprint of the files, act on a change |
 //! | `secret`    | secrets and URL redaction, for every layer |
 //! | `proto`     | generated code: messages, service, their proto3 JSON mapping |
@@ -44,7 +45,7 @@
 //! | 3 | `service` |
 //! | 2 | `storage`, `rules`, `usage` |
 //! | 1 | `limiter`, `database` |
-//! | 0 | `proto`, `clock`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
+//! | 0 | `proto`, `clock`, `task`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
 
 mod allocator;
 pub mod app;
@@ -63,6 +64,7 @@ pub mod rules;
 pub mod secret;
 pub mod service;
 pub mod storage;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 pub mod usage;

@@ -3,6 +3,7 @@
 //! here as constants.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -148,29 +149,32 @@ pub fn prometheus() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            let handle = match builder.install_recorder() {
+            match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is installed (a test harness); keep a
                 // private one so /metrics still renders.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            };
-            spawn_upkeep(handle.clone());
-            handle
+            }
         })
         .clone()
 }
 
+/// How often [`upkeep`] drains the histogram samples.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// `install_recorder` starts no upkeep: every histogram sample is kept until
 /// `/metrics` is rendered, about 40 bytes per request, without bound when
-/// nothing scrapes (BENCHMARKS.md). Drain them into the buckets on a timer.
-fn spawn_upkeep(handle: PrometheusHandle) {
-    let spawned = std::thread::Builder::new()
-        .name("metrics-upkeep".into())
-        .spawn(move || loop {
-            std::thread::sleep(std::time::Duration::from_secs(5));
-            handle.run_upkeep();
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms drain only when scraped");
+/// nothing scrapes (BENCHMARKS.md). This drains them into the buckets on a
+/// timer, for as long as it runs (`sluice serve` runs it as a background
+/// task).
+pub async fn upkeep(handle: PrometheusHandle) {
+    loop {
+        tokio::time::sleep(UPKEEP_EVERY).await;
+        let handle = handle.clone();
+        // Draining is CPU work proportional to the requests since the last
+        // time: on a blocking thread, not on a worker serving requests.
+        if let Err(e) = tokio::task::spawn_blocking(move || handle.run_upkeep()).await {
+            tracing::warn!(error = %e, "metrics upkeep failed");
+        }
     }
 }

@@ -7,7 +7,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::reload;
+use crate::task::{OwnedTask, TaskSet};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,25 +141,24 @@ impl TlsReloader {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a
 /// slow or failing handshake never holds up the others. Failed handshakes
-/// (an untrusted client certificate, say) are logged and dropped.
+/// (an untrusted client certificate, say) are logged and dropped. The
+/// stream owns the accepting task: dropping it (the server stopping) ends
+/// that task and the handshakes under way.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
 ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
+    let accepting = OwnedTask::spawn(async move {
+        let handshakes = TaskSet::default();
         loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                // The server stopped reading: shutdown.
-                () = tx.closed() => return,
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             // Nagle's algorithm would hold a small response back until the
             // client's delayed ACK (40 ms on Linux) whenever two or more
@@ -166,7 +168,7 @@ pub fn incoming(
             }
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
@@ -177,5 +179,22 @@ pub fn incoming(
             });
         }
     });
-    ReceiverStream::new(rx)
+    Incoming {
+        connections: ReceiverStream::new(rx),
+        _accepting: accepting,
+    }
+}
+
+/// The connections handed over, and the task that accepts them.
+struct Incoming<T> {
+    connections: ReceiverStream<T>,
+    _accepting: OwnedTask,
+}
+
+impl<T> Stream for Incoming<T> {
+    type Item = T;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        Pin::new(&mut self.connections).poll_next(cx)
+    }
 }

@@ -9,6 +9,7 @@
 //! A failed write keeps the sums for the next attempt (up to a bound).
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,11 +55,16 @@ pub struct UsageRecorder {
 }
 
 impl UsageRecorder {
-    /// Starts the writer task; events go to `pool` (the primary).
-    pub fn start(pool: PgPool, flush_every: Duration, queue: usize) -> UsageRecorder {
+    /// A recorder and its writer, which writes to `pool` (the primary) until
+    /// [`UsageRecorder::close`]; the caller runs the writer as a task it owns.
+    pub fn new(
+        pool: PgPool,
+        flush_every: Duration,
+        queue: usize,
+    ) -> (UsageRecorder, impl Future<Output = ()> + Send + 'static) {
         let (recorder, events, close) = UsageRecorder::channel(queue);
-        tokio::spawn(run(Writer::new(pool), events, close, flush_every));
-        recorder
+        let writer = run(Writer::new(pool), events, close, flush_every);
+        (recorder, writer)
     }
 
     /// A recorder and the receiving ends, for a writer of one's own (tests).

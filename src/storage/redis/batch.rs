@@ -15,13 +15,13 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use metrics::{counter, histogram};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use super::connect::NodeConnection;
 use super::scripts::{add_load, add_script_call, parse_outcomes, Reply, Unit};
 use super::slot::counter_slot;
 use crate::limiter::Outcome;
 use crate::storage::StoreError;
+use crate::task::OwnedTask;
 use crate::telemetry::names;
 
 /// A unit's answer: its outcomes, or why its script call did not run.
@@ -47,7 +47,7 @@ struct Waiting {
 /// queue is dropped with its node, and is aborted then at the latest.
 pub struct BatchQueue {
     queue: mpsc::UnboundedSender<Waiting>,
-    task: JoinHandle<()>,
+    _task: OwnedTask,
 }
 
 impl BatchQueue {
@@ -56,7 +56,7 @@ impl BatchQueue {
         let (queue, waiting) = mpsc::unbounded_channel();
         BatchQueue {
             queue,
-            task: tokio::spawn(drain(node, waiting)),
+            _task: OwnedTask::spawn(drain(node, waiting)),
         }
     }
 
@@ -68,12 +68,6 @@ impl BatchQueue {
             .send(Waiting { units, answer })
             .map_err(|_| closed())?;
         answered.await.map_err(|_| closed())?
-    }
-}
-
-impl Drop for BatchQueue {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

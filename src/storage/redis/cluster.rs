@@ -36,6 +36,7 @@ use super::slot::{counter_slot, SLOTS};
 use super::Call;
 use crate::limiter::Outcome;
 use crate::storage::StoreError;
+use crate::task::OwnedTask;
 use crate::telemetry::names;
 
 /// Failing calls ask for a refresh; this bounds how often one happens.
@@ -49,6 +50,9 @@ pub struct Cluster {
     /// Nodes by `host:port`, kept across refreshes.
     nodes: Mutex<HashMap<String, Arc<NodeConnection>>>,
     refreshing: AtomicBool,
+    /// The last refresh asked for in the background; it holds the cluster
+    /// weakly while it waits, and ends when the cluster is dropped.
+    refresh_task: Mutex<Option<OwnedTask>>,
     /// Held by calls that find no topology yet (start-up), so one of them
     /// asks and the others wait for its answer.
     first_refresh: tokio::sync::Mutex<()>,
@@ -82,6 +86,7 @@ impl Cluster {
             topology: ArcSwap::from_pointee(Topology::default()),
             nodes: Mutex::default(),
             refreshing: AtomicBool::new(false),
+            refresh_task: Mutex::default(),
             first_refresh: tokio::sync::Mutex::new(()),
             last_refresh: Mutex::new(None),
             refresh_timeout: store_timeout.max(Duration::from_millis(500)),
@@ -128,21 +133,27 @@ impl Cluster {
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let since = this
-                .last_refresh
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .map(|t| t.elapsed());
+        let cluster = Arc::downgrade(self);
+        let since = self
+            .last_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed());
+        // Replaced under the lock, so no later task is ever replaced by this
+        // one; the one it replaces is done (`refreshing` was false).
+        let mut task = self.refresh_task.lock().unwrap_or_else(|p| p.into_inner());
+        *task = Some(OwnedTask::spawn(async move {
             if let Some(since) = since {
                 tokio::time::sleep(MIN_REFRESH_INTERVAL.saturating_sub(since)).await;
             }
+            let Some(this) = cluster.upgrade() else {
+                return;
+            };
             if let Err(e) = this.refresh().await {
                 tracing::debug!(error = %e, "cluster topology refresh failed");
             }
             this.refreshing.store(false, Ordering::Release);
-        });
+        }));
     }
 
     /// Reads `CLUSTER SLOTS` from the first node that answers: the known

@@ -24,6 +24,7 @@ use super::batch::{BatchQueue, UnitReply};
 use super::redis_error;
 use super::scripts::Unit;
 use crate::storage::StoreError;
+use crate::task::OwnedTask;
 use crate::telemetry::names;
 
 /// Everything needed to open a connection to any node of one deployment.
@@ -158,6 +159,10 @@ type Attempt = Shared<BoxFuture<'static, Result<Arc<MultiplexedConnection>, Stri
 #[derive(Default)]
 struct Attempts {
     under_way: Option<Attempt>,
+    /// The task that runs the last attempt, so that it finishes (and is
+    /// recorded) even if every call waiting on it gives up; replaced by the
+    /// next attempt's.
+    task: Option<OwnedTask>,
     /// Why the last attempt failed; cleared by a success.
     last_error: Option<String>,
 }
@@ -263,9 +268,7 @@ impl NodeConnection {
                         )));
                     }
                     let attempt = Self::connect(Arc::downgrade(self)).boxed().shared();
-                    // Spawned, so it finishes (and is recorded) even if every
-                    // caller waiting on it gives up.
-                    tokio::spawn(attempt.clone());
+                    state.task = Some(OwnedTask::spawn(attempt.clone().map(drop)));
                     state.under_way = Some(attempt.clone());
                     attempt
                 }

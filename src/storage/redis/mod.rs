@@ -29,14 +29,13 @@ mod slot;
 mod standalone;
 
 use std::fmt;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use metrics::counter;
 use redis::{RedisError, Value};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use self::breaker::Breaker;
@@ -48,6 +47,7 @@ use self::standalone::Standalone;
 use super::{CounterOp, CounterStore, StoreError, StoreHealth};
 use crate::clock::Clock;
 use crate::limiter::Outcome;
+use crate::task::OwnedTask;
 use crate::telemetry::names;
 
 pub use self::slot::key_slot;
@@ -166,7 +166,9 @@ struct Inner {
     clock: Option<Arc<dyn Clock>>,
     /// Wakes the supervisor when the breaker opens.
     opened: Arc<Notify>,
-    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Set once, just after the store is built: the task holds the store
+    /// weakly, and ends when the store is dropped.
+    supervisor: OnceLock<OwnedTask>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -251,10 +253,10 @@ impl RedisStore {
             epoch: Instant::now(),
             clock,
             opened: Arc::new(Notify::new()),
-            supervisor: std::sync::Mutex::new(None),
+            supervisor: OnceLock::new(),
         });
-        let task = tokio::spawn(supervise(Arc::downgrade(&inner), inner.opened.clone()));
-        *inner.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        let task = OwnedTask::spawn(supervise(Arc::downgrade(&inner), inner.opened.clone()));
+        let _ = inner.supervisor.set(task);
         Ok(RedisStore { inner })
     }
 
@@ -266,19 +268,6 @@ impl RedisStore {
     /// Entries in the over-limit cache.
     pub fn local_cache_len(&self) -> usize {
         self.inner.cache.as_ref().map_or(0, OverLimitCache::len)
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(task) = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            task.abort();
-        }
     }
 }
 

@@ -189,6 +189,7 @@ impl TestServer {
             metrics: sluice::telemetry::prometheus(),
             shutdown_grace: config.shutdown_grace,
             tls: config.tls,
+            tasks: sluice::task::TaskSet::default(),
         };
         Self::serve(deps).await
     }
