@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_well_known_types(true)
+        // tonic-prost's codec, but a request that does not decode is the
+        // caller's error (INVALID_ARGUMENT), not the server's (INTERNAL).
+        .codec_path("crate::proto::Codec")
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
 

@@ -3,8 +3,9 @@
 //! (lowerCamelCase or proto field names, 64-bit numbers as strings or
 //! numbers, enums by name or number), the answer a `RateLimitResponse` with
 //! every field written, zero values too. 200 when OK, 429 when over the
-//! limit, 400 `{"error": ...}` naming the field for bad input, 503 when the
-//! store fails under `--failure-mode deny`.
+//! limit, 400 `{"error": ...}` naming the field for bad input, 413 for a body
+//! over [`MAX_REQUEST_BYTES`], 503 when the store fails under
+//! `--failure-mode deny`.
 //!
 //! The JSON mapping is generated from the protos (pbjson, see build.rs) and a
 //! decoded message goes through `convert` as a gRPC one does, so `/json` and
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +26,7 @@ use serde::Serialize;
 
 use crate::convert::{request_from_proto, verdict_to_proto};
 use crate::health::Readiness;
+use crate::limiter::bounds::MAX_REQUEST_BYTES;
 use crate::limiter::Code;
 use crate::proto::rls::RateLimitRequest;
 use crate::service::{DecideError, RateLimiter};
@@ -43,6 +45,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/json", post(json))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
 
@@ -64,7 +67,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     (code, Json(report))
 }
 
-async fn json(State(state): State<HttpState>, body: Bytes) -> Response {
+async fn json(State(state): State<HttpState>, Body(body): Body) -> Response {
     let started = Instant::now();
     let response = match decode(&body) {
         Ok(message) => decide(&state.limiter, &message).await,
@@ -89,6 +92,36 @@ async fn decide(limiter: &RateLimiter, message: &RateLimitRequest) -> Response {
         }
         Err(DecideError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(DecideError::Unavailable(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// A request body of at most [`MAX_REQUEST_BYTES`]. A longer one is 413
+/// with a JSON error: from its `Content-Length` before any of it is read,
+/// else as soon as the bytes read pass the bound (`DefaultBodyLimit`).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Body, Response> {
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is over the bound of {MAX_REQUEST_BYTES} bytes"),
+            )
+        };
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > MAX_REQUEST_BYTES as u64) {
+            return Err(too_large());
+        }
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => Ok(Body(bytes)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
+            Err(e) => Err(error(e.status(), e.body_text())),
+        }
     }
 }
 

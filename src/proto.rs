@@ -1,6 +1,11 @@
-//! Generated protobuf and gRPC code for Envoy's rate-limit API (see build.rs).
+//! Generated protobuf and gRPC code for Envoy's rate-limit API (see
+//! build.rs), and the codec the generated services use.
 
 #![allow(clippy::all, missing_docs)]
+
+mod codec;
+
+pub use codec::Codec;
 
 /// A package's prost messages (and tonic service), and their proto3 JSON
 /// mapping: pbjson's serde impls.

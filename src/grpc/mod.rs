@@ -2,6 +2,8 @@
 //! reflection. Proto types become domain types here and nowhere else, and
 //! this is the one place where errors become `tonic::Status`.
 
+mod bounded;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -13,12 +15,15 @@ use tonic::{Request, Response};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::limiter::bounds::MAX_REQUEST_BYTES;
 use crate::proto::rls::{
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
     RateLimitRequest, RateLimitResponse,
 };
 use crate::service::{DecideError, RateLimiter};
 use crate::telemetry::names;
+
+pub use bounded::Bounded;
 
 use crate::convert::{request_from_proto, verdict_to_proto};
 
@@ -40,8 +45,13 @@ impl RateLimitHandler {
         }
     }
 
-    pub fn into_server(self) -> RateLimitServiceServer<RateLimitHandler> {
-        RateLimitServiceServer::new(self)
+    /// The service, its request messages bounded by
+    /// [`MAX_REQUEST_BYTES`](crate::limiter::bounds::MAX_REQUEST_BYTES).
+    pub fn into_server(self) -> Bounded<RateLimitServiceServer<RateLimitHandler>> {
+        Bounded::new(
+            RateLimitServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES),
+            MAX_REQUEST_BYTES,
+        )
     }
 }
 

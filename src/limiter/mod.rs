@@ -147,6 +147,12 @@ pub mod bounds {
     pub const MAX_KEY_LEN: usize = 255;
     pub const MAX_VALUE_LEN: usize = 1024;
     pub const MAX_HITS: u64 = u32::MAX as u64;
+    /// The largest encoded request, gRPC message or JSON body: 4 MiB, three
+    /// times the largest protobuf request the bounds above admit (64
+    /// descriptors of 16 entries of 255-byte keys and 1024-byte values, about
+    /// 1.3 MB), so that JSON's quoting fits too. Anything larger is refused
+    /// before it is read whole.
+    pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 }
 
 /// A rate-limit request, borrowing its strings from the decoded message.

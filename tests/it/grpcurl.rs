@@ -175,3 +175,40 @@ async fn health_check_through_grpcurl() {
     assert!(!out.success);
     assert!(out.stderr.contains("NotFound"), "{}", out.stderr);
 }
+
+#[tokio::test]
+async fn a_request_over_the_size_bound_is_resource_exhausted() {
+    use sluice::limiter::bounds::MAX_REQUEST_BYTES;
+    use tokio::io::AsyncWriteExt as _;
+
+    let server = start().await;
+    let body = json!({
+        "domain": "api",
+        "descriptors": [{"entries": [{"key": "client", "value": "v".repeat(MAX_REQUEST_BYTES)}]}],
+    })
+    .to_string();
+    // Through stdin (`-d @`): the body is larger than an argument may be.
+    let mut child = tokio::process::Command::new(tool("grpcurl"))
+        .args(["-plaintext", "-max-time", "20", "-d", "@"])
+        .arg(server.grpc_addr.to_string())
+        .arg(format!("{SERVICE}/ShouldRateLimit"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running grpcurl");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(body.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("ResourceExhausted") && stderr.contains(&MAX_REQUEST_BYTES.to_string()),
+        "{stderr}"
+    );
+}

@@ -12,6 +12,7 @@
 mod support;
 
 mod cli;
+mod edges;
 mod envoy_e2e;
 mod envoy_tls;
 mod grpc_api;

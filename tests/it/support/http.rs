@@ -98,7 +98,7 @@ fn invalid(message: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, message)
 }
 
-fn parse(raw: &[u8]) -> std::io::Result<HttpResponse> {
+pub fn parse(raw: &[u8]) -> std::io::Result<HttpResponse> {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
