@@ -1,18 +1,25 @@
 //! The pure decision core: request and limit types, window math, counter
-//! keys, and `plan`/`decide`. Nothing here does I/O or reads a clock; time
+//! keys, `plan`/`decide`, and `explain`. Nothing here does I/O or reads a clock; time
 //! comes in as `now_us` (microseconds since the Unix epoch).
 
+mod explain;
 mod key;
 mod plan;
 mod ruleset;
 mod window;
 
+pub use explain::{
+    explain, Candidate, CounterReading, DescriptorExplanation, DescriptorReport, Explanation,
+    Reason, Report, Step,
+};
 pub use key::{CounterKey, KeyHasher};
 pub use plan::{
     decide, plan, plan_for, Caller, CounterOp, CurrentLimit, Decision, DescriptorDecision, Plan,
     PlanItem, PlanOptions, QuotaItem, MONTHLY_QUOTA,
 };
-pub use ruleset::{ApiKey, Level, Match, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch};
+pub use ruleset::{
+    ApiKey, Level, Match, Matched, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch,
+};
 pub use window::{check, gcra_interval_us, Checked, CounterSpec, CounterState, Outcome};
 
 use std::fmt;

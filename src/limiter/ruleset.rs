@@ -59,9 +59,21 @@ pub struct Level {
 #[derive(Clone, Debug, Default)]
 struct KeyNodes {
     exact: HashMap<Box<str>, Node>,
-    /// `value: prefix*` entries, in file order; the first match wins.
+    /// `value: prefix*` entries as written, `*` included, in file order; the
+    /// first match wins.
     wildcards: Vec<(Box<str>, Node)>,
     any: Option<Node>,
+}
+
+/// Which entry of a level matched a descriptor entry's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matched<'r> {
+    /// `value: v`, the value itself.
+    Exact,
+    /// A `value:` with `*`: the pattern as written.
+    Wildcard(&'r str),
+    /// The key alone, no `value:`.
+    KeyOnly,
 }
 
 /// How a configured entry matches a value.
@@ -100,10 +112,11 @@ impl Level {
                 slot.exact.insert(v.into(), node);
             }
             ValueMatch::Prefix(p) => {
-                if slot.wildcards.iter().any(|(q, _)| **q == *p) {
+                let pattern = format!("{p}*");
+                if slot.wildcards.iter().any(|(q, _)| **q == *pattern) {
                     return Err(node);
                 }
-                slot.wildcards.push((p.into(), node));
+                slot.wildcards.push((pattern.into(), node));
             }
             ValueMatch::Any => {
                 if slot.any.is_some() {
@@ -115,19 +128,39 @@ impl Level {
         Ok(())
     }
 
-    /// envoyproxy/ratelimit's order: the exact value, then the first wildcard
-    /// that matches in file order, then the key-only entry.
-    fn find(&self, entry: &Entry<'_>) -> Option<&Node> {
-        let slot = self.keys.get(entry.key)?;
-        slot.exact
-            .get(entry.value)
-            .or_else(|| {
-                slot.wildcards
-                    .iter()
-                    .find(|(prefix, _)| entry.value.starts_with(&**prefix))
-                    .map(|(_, n)| n)
-            })
-            .or(slot.any.as_ref())
+    /// The matcher: the entry that matches `entry`, and how.
+    fn find(&self, entry: &Entry<'_>) -> Option<(Matched<'_>, &Node)> {
+        self.candidates(entry).next()
+    }
+
+    /// Every entry that matches `entry`, in envoyproxy/ratelimit's order of
+    /// precedence: the exact value, then the wildcards that match in file
+    /// order, then the key-only entry. The first is the match ([`find`]);
+    /// explaining a lookup lists the others as passed over. Lazy: `find`
+    /// looks no further than the match.
+    ///
+    /// [`find`]: Level::find
+    pub(super) fn candidates<'l, 'v>(
+        &'l self,
+        entry: &Entry<'v>,
+    ) -> impl Iterator<Item = (Matched<'l>, &'l Node)> + use<'l, 'v> {
+        let slot = self.keys.get(entry.key);
+        let exact = slot.and_then(|s| s.exact.get(entry.value));
+        let wildcards = slot.into_iter().flat_map(|s| &s.wildcards);
+        let value = entry.value;
+        exact
+            .map(|n| (Matched::Exact, n))
+            .into_iter()
+            .chain(wildcards.filter_map(move |(pattern, n)| {
+                let prefix = &pattern[..pattern.len() - 1];
+                value
+                    .starts_with(prefix)
+                    .then_some((Matched::Wildcard(&**pattern), n))
+            }))
+            .chain(
+                slot.and_then(|s| s.any.as_ref())
+                    .map(|n| (Matched::KeyOnly, n)),
+            )
     }
 
     fn nodes(&self) -> impl Iterator<Item = &Node> {
@@ -260,7 +293,7 @@ impl RuleSet {
     /// descriptor ends exactly at the node that carries it; a matched node
     /// without a rule (a whitelisted value) yields no limit.
     pub fn lookup<'r>(&'r self, domain: &str, entries: &[Entry<'_>]) -> Option<Match<'r>> {
-        Self::lookup_in(self.domains.get(domain)?, entries)
+        walk(self.domains.get(domain)?, entries, |_| {})
     }
 
     /// As [`RuleSet::lookup`], for a request made with an API key: the key's
@@ -272,31 +305,68 @@ impl RuleSet {
         key: &ApiKey,
         entries: &[Entry<'_>],
     ) -> Option<Match<'r>> {
-        let scoped = |trees: &'r HashMap<Box<str>, HashMap<Box<str>, Level>>, name: &str| {
-            trees.get(name).and_then(|t| t.get(domain))
-        };
-        let tree = scoped(&self.tenants, &key.tenant)
-            .or_else(|| scoped(&self.plans, &key.plan))
-            .or_else(|| self.domains.get(domain))?;
-        Self::lookup_in(tree, entries)
+        walk(self.tree(domain, Some(key))?.1, entries, |_| {})
     }
 
-    fn lookup_in<'r>(root: &'r Level, entries: &[Entry<'_>]) -> Option<Match<'r>> {
-        let mut level = root;
-        let mut shared = [None; bounds::MAX_ENTRIES];
-        let mut found = None;
-        for (i, entry) in entries.iter().enumerate() {
-            let node = level.find(entry)?;
-            if let (Some(pattern), Some(slot)) = (&node.shared_pattern, shared.get_mut(i)) {
-                *slot = Some(&**pattern);
-            }
-            if i + 1 == entries.len() {
-                found = node.rule.as_deref();
-            }
-            level = &node.children;
-        }
-        found.map(|rule| Match { rule, shared })
+    /// The tree a descriptor is matched against, and whose it is (`None`:
+    /// the domain's own): for a key, its tenant's, else its plan's, else the
+    /// domain's.
+    pub(super) fn tree<'r>(
+        &'r self,
+        domain: &str,
+        key: Option<&ApiKey>,
+    ) -> Option<(Option<Scope<'r>>, &'r Level)> {
+        let scoped = |trees: &'r HashMap<Box<str>, HashMap<Box<str>, Level>>, name: &str| {
+            let (name, trees) = trees.get_key_value(name)?;
+            Some((&**name, trees.get(domain)?))
+        };
+        let key_tree = key.and_then(|key| {
+            scoped(&self.tenants, &key.tenant)
+                .map(|(t, tree)| (Some(Scope::Tenant(t)), tree))
+                .or_else(|| {
+                    scoped(&self.plans, &key.plan).map(|(p, tree)| (Some(Scope::Plan(p)), tree))
+                })
+        });
+        key_tree.or_else(|| Some((None, self.domains.get(domain)?)))
     }
+}
+
+/// One step of a walk down a tree: the descriptor entry at `depth`, the
+/// level it is matched in, and what the matcher found there.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Visit<'r> {
+    pub depth: usize,
+    pub level: &'r Level,
+    pub found: Option<(Matched<'r>, &'r Node)>,
+}
+
+/// The lookup: matches the entries level by level, showing each step to
+/// `visit` (explaining records them; a lookup ignores them).
+pub(super) fn walk<'r>(
+    root: &'r Level,
+    entries: &[Entry<'_>],
+    mut visit: impl FnMut(Visit<'r>),
+) -> Option<Match<'r>> {
+    let mut level = root;
+    let mut shared = [None; bounds::MAX_ENTRIES];
+    let mut found = None;
+    for (i, entry) in entries.iter().enumerate() {
+        let step = level.find(entry);
+        visit(Visit {
+            depth: i,
+            level,
+            found: step,
+        });
+        let (_, node) = step?;
+        if let (Some(pattern), Some(slot)) = (&node.shared_pattern, shared.get_mut(i)) {
+            *slot = Some(&**pattern);
+        }
+        if i + 1 == entries.len() {
+            found = node.rule.as_deref();
+        }
+        level = &node.children;
+    }
+    found.map(|rule| Match { rule, shared })
 }
 
 #[cfg(test)]
