@@ -1,7 +1,8 @@
-//! Compiles `proto/` with protox (a protobuf compiler written in Rust), so a
-//! build needs no `protoc` on the machine. From the one descriptor set come
-//! the prost messages and tonic service, the proto3 JSON mapping of the same
-//! messages (pbjson: serde impls, for `/json`), and the bytes that gRPC server
+//! Compiles `proto/` (Envoy's rate-limit API and sluice's own) with protox
+//! (a protobuf compiler written in Rust), so a build needs no `protoc` on the
+//! machine. From the one descriptor set come the prost messages and tonic
+//! services, the proto3 JSON mapping of the same messages (pbjson: serde
+//! impls, for `/json` and `/explain`), and the bytes that gRPC server
 //! reflection serves.
 
 use std::{env, path::PathBuf};
@@ -10,7 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
-    let fds = protox::compile(["envoy/service/ratelimit/v3/rls.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "envoy/service/ratelimit/v3/rls.proto",
+            "sluice/v1/sluice.proto",
+        ],
+        ["proto"],
+    )?;
     let encoded = prost::Message::encode_to_vec(&fds);
     std::fs::write(out_dir.join("sluice_descriptor.bin"), &encoded)?;
 
@@ -34,6 +41,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // allows: a client reads every field of an answer without defaulting.
         // Unknown fields in a request stay errors, naming the field.
         .emit_fields()
-        .build(&[".envoy"])?;
+        .build(&[".envoy", ".sluice"])?;
     Ok(())
 }

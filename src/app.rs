@@ -17,7 +17,7 @@ use tonic_health::ServingStatus;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{RulesSource, ServeArgs, StoreUrl};
-use crate::grpc::{RateLimitHandler, SERVICE_NAME};
+use crate::grpc::{ExplainHandler, RateLimitHandler, SERVICE_NAME};
 use crate::health::Readiness;
 use crate::limiter::RuleSet;
 use crate::limiter::{KeyHasher, PlanOptions};
@@ -105,7 +105,8 @@ async fn serve_until(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RateLimitHandler::new(deps.limiter.clone()).into_server());
+        .add_service(RateLimitHandler::new(deps.limiter.clone()).into_server())
+        .add_service(ExplainHandler::new(deps.limiter.clone()).into_server());
     let grpc_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &deps.tls {
             Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(

@@ -1,51 +1,26 @@
-//! The one-shot subcommands: `check` and `rules validate`; those that work
-//! on PostgreSQL are in [`postgres`].
+//! The one-shot subcommands: `check`, `explain` and `rules validate`; those
+//! that work on PostgreSQL are in [`postgres`].
 
 pub mod postgres;
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::CheckArgs;
+use crate::config::{CheckArgs, ExplainArgs};
 use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
 use crate::proto::rls::{
     rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient, RateLimitRequest,
+};
+use crate::proto::sluice::v1::{
+    candidate::Kind, sluice_client::SluiceClient, Candidate, ExplainResponse,
 };
 use crate::rules::yaml;
 
 /// `sluice check`: one call to a running sluice, printed for a human.
 pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let addr = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
-    };
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())?
-        .connect_timeout(args.timeout)
-        .timeout(args.timeout)
-        .connect()
-        .await
-        // tonic's error chain repeats itself ("transport error: tcp connect
-        // error: tcp connect error: ..."); its root cause says it all.
-        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {}", root_cause(&e)))?;
-    let mut client = RateLimitServiceClient::new(channel);
-    let request = RateLimitRequest {
-        domain: args.domain.clone(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: args
-                .entries
-                .iter()
-                .map(|(key, value)| Entry {
-                    key: key.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-            limit: None,
-            hits_addend: args.hits.map(pbjson_types::UInt64Value::from),
-        }],
-        hits_addend: 0,
-    };
-    let response = client.should_rate_limit(request).await?.into_inner();
+    let mut client = RateLimitServiceClient::new(connect(&args).await?);
+    let response = client.should_rate_limit(request(&args)).await?.into_inner();
     let overall = response.overall_code();
     println!("overall: {}", overall.as_str_name());
     for (i, s) in response.statuses.iter().enumerate() {
@@ -74,6 +49,163 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `sluice explain`: why a running sluice would answer what it would,
+/// printed for a human, or as JSON. Counts nothing; exits 0 whatever the
+/// answer would be.
+pub async fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let mut client = SluiceClient::new(connect(&args.call).await?);
+    let response = client.explain(request(&args.call)).await?.into_inner();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    } else {
+        print!("{}", render(&response));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(args: &CheckArgs) -> anyhow::Result<tonic::transport::Channel> {
+    let addr = if args.addr.contains("://") {
+        args.addr.clone()
+    } else {
+        format!("http://{}", args.addr)
+    };
+    tonic::transport::Endpoint::from_shared(addr.clone())?
+        .connect_timeout(args.timeout)
+        .timeout(args.timeout)
+        .connect()
+        .await
+        // tonic's error chain repeats itself ("transport error: tcp connect
+        // error: tcp connect error: ..."); its root cause says it all.
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {}", root_cause(&e)))
+}
+
+/// The request `check` and `explain` send: one descriptor.
+fn request(args: &CheckArgs) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: args.domain.clone(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: args
+                .entries
+                .iter()
+                .map(|(key, value)| Entry {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            limit: None,
+            hits_addend: args.hits.map(pbjson_types::UInt64Value::from),
+        }],
+        hits_addend: 0,
+    }
+}
+
+/// An explanation as lines for a human.
+fn render(response: &ExplainResponse) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_explanation(&mut out, response);
+    out
+}
+
+fn write_explanation(out: &mut String, response: &ExplainResponse) -> std::fmt::Result {
+    let shadow = if response.global_shadow_mode {
+        ", let through by the global shadow mode"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "overall: {} (would be; nothing was counted{shadow})",
+        response.overall_code().as_str_name()
+    )?;
+    for (i, d) in response.descriptors.iter().enumerate() {
+        let code = d
+            .status
+            .as_ref()
+            .map_or("UNKNOWN", |s| s.code().as_str_name());
+        writeln!(out, "descriptor[{i}]: {code}: {}", d.summary)?;
+        if d.shadowed {
+            writeln!(
+                out,
+                "  over the limit, let through by the rule's shadow mode"
+            )?;
+        }
+        if !d.rules.is_empty() {
+            writeln!(out, "  rules: {}", d.rules)?;
+        }
+        let last = d.steps.len().saturating_sub(1);
+        for (depth, step) in d.steps.iter().enumerate() {
+            let matched = match &step.matched {
+                Some(c) => describe(c, depth != last),
+                None => "nothing matches".to_owned(),
+            };
+            writeln!(out, "  {}={}: {matched}", step.key, step.value)?;
+            for c in &step.passed_over {
+                writeln!(out, "    passed over: {}", describe(c, depth != last))?;
+            }
+        }
+        for c in &d.counters {
+            let name = if c.name.is_empty() {
+                "(own limit)"
+            } else {
+                &c.name
+            };
+            let room = if c.admits { "room for" } else { "no room for" };
+            let burst = if c.burst > 0 {
+                format!(" (burst {})", c.burst)
+            } else {
+                String::new()
+            };
+            writeln!(
+                out,
+                "  counter {name}: {} {} per {}{burst}: used {}, remaining {}, reset in {}; {room} {} hit{}",
+                c.algorithm,
+                c.limit,
+                seconds(c.window.as_ref()),
+                c.used,
+                c.remaining,
+                seconds(c.reset.as_ref()),
+                d.hits,
+                if d.hits == 1 { "" } else { "s" },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// An entry of the rules: `exact value`, `wildcard ab*`, `key only`, with
+/// its rule. `before_end`: the descriptor goes on past it, so its rule
+/// does not apply.
+fn describe(c: &Candidate, before_end: bool) -> String {
+    let mut s = match c.kind() {
+        Kind::Exact => format!("exact value {}", c.pattern),
+        Kind::Wildcard => format!("wildcard {}", c.pattern),
+        Kind::KeyOnly | Kind::Unspecified => "key only".to_owned(),
+    };
+    if !c.rule.is_empty() {
+        s += &format!(" (rule {}", c.rule);
+        if before_end {
+            s += ", for descriptors that end here";
+        }
+        s += ")";
+    }
+    s
+}
+
+/// `40s`, `1.5s`.
+fn seconds(d: Option<&pbjson_types::Duration>) -> String {
+    let Some(d) = d else {
+        return "-".to_owned();
+    };
+    let millis = d.nanos / 1_000_000;
+    if millis == 0 {
+        format!("{}s", d.seconds)
+    } else {
+        let fraction = format!("{millis:03}");
+        format!("{}.{}s", d.seconds, fraction.trim_end_matches('0'))
+    }
 }
 
 /// The innermost error of a chain, e.g. "Connection refused (os error 111)".

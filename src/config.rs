@@ -32,6 +32,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Ask a running sluice for a decision and print it.
     Check(CheckArgs),
+    /// Ask a running sluice why it would decide what it would: which rule
+    /// matches and how, the counters' state, the answer. Counts nothing.
+    Explain(ExplainArgs),
     /// Work with rule files, and with rules in PostgreSQL.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -265,6 +268,15 @@ pub struct CheckArgs {
     /// How long to wait for the answer.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub call: CheckArgs,
+    /// Print the answer as JSON (`sluice.v1.ExplainResponse`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_entry(s: &str) -> Result<(String, String), String> {

@@ -1,12 +1,19 @@
-//! Proto <-> domain conversions for the rate-limit API, for gRPC and `/json`
-//! alike (`/json` decodes and encodes these same messages; see `http`).
+//! Proto <-> domain conversions for the rate-limit API and `Explain`, for
+//! gRPC and JSON alike (`/json` and `/explain` decode and encode these same
+//! messages; see `http`).
 
-use crate::limiter::{Code, Descriptor, LimitOverride, Request, RequestError, Unit};
+use std::time::Duration;
+
+use crate::limiter::{
+    Algorithm, Candidate, Code, CounterReading, Descriptor, LimitOverride, Matched, Reason,
+    Request, RequestError, Rule, RuleLimit, Scope, Unit, MONTHLY_QUOTA,
+};
 use crate::proto::common::RateLimitDescriptor;
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
 use crate::proto::rls::{rate_limit_response as rsp, RateLimitRequest, RateLimitResponse};
-use crate::service::Verdict;
+use crate::proto::sluice::v1 as api;
+use crate::service::{Explained, Status, Verdict};
 
 /// Borrows a domain request from a decoded message. Request-level
 /// `hits_addend` 0 means 1; a descriptor's own `hits_addend` wins.
@@ -80,36 +87,40 @@ fn code_to_proto(code: Code) -> rsp::Code {
     }
 }
 
+fn duration_to_proto(d: Duration) -> pbjson_types::Duration {
+    pbjson_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn status_to_proto(s: &Status) -> rsp::DescriptorStatus {
+    rsp::DescriptorStatus {
+        code: code_to_proto(s.code) as i32,
+        current_limit: s.limit.as_ref().map(|l| rsp::RateLimit {
+            name: l.name.as_deref().unwrap_or_default().to_owned(),
+            requests_per_unit: l.requests_per_unit,
+            unit: unit_to_proto(l.unit) as i32,
+        }),
+        limit_remaining: s.remaining,
+        duration_until_reset: s.reset.map(duration_to_proto),
+        quota: s.quota.map(|(requests, until_us)| rsp::Quota {
+            requests,
+            id: String::new(),
+            expiration_specifier: Some(rsp::quota::ExpirationSpecifier::ValidUntil(
+                pbjson_types::Timestamp {
+                    seconds: (until_us / 1_000_000) as i64,
+                    nanos: ((until_us % 1_000_000) * 1_000) as i32,
+                },
+            )),
+        }),
+    }
+}
+
 pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
     RateLimitResponse {
         overall_code: code_to_proto(v.overall) as i32,
-        statuses: v
-            .statuses
-            .iter()
-            .map(|s| rsp::DescriptorStatus {
-                code: code_to_proto(s.code) as i32,
-                current_limit: s.limit.as_ref().map(|l| rsp::RateLimit {
-                    name: l.name.as_deref().unwrap_or_default().to_owned(),
-                    requests_per_unit: l.requests_per_unit,
-                    unit: unit_to_proto(l.unit) as i32,
-                }),
-                limit_remaining: s.remaining,
-                duration_until_reset: s.reset.map(|d| pbjson_types::Duration {
-                    seconds: d.as_secs() as i64,
-                    nanos: d.subsec_nanos() as i32,
-                }),
-                quota: s.quota.map(|(requests, until_us)| rsp::Quota {
-                    requests,
-                    id: String::new(),
-                    expiration_specifier: Some(rsp::quota::ExpirationSpecifier::ValidUntil(
-                        pbjson_types::Timestamp {
-                            seconds: (until_us / 1_000_000) as i64,
-                            nanos: ((until_us % 1_000_000) * 1_000) as i32,
-                        },
-                    )),
-                }),
-            })
-            .collect(),
+        statuses: v.statuses.iter().map(status_to_proto).collect(),
         response_headers_to_add: v
             .response_headers
             .iter()
@@ -136,5 +147,150 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
                 .collect(),
         }),
         quota: None,
+    }
+}
+
+/// A request explained. `request` is the one explained, for the entries'
+/// keys and values.
+pub fn explained_to_proto(
+    request: &Request<'_>,
+    explained: &Explained<'_>,
+) -> api::ExplainResponse {
+    let report = explained.report;
+    let descriptors = report
+        .descriptors
+        .iter()
+        .zip(&request.descriptors)
+        .zip(explained.statuses.iter().zip(&report.decision.statuses))
+        .map(|((d, descriptor), (status, decision))| {
+            let e = &d.explanation;
+            let rule = match &e.reason {
+                Reason::Limited(rule) | Reason::Unlimited(rule) => Some(*rule),
+                Reason::Replaced { rule, .. } => Some(*rule),
+                _ => None,
+            };
+            let replaced_by = match &e.reason {
+                Reason::Replaced { by, .. } => by.iter().map(|r| rule_to_proto(r)).collect(),
+                _ => Vec::new(),
+            };
+            api::DescriptorExplanation {
+                summary: e.summary(&descriptor.entries),
+                reason: reason_to_proto(&e.reason) as i32,
+                rules: match (e.steps.is_empty(), e.scope) {
+                    (true, _) => String::new(),
+                    (false, None) => "domain".to_owned(),
+                    (false, Some(Scope::Plan(plan))) => format!("plan {plan}"),
+                    (false, Some(Scope::Tenant(tenant))) => format!("tenant {tenant}"),
+                },
+                steps: e
+                    .steps
+                    .iter()
+                    .zip(&descriptor.entries)
+                    .map(|(step, entry)| api::Step {
+                        key: entry.key.to_owned(),
+                        value: entry.value.to_owned(),
+                        matched: step
+                            .matched
+                            .as_ref()
+                            .map(|c| candidate_to_proto(c, entry.value)),
+                        passed_over: step
+                            .passed_over
+                            .iter()
+                            .map(|c| candidate_to_proto(c, entry.value))
+                            .collect(),
+                    })
+                    .collect(),
+                rule: rule.map(rule_to_proto),
+                replaced_by,
+                hits: e.hits,
+                status: Some(status_to_proto(status)),
+                shadowed: decision.shadowed,
+                counters: d.counters.iter().map(counter_to_proto).collect(),
+            }
+        })
+        .collect();
+    api::ExplainResponse {
+        overall_code: code_to_proto(report.decision.overall) as i32,
+        global_shadow_mode: report.decision.global_shadowed,
+        descriptors,
+    }
+}
+
+fn reason_to_proto(reason: &Reason<'_>) -> api::descriptor_explanation::Reason {
+    use api::descriptor_explanation::Reason as P;
+    match reason {
+        Reason::Limited(_) => P::Limited,
+        Reason::Unlimited(_) => P::Unlimited,
+        Reason::Replaced { .. } => P::Replaced,
+        Reason::NoMatch { .. } => P::NoMatch,
+        Reason::NoLimit { .. } => P::NoLimit,
+        Reason::UnknownDomain => P::UnknownDomain,
+        Reason::Override => P::Override,
+        Reason::RefusedKey => P::RefusedKey,
+    }
+}
+
+/// An entry of the rules that matched `value`.
+fn candidate_to_proto(c: &Candidate<'_>, value: &str) -> api::Candidate {
+    use api::candidate::Kind;
+    let (kind, pattern) = match c.how {
+        Matched::Exact => (Kind::Exact, value),
+        Matched::Wildcard(pattern) => (Kind::Wildcard, pattern),
+        Matched::KeyOnly => (Kind::KeyOnly, ""),
+    };
+    api::Candidate {
+        kind: kind as i32,
+        pattern: pattern.to_owned(),
+        rule: c
+            .node
+            .rule
+            .as_ref()
+            .map(|r| r.path.to_string())
+            .unwrap_or_default(),
+        nested: !c.node.children.is_empty(),
+    }
+}
+
+fn rule_to_proto(rule: &Rule) -> api::Rule {
+    api::Rule {
+        path: rule.path.to_string(),
+        name: rule.name.as_deref().unwrap_or_default().to_owned(),
+        limit: match rule.limit {
+            RuleLimit::Unlimited => None,
+            RuleLimit::Limited {
+                requests_per_unit,
+                unit,
+                ..
+            } => Some(rsp::RateLimit {
+                name: rule.name.as_deref().unwrap_or_default().to_owned(),
+                requests_per_unit,
+                unit: unit_to_proto(unit) as i32,
+            }),
+        },
+        shadow_mode: rule.shadow_mode,
+        quota_mode: rule.quota_mode,
+        replaces: rule.replaces.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+fn counter_to_proto(c: &CounterReading<'_>) -> api::Counter {
+    let name = match (c.tenant_quota, c.rule) {
+        (true, _) => MONTHLY_QUOTA.to_owned(),
+        (false, Some(rule)) => rule.name.as_deref().unwrap_or(&rule.path).to_owned(),
+        (false, None) => String::new(),
+    };
+    api::Counter {
+        name,
+        algorithm: c.spec.algorithm.as_str().to_owned(),
+        limit: c.spec.limit,
+        window: Some(duration_to_proto(Duration::from_micros(c.spec.period_us))),
+        burst: match c.spec.algorithm {
+            Algorithm::Gcra => c.spec.burst,
+            Algorithm::SlidingWindow | Algorithm::FixedWindow => 0,
+        },
+        used: c.now.used,
+        remaining: c.now.remaining,
+        reset: Some(duration_to_proto(Duration::from_micros(c.now.reset_us))),
+        admits: c.admits,
     }
 }

@@ -1,11 +1,13 @@
-//! The HTTP front end: `/metrics`, `/healthz`, `/readyz`, and `POST /json`,
-//! Envoy's rate-limit call in proto3 JSON: the body is a `RateLimitRequest`
-//! (lowerCamelCase or proto field names, 64-bit numbers as strings or
-//! numbers, enums by name or number), the answer a `RateLimitResponse` with
-//! every field written, zero values too. 200 when OK, 429 when over the
-//! limit, 400 `{"error": ...}` naming the field for bad input, 413 for a body
-//! over [`MAX_REQUEST_BYTES`], 503 when the store fails under
-//! `--failure-mode deny`.
+//! The HTTP front end: `/metrics`, `/healthz`, `/readyz`, and two calls in
+//! proto3 JSON. `POST /json` is Envoy's rate-limit call: the body is a
+//! `RateLimitRequest` (lowerCamelCase or proto field names, 64-bit numbers
+//! as strings or numbers, enums by name or number), the answer a
+//! `RateLimitResponse` with every field written, zero values too. 200 when
+//! OK, 429 when over the limit, 400 `{"error": ...}` naming the field for
+//! bad input, 413 for a body over [`MAX_REQUEST_BYTES`], 503 when the store
+//! fails under `--failure-mode deny`. `POST /explain` takes the same body
+//! and answers a `sluice.v1.ExplainResponse` (200, whatever it would
+//! decide): why `/json` would answer what it would, counting nothing.
 //!
 //! The JSON mapping is generated from the protos (pbjson, see build.rs) and a
 //! decoded message goes through `convert` as a gRPC one does, so `/json` and
@@ -24,7 +26,7 @@ use metrics::histogram;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
-use crate::convert::{request_from_proto, verdict_to_proto};
+use crate::convert::{explained_to_proto, request_from_proto, verdict_to_proto};
 use crate::health::Readiness;
 use crate::limiter::bounds::MAX_REQUEST_BYTES;
 use crate::limiter::Code;
@@ -45,6 +47,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/json", post(json))
+        .route("/explain", post(explain))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
@@ -77,6 +80,30 @@ async fn json(State(state): State<HttpState>, Body(body): Body) -> Response {
     response
 }
 
+/// `POST /explain`: the body is a `/json` request; the answer a
+/// `sluice.v1.ExplainResponse`, 200 whatever it would decide.
+async fn explain(State(state): State<HttpState>, Body(body): Body) -> Response {
+    let message = match decode(&body) {
+        Ok(message) => message,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let result = match request_from_proto(&message) {
+        Ok(request) => {
+            state
+                .limiter
+                .explain(&request, |explained| {
+                    explained_to_proto(&request, explained)
+                })
+                .await
+        }
+        Err(e) => Err(DecideError::Invalid(e)),
+    };
+    match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => decide_error(e),
+    }
+}
+
 async fn decide(limiter: &RateLimiter, message: &RateLimitRequest) -> Response {
     let result = match request_from_proto(message) {
         Ok(request) => limiter.should_rate_limit(&request).await,
@@ -90,8 +117,14 @@ async fn decide(limiter: &RateLimiter, message: &RateLimitRequest) -> Response {
             };
             (code, Json(verdict_to_proto(&verdict))).into_response()
         }
-        Err(DecideError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(DecideError::Unavailable(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => decide_error(e),
+    }
+}
+
+fn decide_error(e: DecideError) -> Response {
+    match e {
+        DecideError::Invalid(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        DecideError::Unavailable(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

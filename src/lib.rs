@@ -7,17 +7,17 @@
 //! | module      | job |
 //! |-------------|-----|
 //! | `app`       | composition root: build store, rules, servers; run until shutdown |
-//! | `commands`  | one-shot subcommands (`check`, `rules`, and the PostgreSQL admin ones) |
+//! | `commands`  | one-shot subcommands (`check`, `explain`, `rules`, and the PostgreSQL admin ones) |
 //! | `config`    | the command line (every flag also a `SLUICE_*` env var), mapped to domain types |
-//! | `grpc`      | Envoy's `RateLimitService`, health, reflection |
-//! | `http`      | `/json`, `/metrics`, `/healthz`, `/readyz` |
+//! | `grpc`      | Envoy's `RateLimitService`, `sluice.v1.Sluice` (`Explain`), health, reflection |
+//! | `http`      | `/json`, `/explain`, `/metrics`, `/healthz`, `/readyz` |
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
 //! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
 //! | `storage`   | the `CounterStore` trait and its backends |
 //! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
 //! | `usage`     | usage and violation metering: bounded queue, batched writes |
-//! | `limiter`   | pure core: request types, the rule model, window math, counter keys, plan/decide |
+//! | `limiter`   | pure core: request types, the rule model, window math, counter keys, plan/decide, explain |
 //! | `database`  | PostgreSQL connections and the embedded schema migrations |
 //! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
@@ -25,7 +25,7 @@
 //! | `task`      | background tasks, each owned and ended with its owner |
 //! | `reload`    | file reloads: poll a fingerprint of the files, act on a change |
 //! | `secret`    | secrets and URL redaction, for every layer |
-//! | `proto`     | generated code: messages, service, their proto3 JSON mapping |
+//! | `proto`     | generated code: messages, services, their proto3 JSON mapping, and the codec |
 //! | `allocator` | the global allocator (a cargo feature) |
 //!
 //! ## Layers

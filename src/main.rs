@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
             result
         }
         Command::Check(args) => commands::check(args).await,
+        Command::Explain(args) => commands::explain(args).await,
         Command::Rules(RulesCommand::Validate { path }) => Ok(commands::validate(&path)),
         Command::Rules(command) => commands::postgres::rules(command).await,
         Command::Migrate(database) => commands::postgres::migrate(&database).await,

@@ -1,5 +1,5 @@
-//! Generated protobuf and gRPC code for Envoy's rate-limit API (see
-//! build.rs), and the codec the generated services use.
+//! Generated protobuf and gRPC code for Envoy's rate-limit API and sluice's
+//! own (see build.rs), and the codec the generated services use.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -44,6 +44,13 @@ pub mod envoy {
         pub mod v3 {
             include_package!("envoy.r#type.v3");
         }
+    }
+}
+
+/// sluice's own API: `Explain`.
+pub mod sluice {
+    pub mod v1 {
+        include_package!("sluice.v1");
     }
 }
 

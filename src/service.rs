@@ -1,6 +1,7 @@
 //! The imperative shell around the core: load the rules, plan, call the
 //! store once (bounded by the store timeout), decide, record metrics. The
-//! gRPC and JSON front ends both call [`RateLimiter::should_rate_limit`].
+//! gRPC and JSON front ends both call [`RateLimiter::should_rate_limit`],
+//! and [`RateLimiter::explain`] to say why.
 //!
 //! With rules from PostgreSQL it also finds each descriptor's API key in
 //! the rules snapshot (never a query per request) and hands each decision
@@ -18,7 +19,8 @@ use metrics::counter;
 
 use crate::clock::Clock;
 use crate::limiter::{
-    self, Code, CurrentLimit, KeyHasher, Outcome, PlanOptions, Request, RequestError,
+    self, Code, CurrentLimit, DescriptorDecision, KeyHasher, Outcome, PlanOptions, Request,
+    RequestError,
 };
 use crate::rules::RulesHandle;
 use crate::storage::{CounterStore, StoreError};
@@ -72,6 +74,26 @@ pub struct Status {
     pub reset: Option<Duration>,
     /// Quota left and when it expires (µs since the epoch).
     pub quota: Option<(u32, u64)>,
+}
+
+impl Status {
+    fn new(s: &DescriptorDecision<'_>, now_us: u64) -> Status {
+        Status {
+            code: s.code,
+            limit: s.limit.clone(),
+            remaining: s.remaining,
+            reset: s.reset_us.map(Duration::from_micros),
+            quota: s.quota.map(|(left, valid_for)| (left, now_us + valid_for)),
+        }
+    }
+}
+
+/// A request explained, for a front end to present: the core's report, and
+/// each descriptor's would-be answer as [`Verdict`] holds it.
+#[derive(Debug)]
+pub struct Explained<'a> {
+    pub report: &'a limiter::Report<'a>,
+    pub statuses: Vec<Status>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,17 +216,54 @@ impl RateLimiter {
             statuses: decision
                 .statuses
                 .iter()
-                .map(|s| Status {
-                    code: s.code,
-                    limit: s.limit.clone(),
-                    remaining: s.remaining,
-                    reset: s.reset_us.map(Duration::from_micros),
-                    quota: s.quota.map(|(left, valid_for)| (left, now_us + valid_for)),
-                })
+                .map(|s| Status::new(s, now_us))
                 .collect(),
             response_headers,
             metadata,
         })
+    }
+
+    /// Explains a request: for each descriptor, which rule matched and why,
+    /// the counters' state, and what [`RateLimiter::should_rate_limit`]
+    /// would answer now. Counts nothing: the store is only read (0 hits),
+    /// no usage is recorded, and a store failure is an error whatever the
+    /// failure mode, since an answer by the failure mode explains nothing.
+    ///
+    /// The report borrows the rules snapshot, so it is handed to `present`,
+    /// which turns it into the front end's answer.
+    pub async fn explain<T>(
+        &self,
+        request: &Request<'_>,
+        present: impl FnOnce(&Explained<'_>) -> T,
+    ) -> Result<T, DecideError> {
+        request.validate()?;
+        let rules = self.rules.load();
+        let callers = match &self.api_keys {
+            Some(policy) => policy.callers(request, &rules, &self.hasher),
+            None => Vec::new(),
+        };
+        let explanation =
+            limiter::explain(request, &rules, &callers, &self.hasher, self.settings.plan);
+        let reads = if explanation.reads().is_empty() {
+            Vec::new()
+        } else {
+            let reads = explanation.reads();
+            self.timed(self.store.apply(reads))
+                .await
+                .map_err(DecideError::Unavailable)?
+        };
+        let report = explanation.conclude(&reads, self.settings.plan);
+        let now_us = self.clock.now_us();
+        let statuses = report
+            .decision
+            .statuses
+            .iter()
+            .map(|s| Status::new(s, now_us))
+            .collect();
+        Ok(present(&Explained {
+            report: &report,
+            statuses,
+        }))
     }
 
     /// One store call, never longer than the store timeout.
@@ -213,13 +272,20 @@ impl RateLimiter {
         ops: &[limiter::CounterOp],
         vetoes: &[bool],
     ) -> Result<Vec<Outcome>, StoreError> {
+        self.timed(self.store.apply_request(ops, vetoes)).await
+    }
+
+    /// A store call bounded by the store timeout, and timed.
+    async fn timed(
+        &self,
+        call: impl std::future::Future<Output = Result<Vec<Outcome>, StoreError>>,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let timeout = self.settings.store_timeout;
         let started = std::time::Instant::now();
-        let result =
-            match tokio::time::timeout(timeout, self.store.apply_request(ops, vetoes)).await {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Timeout(timeout)),
-            };
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
         self.metrics
             .store_duration(self.store.kind())
             .record(started.elapsed().as_secs_f64());

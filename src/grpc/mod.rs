@@ -1,6 +1,7 @@
-//! The gRPC front end: Envoy's `RateLimitService`, plus health and
-//! reflection. Proto types become domain types here and nowhere else, and
-//! this is the one place where errors become `tonic::Status`.
+//! The gRPC front end: Envoy's `RateLimitService`, sluice's own
+//! `sluice.v1.Sluice` (`Explain`), plus health and reflection. Proto types
+//! become domain types here and nowhere else, and this is the one place
+//! where errors become `tonic::Status`.
 
 mod bounded;
 
@@ -20,12 +21,16 @@ use crate::proto::rls::{
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
     RateLimitRequest, RateLimitResponse,
 };
+use crate::proto::sluice::v1::{
+    sluice_server::{Sluice, SluiceServer},
+    ExplainResponse,
+};
 use crate::service::{DecideError, RateLimiter};
 use crate::telemetry::names;
 
 pub use bounded::Bounded;
 
-use crate::convert::{request_from_proto, verdict_to_proto};
+use crate::convert::{explained_to_proto, request_from_proto, verdict_to_proto};
 
 /// The fully-qualified service name, as health checks name it.
 pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -95,6 +100,43 @@ impl RateLimitHandler {
             Ok(verdict) => Ok(Response::new(verdict_to_proto(&verdict))),
             Err(e) => Err(to_status(e)),
         }
+    }
+}
+
+/// `sluice.v1.Sluice`: explains what `ShouldRateLimit` would answer.
+pub struct ExplainHandler {
+    limiter: Arc<RateLimiter>,
+}
+
+impl ExplainHandler {
+    pub fn new(limiter: Arc<RateLimiter>) -> ExplainHandler {
+        ExplainHandler { limiter }
+    }
+
+    /// The service, its request messages bounded as `ShouldRateLimit`'s.
+    pub fn into_server(self) -> Bounded<SluiceServer<ExplainHandler>> {
+        Bounded::new(
+            SluiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES),
+            MAX_REQUEST_BYTES,
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl Sluice for ExplainHandler {
+    async fn explain(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<ExplainResponse>, tonic::Status> {
+        let message = request.into_inner();
+        let request = request_from_proto(&message).map_err(|e| to_status(e.into()))?;
+        self.limiter
+            .explain(&request, |explained| {
+                explained_to_proto(&request, explained)
+            })
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 }
 

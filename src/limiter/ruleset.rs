@@ -155,7 +155,7 @@ impl Level {
                 let prefix = &pattern[..pattern.len() - 1];
                 value
                     .starts_with(prefix)
-                    .then_some((Matched::Wildcard(&**pattern), n))
+                    .then_some((Matched::Wildcard(pattern), n))
             }))
             .chain(
                 slot.and_then(|s| s.any.as_ref())

@@ -1,6 +1,6 @@
-//! The `sluice` binary: `rules validate`, `check` against a running server,
-//! `serve` refusing bad configuration, and `serve` starting, answering and
-//! stopping on SIGTERM.
+//! The `sluice` binary: `rules validate`, `check` and `explain` against a
+//! running server, `serve` refusing bad configuration, and `serve` starting,
+//! answering and stopping on SIGTERM.
 
 use crate::support;
 
@@ -230,6 +230,90 @@ async fn check_prints_the_decision_and_exits_1_when_over_the_limit() {
     // A descriptor entry without a key is a usage error.
     let out = check(&server, &["--domain", "api", "-d", "=v"]).await;
     assert_eq!(out.status.code(), Some(2), "a bad -d is a usage error");
+}
+
+/// `sluice explain` against `server`.
+async fn explain(server: &TestServer, args: &[&str]) -> Output {
+    let addr = server.grpc_addr.to_string();
+    let mut command = tokio::process::Command::from(command(&["explain", "--addr", &addr]));
+    command.args(args);
+    command.output().await.expect("running sluice explain")
+}
+
+#[tokio::test]
+async fn explain_prints_why_and_counts_nothing() {
+    const RULES: &str = r#"
+domain: api
+descriptors:
+  - key: client
+    rate_limit: {name: per_client, unit: minute, requests_per_unit: 3}
+  - key: client
+    value: vip*
+    rate_limit: {name: vip, unit: minute, requests_per_unit: 100}
+  - key: tenant
+    descriptors:
+      - key: user
+        rate_limit: {unit: second, requests_per_unit: 1}
+"#;
+    let mut config = TestConfig::new(rules_from_yaml(&[RULES]));
+    config.clock = Arc::new(ManualClock::new(START_US));
+    let server = TestServer::start(config).await;
+
+    for _ in 0..2 {
+        let out = explain(&server, &["--domain", "api", "-d", "client=vip-1"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            "overall: OK (would be; nothing was counted)\n\
+             descriptor[0]: OK: rule api.client_vip* applies: 100 per minute\n\
+             \x20 rules: domain\n\
+             \x20 client=vip-1: wildcard vip* (rule api.client_vip*)\n\
+             \x20   passed over: key only (rule api.client)\n\
+             \x20 counter vip: sliding_window 100 per 60s: used 0, remaining 100, reset in 40s; room for 1 hit\n"
+        );
+    }
+
+    // Nested: the rule at the first entry is for descriptors that end there.
+    let out = explain(
+        &server,
+        &[
+            "--domain", "api", "-d", "tenant=t", "-d", "user=u", "--hits", "2",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("overall: OVER_LIMIT (would be; nothing was counted)\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  tenant=t: key only\n  user=u: key only (rule api.tenant.user)\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no room for 2 hits"), "{stdout}");
+
+    let out = explain(&server, &["--domain", "api", "-d", "client=c", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["descriptors"][0]["reason"], "LIMITED");
+    assert_eq!(answer["descriptors"][0]["counters"][0]["used"], "0");
+
+    // Explaining counted nothing.
+    let out = check(&server, &["--domain", "api", "-d", "client=vip-1"]).await;
+    assert!(
+        text(&out.stdout).contains("remaining=99"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = explain(&server, &["--domain", "", "-d", "client=c"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("domain: must not be empty"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -267,9 +267,9 @@ async fn post_unfinished(
 }
 
 #[tokio::test]
-async fn json_bodies_over_the_bound_are_413_with_a_json_error() {
+async fn json_and_explain_bodies_over_the_bound_are_413_with_a_json_error() {
     let server = start().await;
-    for path in ["/json"] {
+    for path in ["/json", "/explain"] {
         // Declared too long: answered from the head, before any body.
         let head = format!("content-length: {}\r\n", MAX_REQUEST_BYTES + 1);
         assert_too_large(&post_unfinished(&server, path, &head, Vec::new()).await);

@@ -212,3 +212,63 @@ async fn a_request_over_the_size_bound_is_resource_exhausted() {
         "{stderr}"
     );
 }
+
+const EXPLAIN_SERVICE: &str = "sluice.v1.Sluice";
+
+#[tokio::test]
+async fn lists_describes_and_calls_explain_through_reflection() {
+    let server = start().await;
+    let list = grpcurl(&server, &[], &["list"]).await;
+    let services: Vec<&str> = ok(&list).lines().collect();
+    assert!(
+        services.contains(&EXPLAIN_SERVICE),
+        "`list` lacks {EXPLAIN_SERVICE}: {services:?}"
+    );
+    let methods = grpcurl(&server, &[], &["list", EXPLAIN_SERVICE]).await;
+    assert_eq!(ok(&methods).trim(), format!("{EXPLAIN_SERVICE}.Explain"));
+    let describe = grpcurl(&server, &[], &["describe", EXPLAIN_SERVICE]).await;
+    let text = ok(&describe);
+    assert!(
+        text.contains(
+            "rpc Explain ( .envoy.service.ratelimit.v3.RateLimitRequest ) returns ( .sluice.v1.ExplainResponse );"
+        ),
+        "{text}"
+    );
+    let describe = grpcurl(
+        &server,
+        &[],
+        &["describe", "sluice.v1.DescriptorExplanation"],
+    )
+    .await;
+    let text = ok(&describe);
+    for field in [
+        "string summary = 1",
+        "repeated .sluice.v1.Step steps = 4",
+        "repeated .sluice.v1.Counter counters = 10",
+    ] {
+        assert!(
+            text.contains(field),
+            "DescriptorExplanation lacks `{field}`:\n{text}"
+        );
+    }
+
+    let body = json!({
+        "domain": "api",
+        "descriptors": [{"entries": [{"key": "client", "value": "grpcurl-x"}]}],
+    })
+    .to_string();
+    let method = format!("{EXPLAIN_SERVICE}/Explain");
+    for _ in 0..2 {
+        let out = grpcurl(&server, &["-d", &body], &[&method]).await;
+        let answer: Value = serde_json::from_str(ok(&out)).expect("grpcurl prints JSON");
+        assert_eq!(answer["overallCode"], "OK", "{answer}");
+        let d = &answer["descriptors"][0];
+        assert_eq!(d["reason"], "LIMITED", "{answer}");
+        assert_eq!(d["summary"], "rule api.client applies: 3 per minute");
+        assert_eq!(d["steps"][0]["matched"]["kind"], "KEY_ONLY");
+        // Nothing counted: grpcurl leaves zero values out.
+        assert!(d["counters"][0].get("used").is_none(), "{answer}");
+        assert_eq!(d["counters"][0]["remaining"], "3");
+        assert_eq!(d["counters"][0]["reset"], "40s");
+    }
+}

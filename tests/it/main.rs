@@ -15,6 +15,7 @@ mod cli;
 mod edges;
 mod envoy_e2e;
 mod envoy_tls;
+mod explain;
 mod grpc_api;
 mod grpcurl;
 mod json_api;

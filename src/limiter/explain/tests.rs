@@ -442,3 +442,85 @@ proptest! {
         }
     }
 }
+
+// === API keys ===
+
+#[test]
+fn a_keys_plan_rules_its_tenants_quota_and_a_refused_key() {
+    use crate::rules::catalog::{rows_from_yaml, Catalog, KeyRow, PlanRow, RuleScope, TenantRow};
+
+    let yaml = |text: &str| parse_str("t.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let default = yaml("domain: api\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 2, name: anon}\n");
+    let pro = yaml("domain: api\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 100, name: pro}\n");
+    let mut rows = rows_from_yaml(&default, &RuleScope::Domain);
+    rows.extend(rows_from_yaml(&pro, &RuleScope::Plan("pro".into())));
+    let plan = |name: &str, monthly_quota| PlanRow {
+        name: name.into(),
+        monthly_quota,
+    };
+    let tenant = |id: &str, name: &str, plan: &str| TenantRow {
+        id: id.into(),
+        name: name.into(),
+        plan: plan.into(),
+    };
+    let key = |hash: &str, tenant_id: &str| KeyRow {
+        hash: hash.into(),
+        tenant_id: tenant_id.into(),
+        plan: None,
+    };
+    let rules = Catalog {
+        plans: vec![plan("free", Some(3)), plan("pro", None)],
+        tenants: vec![
+            tenant("t-free", "small", "free"),
+            tenant("t-pro", "big", "pro"),
+        ],
+        keys: vec![key("free-key", "t-free"), key("pro-key", "t-pro")],
+        rules: rows,
+    }
+    .compile()
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let req = request(
+        "api",
+        vec![
+            d(&[("api_key", "free-key")]),
+            d(&[("api_key", "pro-key")]),
+            d(&[("api_key", "unknown")]),
+        ],
+    );
+    let callers = [
+        Caller::Key(rules.api_key("free-key").expect("free key")),
+        Caller::Key(rules.api_key("pro-key").expect("pro key")),
+        Caller::Refused,
+    ];
+    let explanation = explain(&req, &rules, &callers, &hasher(), PlanOptions::default());
+    let store = store();
+    let vetoes = vec![false; explanation.reads().len()];
+    let reads = store
+        .apply_request_at(explanation.reads(), &vetoes, NOW)
+        .expect("reads");
+    let report = explanation.conclude(&reads, PlanOptions::default());
+    let [free, pro, refused] = &report.descriptors[..] else {
+        panic!("three descriptors");
+    };
+
+    // The free plan has no rules of its own: the domain's.
+    assert_eq!(free.explanation.scope, None);
+    assert_eq!(rule_name(&free.explanation.reason), Some("anon"));
+    let quotas: Vec<(bool, u64)> = free
+        .counters
+        .iter()
+        .map(|c| (c.tenant_quota, c.spec.limit))
+        .collect();
+    assert_eq!(quotas, [(false, 2), (true, 3)]);
+
+    assert_eq!(pro.explanation.scope, Some(Scope::Plan("pro")));
+    assert_eq!(rule_name(&pro.explanation.reason), Some("pro"));
+    assert_eq!(pro.counters.len(), 1, "the pro plan has no quota");
+
+    assert_eq!(refused.explanation.reason, Reason::RefusedKey);
+    assert!(refused.explanation.steps.is_empty());
+    assert!(refused.counters.is_empty());
+    // A refused key denies the request.
+    assert_eq!(report.decision.overall, Code::OverLimit);
+}
