@@ -14,6 +14,7 @@
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
 //! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
+//! | `admin`     | the catalog's administration in PostgreSQL: rules, plans, tenants, API keys, usage |
 //! | `storage`   | the `CounterStore` trait and its backends |
 //! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
 //! | `usage`     | usage and violation metering: bounded queue, batched writes |
@@ -42,11 +43,12 @@
 //! | 6 | `config` |
 //! | 5 | `grpc`, `http`, `tls` |
 //! | 4 | `convert` |
-//! | 3 | `service` |
+//! | 3 | `service`, `admin` |
 //! | 2 | `storage`, `rules`, `usage` |
 //! | 1 | `limiter`, `database` |
 //! | 0 | `proto`, `clock`, `task`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
 
+pub mod admin;
 mod allocator;
 pub mod app;
 pub mod clock;

@@ -3,8 +3,9 @@
 //! through the YAML validator, so a rule row means exactly what the same
 //! descriptor means in a YAML file, with the same error messages.
 //!
-//! No I/O here: `rules::postgres` fills a catalog from the database, and the
-//! local snapshot file is a catalog serialized as JSON.
+//! No I/O here: `rules::postgres` fills a catalog from the database (the
+//! rows derive `sqlx::FromRow` for it), and the local snapshot file is a
+//! catalog serialized as JSON.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,20 +27,20 @@ pub struct Catalog {
     pub rules: Vec<RuleRow>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct PlanRow {
     pub name: String,
     pub monthly_quota: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct TenantRow {
     pub id: String,
     pub name: String,
     pub plan: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct KeyRow {
     /// Keyed BLAKE3 hex of the raw key.
     pub hash: String,
@@ -71,14 +72,17 @@ impl RuleScope {
     }
 }
 
-/// One node of a descriptor tree (one YAML descriptor), flattened.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One node of a descriptor tree (one YAML descriptor), flattened. The
+/// skipped fields are stored in another shape; `rules::postgres` maps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct RuleRow {
     pub domain: String,
+    #[sqlx(skip)]
     pub scope: RuleScope,
     /// Pre-order index within (domain, scope): the file order.
     pub position: i32,
     /// (key, value) from the root; an empty value matches any value.
+    #[sqlx(skip)]
     pub path: Vec<(String, String)>,
     pub unit: Option<String>,
     pub requests_per_unit: Option<i64>,
@@ -92,6 +96,7 @@ pub struct RuleRow {
     pub detailed_metric: bool,
     pub value_to_metric: bool,
     pub share_threshold: bool,
+    #[sqlx(skip)]
     pub metadata: BTreeMap<String, String>,
 }
 
