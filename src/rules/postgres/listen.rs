@@ -36,6 +36,7 @@ const REPLAY_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long a replica that failed the last load gets to show, on the next,
 /// that it is up and has replayed the change.
 const REPLICA_RETRY_TIMEOUT: Duration = Duration::from_millis(200);
+/// Bounds of the delay between LISTEN sessions (see [`Backoff`]).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -238,23 +239,22 @@ impl PostgresSource {
     /// Follows changes until the process ends: LISTEN, reload on NOTIFY,
     /// reconnect with backoff when PostgreSQL goes away.
     pub async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new();
         loop {
             let Err(e) = self.session(&mut backoff).await;
             self.mark_down(&e);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::time::sleep(backoff.next()).await;
         }
     }
 
     /// One LISTEN connection's life; returns why it ended.
-    async fn session(&mut self, backoff: &mut Duration) -> Result<Infallible, SourceError> {
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<Infallible, SourceError> {
         let mut listener = within(self.timeout, PgListener::connect_with(&self.listen)).await?;
         listener.eager_reconnect(false);
         within(self.timeout, listener.listen(CHANNEL)).await?;
         // Catch up with whatever changed while nobody listened.
         self.reload(None).await?;
-        *backoff = BACKOFF_MIN;
+        backoff.reset();
         loop {
             match tokio::time::timeout(RESYNC_EVERY, listener.try_recv()).await {
                 Ok(Ok(Some(_))) => {
@@ -357,6 +357,39 @@ impl PostgresSource {
     }
 }
 
+/// The delays between LISTEN sessions, with decorrelated jitter: each is
+/// drawn from [`BACKOFF_MIN`, 3 x the one before], at most `BACKOFF_MAX`. It
+/// grows like an exponential backoff, but the instances that lost
+/// PostgreSQL together do not all come back to it in step.
+struct Backoff {
+    last: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { last: BACKOFF_MIN }
+    }
+
+    /// After a session that got going: the next failure retries soon.
+    fn reset(&mut self) {
+        self.last = BACKOFF_MIN;
+    }
+
+    /// Without the OS random source, the top of the range: no jitter, but
+    /// still a backoff.
+    fn next(&mut self) -> Duration {
+        self.last = decorrelated(self.last, getrandom::u32().unwrap_or(u32::MAX));
+        self.last
+    }
+}
+
+/// The delay after `last`: `random` places it in [`BACKOFF_MIN`,
+/// min(3 x `last`, `BACKOFF_MAX`)], 0 at the bottom, `u32::MAX` at the top.
+fn decorrelated(last: Duration, random: u32) -> Duration {
+    let high = (last * 3).clamp(BACKOFF_MIN, BACKOFF_MAX);
+    BACKOFF_MIN + (high - BACKOFF_MIN) * random / u32::MAX
+}
+
 fn publish(rules: &RulesHandle, set: RuleSet) {
     gauge!(names::RULES_LOADED).set(set.rules().len() as f64);
     gauge!(names::API_KEYS_LOADED).set(set.api_key_count() as f64);
@@ -406,3 +439,55 @@ async fn wait_for_replay(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn the_ends_of_the_random_range_are_the_ends_of_the_delay_range() {
+        assert_eq!(decorrelated(BACKOFF_MIN, 0), BACKOFF_MIN);
+        assert_eq!(decorrelated(BACKOFF_MIN, u32::MAX), BACKOFF_MIN * 3);
+        assert_eq!(
+            decorrelated(Duration::from_secs(1), u32::MAX),
+            Duration::from_secs(3)
+        );
+        assert_eq!(decorrelated(Duration::from_secs(2), u32::MAX), BACKOFF_MAX);
+        assert_eq!(decorrelated(BACKOFF_MAX, 0), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn delays_stay_in_bounds_vary_and_start_low_again_after_a_reset() {
+        let mut backoff = Backoff::new();
+        let mut last = BACKOFF_MIN;
+        let mut seen = BTreeSet::new();
+        for _ in 0..1000 {
+            let delay = backoff.next();
+            assert!(
+                BACKOFF_MIN <= delay && delay <= (last * 3).min(BACKOFF_MAX),
+                "{delay:?} after {last:?}"
+            );
+            seen.insert(delay);
+            last = delay;
+        }
+        assert!(seen.len() > 100, "not jittered: {seen:?}");
+        backoff.reset();
+        assert!(backoff.next() <= BACKOFF_MIN * 3);
+    }
+
+    proptest! {
+        #[test]
+        fn any_delay_is_within_its_bounds(
+            last_ms in BACKOFF_MIN.as_millis() as u64..=BACKOFF_MAX.as_millis() as u64,
+            random in any::<u32>(),
+        ) {
+            let last = Duration::from_millis(last_ms);
+            let delay = decorrelated(last, random);
+            prop_assert!(BACKOFF_MIN <= delay);
+            prop_assert!(delay <= (last * 3).min(BACKOFF_MAX));
+        }
+    }
+}
