@@ -19,7 +19,7 @@
 //! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
 //! | `usage`     | usage and violation metering: bounded queue, batched writes |
 //! | `limiter`   | pure core: request types, the rule model, window math, counter keys, plan/decide |
-//! | `database`  | PostgreSQL connections and the embedded schema migrations |
+//! | `database`  | PostgreSQL connections and the schema migrations, embedded by `sqlx::migrate!` |
 //! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `clock`     | injected time |
