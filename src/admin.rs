@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::PgExecutor;
 
 use crate::limiter::KeyHasher;
 use crate::rules::catalog::{rows_from_yaml, yaml_from_rows, RuleRow, RuleScope};
@@ -46,28 +47,14 @@ async fn scope_columns(
     conn: &mut PgConnection,
     scope: &RuleScope,
 ) -> Result<(Option<String>, Option<String>), AdminError> {
-    match scope {
-        RuleScope::Domain => Ok((None, None)),
+    Ok(match scope {
+        RuleScope::Domain => (None, None),
         RuleScope::Plan(p) => {
-            let found: Option<String> =
-                sqlx::query_scalar("SELECT name FROM plans WHERE name = $1")
-                    .bind(p)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            found
-                .map(|p| (Some(p), None))
-                .ok_or_else(|| AdminError::NoSuchPlan(p.clone()))
+            check_plan(conn, p).await?;
+            (Some(p.clone()), None)
         }
-        RuleScope::Tenant(t) => {
-            let id: Option<String> =
-                sqlx::query_scalar("SELECT id::text FROM tenants WHERE name = $1")
-                    .bind(t)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            id.map(|id| (None, Some(id)))
-                .ok_or_else(|| AdminError::NoSuchTenant(t.clone()))
-        }
-    }
+        RuleScope::Tenant(t) => (None, Some(find_tenant(conn, t).await?.id)),
+    })
 }
 
 /// Replaces the rules of every domain in `files` (parsed and validated by
@@ -191,10 +178,10 @@ pub async fn set_plan(
     Ok(())
 }
 
-async fn check_plan(pool: &PgPool, plan: &str) -> Result<(), AdminError> {
+async fn check_plan<'c>(db: impl PgExecutor<'c>, plan: &str) -> Result<(), AdminError> {
     let found = sqlx::query("SELECT 1 FROM plans WHERE name = $1")
         .bind(plan)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await?;
     found
         .map(drop)
@@ -238,13 +225,19 @@ pub async fn list_tenants(pool: &PgPool) -> Result<Vec<TenantSummary>, AdminErro
     .await?)
 }
 
-/// The tenant's plan; `NoSuchTenant` if there is no such tenant.
-async fn tenant_plan(pool: &PgPool, tenant: &str) -> Result<String, AdminError> {
-    let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM tenants WHERE name = $1")
-        .bind(tenant)
-        .fetch_optional(pool)
+#[derive(sqlx::FromRow)]
+struct TenantRef {
+    id: String,
+    plan: String,
+}
+
+/// A tenant by name, or `NoSuchTenant`.
+async fn find_tenant<'c>(db: impl PgExecutor<'c>, name: &str) -> Result<TenantRef, AdminError> {
+    let found = sqlx::query_as("SELECT id::text AS id, plan FROM tenants WHERE name = $1")
+        .bind(name)
+        .fetch_optional(db)
         .await?;
-    plan.ok_or_else(|| AdminError::NoSuchTenant(tenant.to_owned()))
+    found.ok_or_else(|| AdminError::NoSuchTenant(name.to_owned()))
 }
 
 // === API keys ===
@@ -357,7 +350,7 @@ pub struct TenantKeys {
 }
 
 pub async fn list_keys(pool: &PgPool, tenant: &str) -> Result<TenantKeys, AdminError> {
-    let tenant_plan = tenant_plan(pool, tenant).await?;
+    let tenant_plan = find_tenant(pool, tenant).await?.plan;
     let keys = sqlx::query_as(
         "SELECT k.prefix, k.plan, k.created_at, k.revoked_at
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
@@ -403,7 +396,7 @@ pub async fn usage(
     tenant: &str,
     (start, end): (DateTime<Utc>, DateTime<Utc>),
 ) -> Result<Vec<DomainUsage>, AdminError> {
-    tenant_plan(pool, tenant).await?;
+    find_tenant(pool, tenant).await?;
     Ok(sqlx::query_as(
         "SELECT u.domain, sum(u.allowed)::int8 AS allowed, sum(u.denied)::int8 AS denied
          FROM usage_hourly u JOIN tenants t ON t.id = u.tenant_id

@@ -21,7 +21,7 @@ use crate::grpc::{RateLimitHandler, SERVICE_NAME};
 use crate::health::Readiness;
 use crate::limiter::RuleSet;
 use crate::limiter::{KeyHasher, PlanOptions};
-use crate::rules::postgres::PostgresSource;
+use crate::rules::postgres::{Connections, PostgresSource};
 use crate::rules::{watch, RulesHandle};
 use crate::service::{ApiKeyPolicy, LimiterSettings, RateLimiter};
 use crate::storage::memory::MemoryStore;
@@ -316,11 +316,14 @@ fn postgres_source(
         .map_err(anyhow::Error::msg)?;
     let timeout = args.database_timeout;
     let primary_pool = database::lazy_pool(primary.clone(), 4, timeout);
-    let source = PostgresSource::new(
-        primary_pool.clone(),
-        replica.map(|r| database::lazy_pool(r, 2, timeout)),
-        database::lazy_pool(primary, 1, timeout),
+    let connections = Connections {
+        primary: primary_pool.clone(),
+        replica: replica.map(|r| database::lazy_pool(r, 2, timeout)),
+        listen: database::lazy_pool(primary, 1, timeout),
         timeout,
+    };
+    let source = PostgresSource::new(
+        connections,
         rules.clone(),
         readiness.clone(),
         args.rules_snapshot.clone(),

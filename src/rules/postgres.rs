@@ -9,6 +9,6 @@ mod listen;
 mod read;
 mod snapshot;
 
-pub use listen::{PostgresSource, SourceError, CHANNEL};
+pub use listen::{Connections, PostgresSource, SourceError, CHANNEL};
 pub use read::{domain_rules, load_catalog};
 pub use snapshot::{read_snapshot, write_snapshot};

@@ -67,15 +67,21 @@ where
 
 // === The live source ===
 
-/// Where to read from and what to publish into.
-pub struct PostgresSource {
-    primary: PgPool,
+/// Where the source reads and listens.
+pub struct Connections {
+    pub primary: PgPool,
     /// Reads go here when set; else to the primary.
-    replica: Option<PgPool>,
+    pub replica: Option<PgPool>,
     /// A pool of one for the LISTEN connection, so it never waits behind
     /// queries.
-    listen: PgPool,
-    timeout: Duration,
+    pub listen: PgPool,
+    /// For each query and each connection attempt.
+    pub timeout: Duration,
+}
+
+/// Where to read from and what to publish into.
+pub struct PostgresSource {
+    db: Connections,
     rules: RulesHandle,
     readiness: Arc<Readiness>,
     snapshot: Option<PathBuf>,
@@ -91,19 +97,13 @@ pub struct PostgresSource {
 
 impl PostgresSource {
     pub fn new(
-        primary: PgPool,
-        replica: Option<PgPool>,
-        listen: PgPool,
-        timeout: Duration,
+        db: Connections,
         rules: RulesHandle,
         readiness: Arc<Readiness>,
         snapshot: Option<PathBuf>,
     ) -> PostgresSource {
         PostgresSource {
-            primary,
-            replica,
-            listen,
-            timeout,
+            db,
             rules,
             readiness,
             snapshot,
@@ -115,7 +115,7 @@ impl PostgresSource {
     }
 
     fn source_name(&self) -> &'static str {
-        match (&self.replica, &self.replica_failing) {
+        match (&self.db.replica, &self.replica_failing) {
             (Some(_), None) => "postgres:replica",
             (Some(_), Some(_)) => "postgres:primary (replica failing)",
             (None, _) => "postgres:primary",
@@ -128,12 +128,12 @@ impl PostgresSource {
     /// change; the replica is tried first again on the next load. Fails when
     /// the primary cannot say what it has committed.
     async fn load_current(&mut self, max_wait: Duration) -> Result<Catalog, SourceError> {
-        let Some(replica) = self.replica.clone() else {
-            return within(self.timeout, load_catalog(&self.primary)).await;
+        let Some(replica) = self.db.replica.clone() else {
+            return within(self.db.timeout, load_catalog(&self.db.primary)).await;
         };
         let lsn: String = within(
-            self.timeout,
-            sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&self.primary),
+            self.db.timeout,
+            sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&self.db.primary),
         )
         .await?;
         // A replica that failed last time gets a short try at showing it is
@@ -141,13 +141,13 @@ impl PostgresSource {
         // for it once, not every time; once it is, it is read as usual.
         let (poll_timeout, max_wait) = match self.replica_failing {
             Some(_) => (
-                self.timeout.min(REPLICA_RETRY_TIMEOUT),
+                self.db.timeout.min(REPLICA_RETRY_TIMEOUT),
                 max_wait.min(REPLICA_RETRY_TIMEOUT),
             ),
-            None => (self.timeout, max_wait),
+            None => (self.db.timeout, max_wait),
         };
         let from_replica = match wait_for_replay(&replica, &lsn, poll_timeout, max_wait).await {
-            Ok(()) => within(self.timeout, load_catalog(&replica)).await,
+            Ok(()) => within(self.db.timeout, load_catalog(&replica)).await,
             Err(e) => Err(e),
         };
         match from_replica {
@@ -164,7 +164,7 @@ impl PostgresSource {
                 counter!(names::POSTGRES_REPLICA_FALLBACKS).increment(1);
             }
         }
-        within(self.timeout, load_catalog(&self.primary)).await
+        within(self.db.timeout, load_catalog(&self.db.primary)).await
     }
 
     /// The first load. When PostgreSQL cannot give valid rules, starts from
@@ -174,10 +174,13 @@ impl PostgresSource {
         // Not older than what the primary has committed; when neither the
         // primary nor a current replica answers, the replica as it is (newer
         // than any snapshot), and the follow-up in `run` catches up.
-        let loaded = match (self.load_current(self.timeout).await, self.replica.clone()) {
+        let loaded = match (
+            self.load_current(self.db.timeout).await,
+            self.db.replica.clone(),
+        ) {
             (Err(e), Some(replica)) => {
                 tracing::warn!(error = %e, "the primary cannot be read; reading the replica as it is");
-                within(self.timeout, load_catalog(&replica)).await
+                within(self.db.timeout, load_catalog(&replica)).await
             }
             (loaded, _) => loaded,
         };
@@ -249,9 +252,10 @@ impl PostgresSource {
 
     /// One LISTEN connection's life; returns why it ended.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<Infallible, SourceError> {
-        let mut listener = within(self.timeout, PgListener::connect_with(&self.listen)).await?;
+        let mut listener =
+            within(self.db.timeout, PgListener::connect_with(&self.db.listen)).await?;
         listener.eager_reconnect(false);
-        within(self.timeout, listener.listen(CHANNEL)).await?;
+        within(self.db.timeout, listener.listen(CHANNEL)).await?;
         // Catch up with whatever changed while nobody listened.
         self.reload(None).await?;
         backoff.reset();
