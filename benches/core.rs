@@ -180,6 +180,7 @@ fn bench_window(c: &mut Criterion) {
             limit: 1_000,
             period_us: 60_000_000,
             burst: 100,
+            calendar: None,
         };
         // A counter part-way through its window (or bucket), as most are.
         let state = match algorithm {

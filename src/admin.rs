@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::PgExecutor;
 
 use crate::limiter::KeyHasher;
-use crate::rules::catalog::{rows_from_yaml, yaml_from_rows, RuleRow, RuleScope};
+use crate::rules::catalog::{check_storable, rows_from_yaml, yaml_from_rows, RuleRow, RuleScope};
 use crate::rules::postgres::domain_rules;
 use crate::rules::yaml::YamlRoot;
 use crate::rules::RuleErrors;
@@ -64,6 +64,9 @@ pub async fn replace_rules(
     files: &[(String, YamlRoot)],
     scope: &RuleScope,
 ) -> Result<Vec<(String, usize)>, AdminError> {
+    for (file, root) in files {
+        check_storable(file, root)?;
+    }
     let mut tx = pool.begin().await?;
     let (plan, tenant_id) = scope_columns(&mut tx, scope).await?;
     let mut written = Vec::new();

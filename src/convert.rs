@@ -91,7 +91,13 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
                 current_limit: s.limit.as_ref().map(|l| rsp::RateLimit {
                     name: l.name.as_deref().unwrap_or_default().to_owned(),
                     requests_per_unit: l.requests_per_unit,
-                    unit: unit_to_proto(l.unit) as i32,
+                    // No unit is as long as a 5-minute window: UNKNOWN, so
+                    // that Envoy states no window rather than a wrong one.
+                    unit: l
+                        .window
+                        .reported_unit()
+                        .map_or(rsp::rate_limit::Unit::Unknown, unit_to_proto)
+                        as i32,
                 }),
                 limit_remaining: s.remaining,
                 duration_until_reset: s.reset.map(|d| pbjson_types::Duration {

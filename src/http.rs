@@ -133,7 +133,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::limiter::{CurrentLimit, LimitOverride, Unit};
+    use crate::limiter::{CurrentLimit, LimitOverride, Unit, Window};
     use crate::service::{Status, Verdict};
 
     #[test]
@@ -178,7 +178,7 @@ mod tests {
                 code: Code::OverLimit,
                 limit: Some(CurrentLimit {
                     requests_per_unit: 3,
-                    unit: Unit::Minute,
+                    window: Window::of(Unit::Minute),
                     name: None,
                 }),
                 remaining: 0,

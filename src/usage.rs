@@ -104,8 +104,12 @@ impl UsageRecorder {
                 } else if s.tenant_quota {
                     Arc::from(MONTHLY_QUOTA)
                 } else {
+                    // The limit that denied: with several on a rule, its own name.
+                    let limit_name = s.limit.as_ref().and_then(|l| l.name.clone());
                     match s.rule {
-                        Some(r) => r.name.clone().unwrap_or_else(|| r.path.clone()),
+                        Some(r) => limit_name
+                            .or_else(|| r.name.clone())
+                            .unwrap_or_else(|| r.path.clone()),
                         None => Arc::from("limit_override"),
                     }
                 };

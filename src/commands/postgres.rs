@@ -16,7 +16,8 @@ use crate::config::{
 };
 use crate::database;
 use crate::limiter::KeyHasher;
-use crate::rules::catalog::RuleScope;
+use crate::rules::catalog::{check_storable, RuleScope};
+use crate::rules::RuleErrors;
 use crate::rules::yaml;
 
 async fn connect(db: &DatabaseArgs) -> anyhow::Result<PgPool> {
@@ -51,8 +52,20 @@ pub async fn rules_apply(
     scope_args: &ScopeArgs,
     db: &DatabaseArgs,
 ) -> anyhow::Result<ExitCode> {
-    let files = match yaml::load_files(path) {
-        Ok((_, files)) => files,
+    let loaded = yaml::load_files(path).and_then(|(_, files)| {
+        let unstorable: Vec<_> = files
+            .iter()
+            .filter_map(|(file, root)| check_storable(file, root).err())
+            .flat_map(|e| e.0)
+            .collect();
+        if unstorable.is_empty() {
+            Ok(files)
+        } else {
+            Err(RuleErrors(unstorable))
+        }
+    });
+    let files = match loaded {
+        Ok(files) => files,
         Err(errors) => {
             for e in &errors.0 {
                 eprintln!("{e}");

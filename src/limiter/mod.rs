@@ -3,11 +3,13 @@
 //! comes in as `now_us` (microseconds since the Unix epoch).
 
 mod key;
+mod limit;
 mod plan;
 mod ruleset;
 mod window;
 
 pub use key::{CounterKey, KeyHasher};
+pub use limit::{Calendar, CalendarUnit, Limit, Window, MAX_WINDOW_SECONDS};
 pub use plan::{
     decide, plan, plan_for, Caller, CounterOp, CurrentLimit, Decision, DescriptorDecision, Plan,
     PlanItem, PlanOptions, QuotaItem, MONTHLY_QUOTA,

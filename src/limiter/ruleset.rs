@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{bounds, Algorithm, Entry, Unit};
+use super::{bounds, Entry, Limit};
 
 /// One configured limit, at the end of a descriptor path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,17 +27,12 @@ pub struct Rule {
     pub metadata: Vec<(String, String)>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleLimit {
     Unlimited,
-    Limited {
-        requests_per_unit: u32,
-        unit: Unit,
-        /// `None`: the server's default algorithm.
-        algorithm: Option<Algorithm>,
-        /// GCRA bucket size; `None`: `requests_per_unit`.
-        burst: Option<u32>,
-    },
+    /// Every one of these must admit a hit: one from `rate_limit`, or
+    /// several from sluice's `rate_limits` (a burst and a daily limit).
+    Limited(Vec<Limit>),
 }
 
 /// A node of the descriptor tree.
@@ -302,17 +297,19 @@ impl RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::{Unit, Window};
 
     fn limited(path: &str, n: u32) -> Node {
         Node {
             rule: Some(Arc::new(Rule {
                 path: path.into(),
-                limit: RuleLimit::Limited {
+                limit: RuleLimit::Limited(vec![Limit {
                     requests_per_unit: n,
-                    unit: Unit::Minute,
+                    window: Window::of(Unit::Minute),
                     algorithm: None,
                     burst: None,
-                },
+                    name: None,
+                }]),
                 name: None,
                 replaces: vec![],
                 shadow_mode: false,

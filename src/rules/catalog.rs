@@ -102,6 +102,55 @@ pub struct RuleRow {
 
 // === YAML -> rows ===
 
+/// Refuses what rule rows cannot hold yet: sluice's window extensions
+/// (`rate_limits`, `unit_multiplier`, `calendar`, `time_zone`), which
+/// [`rows_from_yaml`] would otherwise drop without a word. Such rules are
+/// served from YAML files.
+pub fn check_storable(file: &str, root: &YamlRoot) -> Result<(), RuleErrors> {
+    fn walk(file: &str, descriptors: &[YamlDescriptor], parent: &str, errors: &mut Vec<RuleError>) {
+        for (i, d) in descriptors.iter().enumerate() {
+            let path = if parent.is_empty() {
+                format!("descriptors[{i}]")
+            } else {
+                format!("{parent}.descriptors[{i}]")
+            };
+            let mut fields = Vec::new();
+            if d.rate_limits.is_some() {
+                fields.push("rate_limits");
+            }
+            if let Some(rl) = &d.rate_limit {
+                if rl.unit_multiplier.is_some() {
+                    fields.push("unit_multiplier");
+                }
+                if rl.calendar.is_some() {
+                    fields.push("calendar");
+                }
+                if rl.time_zone.is_some() {
+                    fields.push("time_zone");
+                }
+            }
+            if !fields.is_empty() {
+                errors.push(RuleError {
+                    file: file.to_owned(),
+                    path: path.clone(),
+                    message: format!(
+                        "{} cannot be stored in PostgreSQL rules yet; serve this rule from a YAML file",
+                        fields.join(", ")
+                    ),
+                });
+            }
+            walk(file, &d.descriptors, &path, errors);
+        }
+    }
+    let mut errors = Vec::new();
+    walk(file, &root.descriptors, "", &mut errors);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RuleErrors(errors))
+    }
+}
+
 /// Flattens a parsed (and validated) YAML file into rows, in file order.
 /// Units are stored in lower case, as the schema requires.
 pub fn rows_from_yaml(root: &YamlRoot, scope: &RuleScope) -> Vec<RuleRow> {
@@ -242,7 +291,11 @@ fn descriptor_from_row(key: &str, value: &str, row: &RuleRow) -> YamlDescriptor 
                 .collect(),
             algorithm: row.algorithm.clone(),
             burst: row.burst.map(|n| u64::try_from(n).unwrap_or(0)),
+            unit_multiplier: None,
+            calendar: None,
+            time_zone: None,
         }),
+        rate_limits: None,
         descriptors: Vec::new(),
         shadow_mode: row.shadow_mode,
         quota_mode: row.quota_mode,

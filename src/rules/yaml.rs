@@ -1,5 +1,8 @@
 //! envoyproxy/ratelimit's YAML rules format, read unchanged, plus sluice's
-//! optional `algorithm` and `burst` in `rate_limit`.
+//! extensions, each off unless written: `algorithm` and `burst` in
+//! `rate_limit`, windows of several units (`unit_multiplier`) or of the
+//! calendar (`calendar`, `time_zone`), and several limits on one descriptor
+//! (`rate_limits`). docs/rules.md describes them.
 //!
 //! Parsing is two passes: serde reads the structure (unknown fields, bad
 //! types and duplicate keys fail with their path), then a walk checks the
@@ -14,7 +17,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{RuleError, RuleErrors};
-use crate::limiter::{Algorithm, Unit};
+use crate::limiter::{Algorithm, Calendar, CalendarUnit, Limit, Unit, Window, MAX_WINDOW_SECONDS};
 use crate::limiter::{Level, Node, Rule, RuleLimit, RuleSet, ValueMatch};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -39,6 +42,10 @@ pub struct YamlDescriptor {
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<YamlRateLimit>,
+    /// sluice extension: several limits, all of which must admit a hit (a
+    /// burst and a daily limit); instead of `rate_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<Vec<YamlRateLimit>>,
     #[serde(
         default,
         deserialize_with = "opt_list",
@@ -101,6 +108,24 @@ pub struct YamlRateLimit {
     /// sluice extension: the GCRA bucket size (default: `requests_per_unit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
+    /// sluice extension: a window of this many `unit`s (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_multiplier: Option<u64>,
+    /// sluice extension: a calendar window (`day`, `week`, `month`) instead
+    /// of `unit`, starting at midnight in `time_zone`.
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub calendar: Option<String>,
+    /// sluice extension: the tz database zone of a calendar window (default UTC).
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -269,10 +294,7 @@ impl Walker<'_> {
                 );
             }
             let node = Node {
-                rule: d
-                    .rate_limit
-                    .as_ref()
-                    .and_then(|rl| self.rule(&path, &full, d, rl)),
+                rule: self.rule(&path, &full, d),
                 children: self.level(&d.descriptors, &path, &full),
                 shared_pattern: (d.share_threshold && matches!(matcher, ValueMatch::Prefix(_)))
                     .then(|| Arc::from(value.unwrap_or_default())),
@@ -287,106 +309,45 @@ impl Walker<'_> {
         level
     }
 
-    fn rule(
-        &mut self,
-        path: &str,
-        full: &str,
-        d: &YamlDescriptor,
-        rl: &YamlRateLimit,
-    ) -> Option<Arc<Rule>> {
+    /// The descriptor's rule, from `rate_limit` or `rate_limits`; `None`
+    /// when it has neither (a whitelisted value) or on errors.
+    fn rule(&mut self, path: &str, full: &str, d: &YamlDescriptor) -> Option<Arc<Rule>> {
         let before = self.errors.len();
-        let unit = rl.unit.as_deref().filter(|u| !u.is_empty());
-        let limit = if rl.unlimited {
-            if unit.is_some() {
+        let (limit, name, replaces) = match (&d.rate_limit, &d.rate_limits) {
+            (None, None) => return None,
+            (Some(_), Some(_)) => {
                 self.error(
                     path,
-                    "should not specify rate limit unit when unlimited".into(),
+                    "rate_limit and rate_limits are both set: use rate_limit for one limit, \
+                     rate_limits for several"
+                        .into(),
                 );
+                return None;
             }
-            if rl.algorithm.is_some() || rl.burst.is_some() {
-                self.error(
-                    path,
-                    "should not specify algorithm or burst when unlimited".into(),
-                );
-            }
-            RuleLimit::Unlimited
-        } else {
-            let unit = match unit.map(|u| (u, Unit::parse(u))) {
-                Some((_, Some(unit))) => unit,
-                Some((raw, None)) => {
-                    self.error(path, format!("invalid rate limit unit '{raw}'"));
-                    Unit::Second
-                }
-                None => {
-                    self.error(path, "invalid rate limit unit ''".into());
-                    Unit::Second
-                }
-            };
-            let requests_per_unit = match rl.requests_per_unit {
-                None => {
-                    self.error(
-                        path,
-                        "requests_per_unit is required (without it every request would be blocked)"
-                            .into(),
-                    );
-                    0
-                }
-                Some(0) => {
-                    self.error(
-                        path,
-                        "requests_per_unit must be at least 1 (0 would block every request)".into(),
-                    );
-                    0
-                }
-                Some(n) => u32::try_from(n).unwrap_or_else(|_| {
-                    self.error(
-                        path,
-                        format!("requests_per_unit {n} is larger than {}", u32::MAX),
-                    );
-                    0
-                }),
-            };
-            let algorithm = rl.algorithm.as_deref().and_then(|a| {
-                let parsed = Algorithm::parse(a);
-                if parsed.is_none() {
-                    self.error(
-                        path,
-                        format!(
-                            "unknown algorithm '{a}' (expected sliding_window, fixed_window or gcra)"
-                        ),
-                    );
-                }
-                parsed
-            });
-            let burst = rl.burst.and_then(|b| {
-                if algorithm != Some(Algorithm::Gcra) {
-                    self.error(path, "burst applies only to algorithm gcra".into());
-                    None
-                } else if b == 0 || b > u64::from(u32::MAX) {
-                    self.error(path, format!("burst must be between 1 and {}", u32::MAX));
-                    None
+            (Some(rl), None) => {
+                let name: Option<Arc<str>> = rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
+                let limit = if rl.unlimited {
+                    self.unlimited(path, rl);
+                    RuleLimit::Unlimited
                 } else {
-                    Some(b as u32)
-                }
-            });
-            RuleLimit::Limited {
-                requests_per_unit,
-                unit,
-                algorithm,
-                burst,
+                    RuleLimit::Limited(vec![self.limit(path, rl, name.clone())])
+                };
+                (limit, name, self.replaces(path, &rl.replaces))
+            }
+            (None, Some(list)) => {
+                let (limits, replaces) = self.limits(path, list);
+                (RuleLimit::Limited(limits), None, replaces)
             }
         };
-        let name = rl.name.as_deref().filter(|n| !n.is_empty());
-        let mut replaces = Vec::with_capacity(rl.replaces.len());
-        for r in &rl.replaces {
-            match r.name.as_deref().unwrap_or("") {
-                "" => self.error(path, "should not have an empty replaces entry".into()),
-                n if Some(n) == name => self.error(
-                    path,
-                    "replaces should not contain name of same descriptor".into(),
-                ),
-                n => replaces.push(Arc::from(n)),
-            }
+        let own: Vec<&Arc<str>> = match &limit {
+            RuleLimit::Limited(limits) => limits.iter().filter_map(|l| l.name.as_ref()).collect(),
+            RuleLimit::Unlimited => name.iter().collect(),
+        };
+        if replaces.iter().any(|r| own.contains(&r)) {
+            self.error(
+                path,
+                "replaces should not contain name of same descriptor".into(),
+            );
         }
         if self.errors.len() > before {
             return None;
@@ -394,7 +355,7 @@ impl Walker<'_> {
         Some(Arc::new(Rule {
             path: full.into(),
             limit,
-            name: name.map(Arc::from),
+            name,
             replaces,
             shadow_mode: d.shadow_mode,
             quota_mode: d.quota_mode,
@@ -404,6 +365,240 @@ impl Walker<'_> {
                 .map(|(k, v)| (k.clone(), v.0.clone()))
                 .collect(),
         }))
+    }
+
+    /// Checks that an `unlimited` limit says nothing else about a limit.
+    fn unlimited(&mut self, path: &str, rl: &YamlRateLimit) {
+        if rl.unit.as_deref().is_some_and(|u| !u.is_empty()) {
+            self.error(
+                path,
+                "should not specify rate limit unit when unlimited".into(),
+            );
+        }
+        if rl.algorithm.is_some() || rl.burst.is_some() {
+            self.error(
+                path,
+                "should not specify algorithm or burst when unlimited".into(),
+            );
+        }
+        if rl.unit_multiplier.is_some() || rl.calendar.is_some() || rl.time_zone.is_some() {
+            self.error(
+                path,
+                "should not specify unit_multiplier, calendar or time_zone when unlimited".into(),
+            );
+        }
+    }
+
+    /// The limits of `rate_limits` (at least one; none unlimited; no two over
+    /// one window, which would be one counter) and all their `replaces`.
+    fn limits(&mut self, path: &str, list: &[YamlRateLimit]) -> (Vec<Limit>, Vec<Arc<str>>) {
+        if list.is_empty() {
+            self.error(
+                path,
+                "rate_limits is empty: give at least one limit (or no rate_limits at all)".into(),
+            );
+        }
+        let mut limits: Vec<Limit> = Vec::with_capacity(list.len());
+        let mut replaces = Vec::new();
+        for (i, rl) in list.iter().enumerate() {
+            let item = format!("{path}.rate_limits[{i}]");
+            if rl.unlimited {
+                self.error(
+                    &item,
+                    "a limit in rate_limits cannot be unlimited (use rate_limit: {unlimited: true})"
+                        .into(),
+                );
+                continue;
+            }
+            let name: Option<Arc<str>> = rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
+            if let Some(n) = &name {
+                if limits.iter().any(|l| l.name.as_ref() == Some(n)) {
+                    self.error(&item, format!("duplicate name '{n}' in rate_limits"));
+                }
+            }
+            let limit = self.limit(&item, rl, name);
+            let same_window = limits.iter().position(|l| match (l.window, limit.window) {
+                (Window::Calendar(a), Window::Calendar(b)) => a == b,
+                (Window::Units { .. }, Window::Units { .. }) => {
+                    l.window.seconds() == limit.window.seconds()
+                }
+                _ => false,
+            });
+            if let Some(j) = same_window {
+                self.error(
+                    &item,
+                    format!(
+                        "the same window as rate_limits[{j}] ({}): a descriptor has one counter \
+                         per window, so give each limit its own window",
+                        limit.window
+                    ),
+                );
+            }
+            replaces.extend(self.replaces(&item, &rl.replaces));
+            limits.push(limit);
+        }
+        (limits, replaces)
+    }
+
+    fn replaces(&mut self, path: &str, list: &[YamlReplaces]) -> Vec<Arc<str>> {
+        let mut replaces = Vec::with_capacity(list.len());
+        for r in list {
+            match r.name.as_deref().unwrap_or("") {
+                "" => self.error(path, "should not have an empty replaces entry".into()),
+                n => replaces.push(Arc::from(n)),
+            }
+        }
+        replaces
+    }
+
+    /// One limit (not `unlimited`); errors are recorded, and the limit
+    /// returned then is a placeholder the caller drops.
+    fn limit(&mut self, path: &str, rl: &YamlRateLimit, name: Option<Arc<str>>) -> Limit {
+        let window = match rl.calendar.as_deref().filter(|c| !c.is_empty()) {
+            Some(calendar) => self.calendar(path, rl, calendar),
+            None => self.units(path, rl),
+        };
+        let requests_per_unit = match rl.requests_per_unit {
+            None => {
+                self.error(
+                    path,
+                    "requests_per_unit is required (without it every request would be blocked)"
+                        .into(),
+                );
+                0
+            }
+            Some(0) => {
+                self.error(
+                    path,
+                    "requests_per_unit must be at least 1 (0 would block every request)".into(),
+                );
+                0
+            }
+            Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+                self.error(
+                    path,
+                    format!("requests_per_unit {n} is larger than {}", u32::MAX),
+                );
+                0
+            }),
+        };
+        let algorithm = rl.algorithm.as_deref().and_then(|a| {
+            let parsed = Algorithm::parse(a);
+            if parsed.is_none() {
+                self.error(
+                    path,
+                    format!(
+                        "unknown algorithm '{a}' (expected sliding_window, fixed_window or gcra)"
+                    ),
+                );
+            }
+            parsed
+        });
+        let calendar = matches!(window, Window::Calendar(_));
+        if calendar && algorithm.is_some_and(|a| a != Algorithm::FixedWindow) {
+            self.error(
+                path,
+                "calendar windows count as fixed windows: algorithm must be fixed_window or left \
+                 out"
+                .into(),
+            );
+        }
+        let burst = rl.burst.and_then(|b| {
+            if algorithm != Some(Algorithm::Gcra) {
+                self.error(path, "burst applies only to algorithm gcra".into());
+                None
+            } else if b == 0 || b > u64::from(u32::MAX) {
+                self.error(path, format!("burst must be between 1 and {}", u32::MAX));
+                None
+            } else {
+                Some(b as u32)
+            }
+        });
+        Limit {
+            requests_per_unit,
+            window,
+            algorithm,
+            burst,
+            name,
+        }
+    }
+
+    /// `unit` times `unit_multiplier`, at most a year.
+    fn units(&mut self, path: &str, rl: &YamlRateLimit) -> Window {
+        if rl.time_zone.is_some() {
+            self.error(
+                path,
+                "time_zone applies only to calendar windows (calendar: day, week or month)".into(),
+            );
+        }
+        let unit = match rl.unit.as_deref().filter(|u| !u.is_empty()) {
+            Some(raw) => Unit::parse(raw).unwrap_or_else(|| {
+                self.error(path, format!("invalid rate limit unit '{raw}'"));
+                Unit::Second
+            }),
+            None => {
+                self.error(path, "invalid rate limit unit ''".into());
+                Unit::Second
+            }
+        };
+        let multiplier = match rl.unit_multiplier {
+            None => 1,
+            Some(0) => {
+                self.error(path, "unit_multiplier must be at least 1".into());
+                1
+            }
+            Some(m) => match u32::try_from(m) {
+                Ok(m) if unit.seconds() * u64::from(m) <= MAX_WINDOW_SECONDS => m,
+                _ => {
+                    self.error(
+                        path,
+                        format!(
+                            "unit_multiplier {m} makes a window longer than a year \
+                             ({MAX_WINDOW_SECONDS} seconds)"
+                        ),
+                    );
+                    1
+                }
+            },
+        };
+        Window::Units { unit, multiplier }
+    }
+
+    /// A calendar window; it counts as a fixed window.
+    fn calendar(&mut self, path: &str, rl: &YamlRateLimit, raw: &str) -> Window {
+        if rl.unit.is_some() {
+            self.error(
+                path,
+                "calendar and unit are both set: a calendar window replaces the unit".into(),
+            );
+        }
+        if rl.unit_multiplier.is_some() {
+            self.error(
+                path,
+                "unit_multiplier does not apply to calendar windows".into(),
+            );
+        }
+        let unit = CalendarUnit::parse(raw).unwrap_or_else(|| {
+            self.error(
+                path,
+                format!("invalid calendar '{raw}' (expected day, week or month)"),
+            );
+            CalendarUnit::Day
+        });
+        let time_zone = match rl.time_zone.as_deref() {
+            None => chrono_tz::UTC,
+            Some(zone) => zone.parse().unwrap_or_else(|_| {
+                self.error(
+                    path,
+                    format!(
+                        "unknown time_zone '{zone}' (a tz database name such as Europe/Berlin, \
+                         or UTC)"
+                    ),
+                );
+                chrono_tz::UTC
+            }),
+        };
+        Window::Calendar(Calendar { unit, time_zone })
     }
 }
 

@@ -55,6 +55,7 @@ fn fixed_op(value: &str, limit: u64, period_us: u64) -> CounterOp {
             limit,
             period_us,
             burst: limit,
+            calendar: None,
         },
         hits: 1,
     }

@@ -185,6 +185,7 @@ fn op(
             limit,
             period_us,
             burst,
+            calendar: None,
         },
         hits,
     }

@@ -234,13 +234,17 @@ fn a_limit_override_replaces_the_configured_limit_with_the_default_algorithm() {
     let plan = h.plan(&req);
     assert!(matches!(
         plan.items[0],
-        PlanItem::Limited {
-            rule: None,
-            requests_per_unit: 2,
-            unit: Unit::Second,
-            op: 0,
-        }
+        PlanItem::Limited { rule: None, ref limits } if *limits == (0..1)
     ));
+    assert_eq!(
+        plan.limits[0],
+        PlannedLimit {
+            requests_per_unit: 2,
+            window: Window::of(Unit::Second),
+            name: None,
+            op: 0
+        }
+    );
     assert_eq!(
         plan.ops[0].spec,
         CounterSpec {
@@ -248,20 +252,17 @@ fn a_limit_override_replaces_the_configured_limit_with_the_default_algorithm() {
             limit: 2,
             period_us: SEC,
             burst: 2,
+            calendar: None,
         },
         "not the rule's fixed_window 5/minute"
     );
     assert!(
-        matches!(
-            plan.items[1],
-            PlanItem::Limited {
-                rule: None,
-                requests_per_unit: 7,
-                unit: Unit::Hour,
-                op: 1
-            }
-        ),
+        matches!(plan.items[1], PlanItem::Limited { rule: None, ref limits } if *limits == (1..2)),
         "an override limits a descriptor no rule matches"
+    );
+    assert_eq!(
+        (plan.limits[1].requests_per_unit, plan.limits[1].window),
+        (7, Window::of(Unit::Hour))
     );
 
     let first = h.decide(&req, NOW);
@@ -270,7 +271,7 @@ fn a_limit_override_replaces_the_configured_limit_with_the_default_algorithm() {
         first.statuses[0].limit,
         Some(CurrentLimit {
             requests_per_unit: 2,
-            unit: Unit::Second,
+            window: Window::of(Unit::Second),
             name: None,
         })
     );
@@ -307,7 +308,7 @@ descriptors:
         PlanItem::Replaced { rule } => assert_eq!(&*rule.path, "api.client"),
         other => panic!("expected Replaced, got {other:?}"),
     }
-    assert!(matches!(plan.items[1], PlanItem::Limited { op: 0, .. }));
+    assert!(matches!(plan.items[1], PlanItem::Limited { ref limits, .. } if plan.limits[limits.start].op == 0));
     assert_eq!(plan.ops.len(), 1, "only the replacing rule counts");
     assert_eq!(decision.statuses[0].code, Code::Ok);
     assert_eq!(decision.statuses[0].limit, None);
@@ -488,18 +489,21 @@ descriptors:
                 limit: 10,
                 period_us: SEC,
                 burst: 3,
+                calendar: None,
             },
             CounterSpec {
                 algorithm: Algorithm::FixedWindow,
                 limit: 10,
                 period_us: 3_600 * SEC,
                 burst: 10,
+                calendar: None,
             },
             CounterSpec {
                 algorithm: Algorithm::SlidingWindow,
                 limit: 10,
                 period_us: 86_400 * SEC,
                 burst: 10,
+                calendar: None,
             },
         ]
     );

@@ -17,6 +17,7 @@ fn spec(algorithm: Algorithm, limit: u64, period_us: u64, burst: u64) -> Counter
         limit,
         period_us,
         burst,
+        calendar: None,
     }
 }
 

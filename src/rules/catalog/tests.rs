@@ -130,7 +130,7 @@ fn a_catalog_compiles_scopes_and_keys() {
     let limit = |hash: &str, domain: &str| {
         let key = set.api_key(hash).unwrap();
         set.lookup_for_key(domain, key, &e)
-            .map(|m| (m.rule.path.to_string(), m.rule.limit))
+            .map(|m| (m.rule.path.to_string(), m.rule.limit.clone()))
     };
     let h1 = set.api_key("h1").unwrap();
     assert_eq!(

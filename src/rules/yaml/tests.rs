@@ -54,12 +54,23 @@ fn rule<'a>(rules: &'a [Arc<Rule>], path: &str) -> &'a Rule {
 }
 
 fn limited(requests_per_unit: u32, unit: Unit) -> RuleLimit {
-    RuleLimit::Limited {
+    limit(requests_per_unit, Window::of(unit), None, None, None)
+}
+
+fn limit(
+    requests_per_unit: u32,
+    window: Window,
+    algorithm: Option<Algorithm>,
+    burst: Option<u32>,
+    name: Option<&str>,
+) -> RuleLimit {
+    RuleLimit::Limited(vec![Limit {
         requests_per_unit,
-        unit,
-        algorithm: None,
-        burst: None,
-    }
+        window,
+        algorithm,
+        burst,
+        name: name.map(Arc::from),
+    }])
 }
 
 // === Accepted ===
@@ -134,14 +145,17 @@ fn every_field_is_accepted() {
     let per_ip = rule(&all, "weather.remote_address");
     assert_eq!(
         per_ip.limit,
-        limited(60, Unit::Minute),
+        limit(60, Window::of(Unit::Minute), None, None, Some("per_ip")),
         "unit is case-insensitive"
     );
     assert_eq!(per_ip.name.as_deref(), Some("per_ip"));
     assert!(!per_ip.shadow_mode && !per_ip.quota_mode);
 
     let forecast = rule(&all, "weather.path_/forecast");
-    assert_eq!(forecast.limit, limited(5, Unit::Second));
+    assert_eq!(
+        forecast.limit,
+        limit(5, Window::of(Unit::Second), None, None, Some("forecast"))
+    );
     assert_eq!(forecast.name.as_deref(), Some("forecast"));
     assert_eq!(forecast.replaces, [Arc::from("per_ip")]);
     assert!(forecast.shadow_mode);
@@ -161,12 +175,13 @@ fn every_field_is_accepted() {
     let statics = rule(&all, "weather.path_/static/*");
     assert_eq!(
         statics.limit,
-        RuleLimit::Limited {
-            requests_per_unit: 1000,
-            unit: Unit::Day,
-            algorithm: Some(Algorithm::FixedWindow),
-            burst: None,
-        }
+        limit(
+            1000,
+            Window::of(Unit::Day),
+            Some(Algorithm::FixedWindow),
+            None,
+            None
+        )
     );
     let m = rules
         .lookup("weather", &entries(&[("path", "/static/app.js")]))
@@ -188,23 +203,25 @@ fn every_field_is_accepted() {
     let status = rule(&all, "weather.status_200");
     assert_eq!(
         status.limit,
-        RuleLimit::Limited {
-            requests_per_unit: 7,
-            unit: Unit::Week,
-            algorithm: Some(Algorithm::Gcra),
-            burst: Some(3),
-        }
+        limit(
+            7,
+            Window::of(Unit::Week),
+            Some(Algorithm::Gcra),
+            Some(3),
+            None
+        )
     );
 
     let version = rule(&all, "weather.version_1.50");
     assert_eq!(
         version.limit,
-        RuleLimit::Limited {
-            requests_per_unit: 1,
-            unit: Unit::Year,
-            algorithm: Some(Algorithm::SlidingWindow),
-            burst: None,
-        }
+        limit(
+            1,
+            Window::of(Unit::Year),
+            Some(Algorithm::SlidingWindow),
+            None,
+            None
+        )
     );
 
     assert_eq!(
@@ -400,12 +417,13 @@ fn unknown_fields_are_refused_with_serdes_path_and_message() {
     assert_eq!(
         error("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 1, unti: 2}\n"),
         "test.yaml: descriptors[0].rate_limit: unknown field `unti`, expected one of `unit`, \
-         `requests_per_unit`, `unlimited`, `name`, `replaces`, `algorithm`, `burst` at line 4 column 54"
+         `requests_per_unit`, `unlimited`, `name`, `replaces`, `algorithm`, `burst`, \
+         `unit_multiplier`, `calendar`, `time_zone` at line 4 column 54"
     );
     assert_eq!(
         error("domain: d\ndescriptors:\n  - key: k\n    bogus: 1\n"),
         "test.yaml: descriptors[0]: unknown field `bogus`, expected one of `key`, `value`, \
-         `rate_limit`, `descriptors`, `shadow_mode`, `quota_mode`, `detailed_metric`, \
+         `rate_limit`, `rate_limits`, `descriptors`, `shadow_mode`, `quota_mode`, `detailed_metric`, \
          `value_to_metric`, `share_threshold`, `metadata` at line 4 column 5"
     );
     assert_eq!(

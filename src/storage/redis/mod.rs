@@ -42,10 +42,10 @@ use self::breaker::Breaker;
 use self::cluster::Cluster;
 use self::connect::Connector;
 use self::local_cache::OverLimitCache;
-use self::scripts::Request;
+use self::scripts::{Request, Time};
 use self::standalone::Standalone;
 use super::{CounterOp, CounterStore, StoreError, StoreHealth};
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock};
 use crate::limiter::Outcome;
 use crate::task::OwnedTask;
 use crate::telemetry::names;
@@ -91,6 +91,10 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// PEM certificates to trust for `rediss://` instead of the web PKI roots.
     pub ca_cert: Option<Vec<u8>>,
+    /// This instance's wall clock. Counters run on Redis' `TIME`; this clock
+    /// only places calendar windows' boundaries around now (the script then
+    /// picks the window by Redis' time; see `scripts::Time`).
+    pub local_clock: Arc<dyn Clock>,
 }
 
 impl RedisOptions {
@@ -102,6 +106,7 @@ impl RedisOptions {
             local_cache_size: 100_000,
             password: None,
             ca_cert: None,
+            local_clock: Arc::new(SystemClock),
         }
     }
 }
@@ -122,8 +127,7 @@ impl fmt::Debug for RedisOptions {
 /// The operations of one store call that go to Redis.
 pub struct Call<'a> {
     pub ops: &'a [&'a CounterOp],
-    /// `None`: the scripts read Redis' clock.
-    pub now_us: Option<u64>,
+    pub time: Time,
 }
 
 enum Backend {
@@ -164,6 +168,8 @@ struct Inner {
     /// Counts in this clock's time instead of Redis' (see
     /// [`RedisStore::with_clock`]).
     clock: Option<Arc<dyn Clock>>,
+    /// Places calendar windows (see [`RedisOptions::local_clock`]).
+    local_clock: Arc<dyn Clock>,
     /// Wakes the supervisor when the breaker opens.
     opened: Arc<Notify>,
     /// Set once, just after the store is built: the task holds the store
@@ -251,6 +257,7 @@ impl RedisStore {
             cache: OverLimitCache::new(options.local_cache_size),
             timeout,
             epoch: Instant::now(),
+            local_clock: clock.clone().unwrap_or(options.local_clock),
             clock,
             opened: Arc::new(Notify::new()),
             supervisor: OnceLock::new(),
@@ -298,9 +305,13 @@ impl Inner {
             return Err(StoreError::BreakerOpen);
         }
         let sent_us = self.local_now_us();
+        let now_us = self.clock.as_ref().map(|c| c.now_us());
         let call = Call {
             ops,
-            now_us: self.clock.as_ref().map(|c| c.now_us()),
+            time: Time {
+                now_us,
+                local_us: now_us.unwrap_or_else(|| self.local_clock.now_us()),
+            },
         };
         let mut in_flight = InFlight {
             inner: self,

@@ -39,7 +39,7 @@ impl Standalone {
         let units = call
             .ops
             .iter()
-            .map(|op| Unit::single(op, call.now_us))
+            .map(|op| Unit::single(op, call.time))
             .collect();
         self.decide(units).await
     }
@@ -51,7 +51,7 @@ impl Standalone {
         call: &Call<'_>,
         request: Request<'_>,
     ) -> Result<Vec<Outcome>, StoreError> {
-        self.decide(vec![Unit::request(call.ops, request, call.now_us)])
+        self.decide(vec![Unit::request(call.ops, request, call.time)])
             .await
     }
 
