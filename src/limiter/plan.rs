@@ -556,3 +556,5 @@ fn unlimited_status(rule: Option<&Rule>, remaining: u32) -> DescriptorDecision<'
 mod tenant_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod window_tests;

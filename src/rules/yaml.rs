@@ -707,4 +707,6 @@ fn display_name(root: &Path, file: &Path) -> String {
 }
 
 #[cfg(test)]
+mod extension_tests;
+#[cfg(test)]
 mod tests;
