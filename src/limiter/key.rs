@@ -353,7 +353,8 @@ mod tests {
         let spelled = entries(&[("tenant", "acme"), ("calendar:month:UTC", "")]);
         assert_ne!(
             h.calendar_key("d", &e, &[], month("UTC")).hash,
-            h.counter_key("d", &spelled, &[], Algorithm::FixedWindow, 1).hash
+            h.counter_key("d", &spelled, &[], Algorithm::FixedWindow, 1)
+                .hash
         );
     }
 

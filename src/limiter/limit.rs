@@ -69,7 +69,10 @@ impl Window {
     /// its unit: "per month" is what it means.
     pub fn reported_unit(self) -> Option<Unit> {
         match self {
-            Window::Units { unit, multiplier: 1 } => Some(unit),
+            Window::Units {
+                unit,
+                multiplier: 1,
+            } => Some(unit),
             Window::Units { .. } => {
                 let seconds = self.seconds();
                 Unit::ALL.into_iter().find(|u| u.seconds() == seconds)
@@ -82,7 +85,10 @@ impl Window {
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Window::Units { unit, multiplier: 1 } => write!(f, "{unit}"),
+            Window::Units {
+                unit,
+                multiplier: 1,
+            } => write!(f, "{unit}"),
             Window::Units { unit, multiplier } => write!(f, "{multiplier} {unit}s"),
             Window::Calendar(c) => write!(f, "calendar {} in {}", c.unit, c.time_zone.name()),
         }
@@ -237,7 +243,10 @@ mod tests {
             (utc(2026, 12, 31, 23, 0), utc(2027, 1, 31, 23, 0))
         );
         // 31 Jan 23:30 UTC is already February in Berlin.
-        assert_eq!(month.window_at(utc(2027, 1, 31, 23, 30)).0, utc(2027, 1, 31, 23, 0));
+        assert_eq!(
+            month.window_at(utc(2027, 1, 31, 23, 30)).0,
+            utc(2027, 1, 31, 23, 0)
+        );
         // March starts in winter time and ends in summer time (UTC+2).
         assert_eq!(
             month.window_at(utc(2027, 3, 10, 0, 0)),
@@ -263,7 +272,10 @@ mod tests {
             week.window_at(utc(2027, 1, 7, 5, 0)),
             (utc(2027, 1, 4, 0, 0), utc(2027, 1, 11, 0, 0))
         );
-        assert_eq!(week.window_at(utc(2027, 1, 4, 0, 0)).0, utc(2027, 1, 4, 0, 0));
+        assert_eq!(
+            week.window_at(utc(2027, 1, 4, 0, 0)).0,
+            utc(2027, 1, 4, 0, 0)
+        );
     }
 
     #[test]
@@ -298,14 +310,27 @@ mod tests {
 
     #[test]
     fn every_instant_lies_in_the_window_it_is_given() {
-        for zone in ["UTC", "Europe/Berlin", "America/Santiago", "Asia/Kathmandu", "Pacific/Apia"] {
+        for zone in [
+            "UTC",
+            "Europe/Berlin",
+            "America/Santiago",
+            "Asia/Kathmandu",
+            "Pacific/Apia",
+        ] {
             for unit in CalendarUnit::ALL {
                 let c = calendar(unit, zone);
                 let mut now = utc(2024, 1, 1, 0, 0);
                 while now < utc(2025, 1, 1, 0, 0) {
                     let (start, end) = c.window_at(now);
-                    assert!(start <= now && now < end, "{zone} {unit}: {now} not in [{start}, {end})");
-                    assert_eq!(c.window_at(end).0, end, "{zone} {unit}: windows are contiguous");
+                    assert!(
+                        start <= now && now < end,
+                        "{zone} {unit}: {now} not in [{start}, {end})"
+                    );
+                    assert_eq!(
+                        c.window_at(end).0,
+                        end,
+                        "{zone} {unit}: windows are contiguous"
+                    );
                     now += 7 * HOUR + 13 * 60 * S;
                 }
             }

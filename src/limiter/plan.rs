@@ -325,8 +325,7 @@ impl Counted<'_, '_> {
                     limit.algorithm.unwrap_or(options.default_algorithm)
                 };
                 let seconds = limit.window.seconds();
-                let key =
-                    hasher.counter_key(self.domain, entries, self.shared, algorithm, seconds);
+                let key = hasher.counter_key(self.domain, entries, self.shared, algorithm, seconds);
                 let spec = CounterSpec {
                     algorithm,
                     limit: requests,
@@ -521,8 +520,7 @@ fn limited_status<'r>(
             .map(|_| (remaining, outcome.reset_us)),
         rule,
         shadowed: shadow && !outcome.admitted,
-        near_limit: outcome.admitted
-            && outcome.used * 10 >= capacity(&plan.ops[limit.op].spec) * 8,
+        near_limit: outcome.admitted && outcome.used * 10 >= capacity(&plan.ops[limit.op].spec) * 8,
         refused: false,
         tenant_quota: false,
     }

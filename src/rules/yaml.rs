@@ -325,7 +325,8 @@ impl Walker<'_> {
                 return None;
             }
             (Some(rl), None) => {
-                let name: Option<Arc<str>> = rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
+                let name: Option<Arc<str>> =
+                    rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
                 let limit = if rl.unlimited {
                     self.unlimited(path, rl);
                     RuleLimit::Unlimited
@@ -410,7 +411,8 @@ impl Walker<'_> {
                 );
                 continue;
             }
-            let name: Option<Arc<str>> = rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
+            let name: Option<Arc<str>> =
+                rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
             if let Some(n) = &name {
                 if limits.iter().any(|l| l.name.as_ref() == Some(n)) {
                     self.error(&item, format!("duplicate name '{n}' in rate_limits"));

@@ -222,7 +222,12 @@ async fn a_five_minute_window_in_envoys_headers() {
     let client = [("x-client-id", "every-five-minutes")];
     for remaining in [2, 1, 0] {
         let r = envoy.get(&client).await;
-        assert_eq!(limit_headers(&r), expect(200, "3", remaining, 100), "{r:?}\n{}", envoy.log_text());
+        assert_eq!(
+            limit_headers(&r),
+            expect(200, "3", remaining, 100),
+            "{r:?}\n{}",
+            envoy.log_text()
+        );
     }
     let r = envoy.get(&client).await;
     assert_eq!(limit_headers(&r), expect(429, "3", 0, 100));
@@ -240,15 +245,36 @@ async fn the_most_constrained_of_several_limits_in_envoys_headers() {
     let burst = "2, 2;w=1;name=\"burst\"";
     let daily = "5, 5;w=86400;name=\"daily\"";
     // START_US is on a whole second, 80 000 s into a UTC day.
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(200, burst, 1, 1));
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(200, burst, 0, 1));
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(429, burst, 0, 1));
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 1, 1)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 0, 1)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(429, burst, 0, 1)
+    );
     clock.advance(1_000_000);
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(200, burst, 1, 1));
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(200, burst, 0, 1));
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 1, 1)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 0, 1)
+    );
     clock.advance(1_000_000);
     let day_left = 86_400 - 80_000 - 2;
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(200, daily, 0, day_left));
-    assert_eq!(limit_headers(&envoy.get(&client).await), expect(429, daily, 0, day_left));
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, daily, 0, day_left)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(429, daily, 0, day_left)
+    );
     assert_eq!(backend.hits(), 5, "the daily limit admitted five");
 }

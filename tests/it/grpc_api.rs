@@ -764,16 +764,29 @@ async fn several_limits_report_the_most_constrained() {
     let hit = || request("windows", &[&[("client", "c-1")]]);
     // START_US is on a whole second, 80 000 s into a UTC day.
     let day_left = 6_400.0;
-    let burst = |code, remaining, reset| (code, "burst".to_owned(), 2, Unit::Second, remaining, reset);
+    let burst =
+        |code, remaining, reset| (code, "burst".to_owned(), 2, Unit::Second, remaining, reset);
     let daily = |code, remaining, reset| (code, "daily".to_owned(), 5, Unit::Day, remaining, reset);
-    assert_eq!(status_of(&call(&mut client, hit()).await), burst(Code::Ok, 1, 1.0));
-    assert_eq!(status_of(&call(&mut client, hit()).await), burst(Code::Ok, 0, 1.0));
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 1, 1.0)
+    );
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 0, 1.0)
+    );
     let r = call(&mut client, hit()).await;
     assert_eq!(r.overall_code(), Code::OverLimit);
     assert_eq!(status_of(&r), burst(Code::OverLimit, 0, 1.0));
     clock.advance(1_000_000);
-    assert_eq!(status_of(&call(&mut client, hit()).await), burst(Code::Ok, 1, 1.0));
-    assert_eq!(status_of(&call(&mut client, hit()).await), burst(Code::Ok, 0, 1.0));
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 1, 1.0)
+    );
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 0, 1.0)
+    );
     clock.advance(1_000_000);
     // One left of the burst, none of the day: the day is reported.
     assert_eq!(
@@ -792,9 +805,24 @@ async fn a_five_minute_window_reports_no_unit_and_its_own_reset() {
     // START_US is 200 s into a 5-minute window. No RateLimit.Unit is 5
     // minutes long: UNKNOWN, so Envoy states no window rather than a wrong one.
     let hit = || request("windows", &[&[("five", "f-1")]]);
-    let five = |code, remaining, reset| (code, "per_5m".to_owned(), 2, Unit::Unknown, remaining, reset);
-    assert_eq!(status_of(&call(&mut client, hit()).await), five(Code::Ok, 1, 100.0));
-    assert_eq!(status_of(&call(&mut client, hit()).await), five(Code::Ok, 0, 100.0));
+    let five = |code, remaining, reset| {
+        (
+            code,
+            "per_5m".to_owned(),
+            2,
+            Unit::Unknown,
+            remaining,
+            reset,
+        )
+    };
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        five(Code::Ok, 1, 100.0)
+    );
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        five(Code::Ok, 0, 100.0)
+    );
     let r = call(&mut client, hit()).await;
     assert_eq!(r.overall_code(), Code::OverLimit);
     let (code, _, _, unit, remaining, reset) = status_of(&r);
@@ -820,22 +848,41 @@ async fn a_calendar_month_reports_its_unit_and_the_time_to_local_midnight_on_the
     let r = call(&mut client, hit()).await;
     assert_eq!(
         status_of(&r),
-        (Code::Ok, "monthly".to_owned(), 2, Unit::Month, 1, month_left)
+        (
+            Code::Ok,
+            "monthly".to_owned(),
+            2,
+            Unit::Month,
+            1,
+            month_left
+        )
     );
     let quota = r.statuses[0].quota.as_ref().expect("quota_mode: quota");
     assert_eq!(quota.requests, 1);
     let valid_until = match &quota.expiration_specifier {
-        Some(sluice::proto::rls::rate_limit_response::quota::ExpirationSpecifier::ValidUntil(t)) => t.seconds,
+        Some(sluice::proto::rls::rate_limit_response::quota::ExpirationSpecifier::ValidUntil(
+            t,
+        )) => t.seconds,
         other => panic!("{other:?}"),
     };
     assert_eq!(valid_until, 1_701_385_200, "2023-11-30T23:00:00Z");
     call(&mut client, hit()).await;
-    assert_eq!(call(&mut client, hit()).await.overall_code(), Code::OverLimit);
+    assert_eq!(
+        call(&mut client, hit()).await.overall_code(),
+        Code::OverLimit
+    );
     // Midnight on 1 December in Berlin: a new month of 31 days.
     clock.set(1_701_385_200_000_000);
     let r = call(&mut client, hit()).await;
     assert_eq!(
         status_of(&r),
-        (Code::Ok, "monthly".to_owned(), 2, Unit::Month, 1, 31.0 * 86_400.0)
+        (
+            Code::Ok,
+            "monthly".to_owned(),
+            2,
+            Unit::Month,
+            1,
+            31.0 * 86_400.0
+        )
     );
 }

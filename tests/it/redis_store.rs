@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice::clock::{SkewedClock, SystemClock};
-use sluice::limiter::{Algorithm, Calendar, CalendarUnit, CounterOp, CounterSpec, Entry, KeyHasher};
+use sluice::limiter::{
+    Algorithm, Calendar, CalendarUnit, CounterOp, CounterSpec, Entry, KeyHasher,
+};
 use sluice::proto::rls::rate_limit_response::Code;
 use sluice::service::FailureMode;
 use sluice::storage::redis::{RedisOptions, RedisStore, RedisTarget};
@@ -191,13 +193,25 @@ async fn calendar_windows_follow_redis_time_whatever_sluices_clock_says() {
         });
         RedisStore::new(&RedisTarget::Standalone(server.url()), options).unwrap()
     };
-    let stores = [day_of(0), day_of(-20 * hour as i64), day_of(20 * hour as i64)];
+    let stores = [
+        day_of(0),
+        day_of(-20 * hour as i64),
+        day_of(20 * hour as i64),
+    ];
     for store in &stores {
         up(store).await;
     }
     let h = KeyHasher::from_secret(b"redis tests");
     let op = CounterOp {
-        key: h.calendar_key("t", &[Entry { key: "k", value: "cal" }], &[], calendar),
+        key: h.calendar_key(
+            "t",
+            &[Entry {
+                key: "k",
+                value: "cal",
+            }],
+            &[],
+            calendar,
+        ),
         spec: CounterSpec {
             algorithm: Algorithm::FixedWindow,
             limit: 3,
@@ -211,15 +225,24 @@ async fn calendar_windows_follow_redis_time_whatever_sluices_clock_says() {
     for (store, remaining) in stores.iter().zip([2, 1, 0]) {
         let outcome = store.apply(&[op]).await.unwrap()[0];
         assert!(outcome.admitted, "{zone}: {outcome:?}");
-        assert_eq!(outcome.remaining, remaining, "{zone}: one counter for all three");
+        assert_eq!(
+            outcome.remaining, remaining,
+            "{zone}: one counter for all three"
+        );
         resets.push(outcome.reset_us);
     }
     for store in &stores {
         assert!(!store.apply(&[op]).await.unwrap()[0].admitted, "{zone}");
     }
     let (low, high) = (resets.iter().min().unwrap(), resets.iter().max().unwrap());
-    assert!(high - low < 2_000_000, "{zone}: resets disagree: {resets:?}");
-    assert!((10 * hour..14 * hour).contains(low), "{zone}: about noon, reset {low}");
+    assert!(
+        high - low < 2_000_000,
+        "{zone}: resets disagree: {resets:?}"
+    );
+    assert!(
+        (10 * hour..14 * hour).contains(low),
+        "{zone}: about noon, reset {low}"
+    );
 }
 
 /// After `SCRIPT FLUSH` (as after a restart or failover) the next call

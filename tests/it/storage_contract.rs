@@ -387,14 +387,19 @@ async fn five_minute_windows(s: &Subject) {
     let n = s.name;
     let period = 300 * S;
     // 200 s into a 5-minute window.
-    s.clock.set((s.clock.now_us() / period + 1) * period + 200 * S);
+    s.clock
+        .set((s.clock.now_us() / period + 1) * period + 200 * S);
     let until_end = 100 * S;
 
     let k = key("five-fixed", Algorithm::FixedWindow, period);
     let hit = |hits| op(k, Algorithm::FixedWindow, 2, period, 2, hits);
     assert_eq!(one(s, &hit(1)).await, outcome(true, 1, until_end, 1), "{n}");
     assert_eq!(one(s, &hit(1)).await, outcome(true, 0, until_end, 2), "{n}");
-    assert_eq!(one(s, &hit(1)).await, outcome(false, 0, until_end, 2), "{n}");
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(false, 0, until_end, 2),
+        "{n}"
+    );
 
     let k = key("five-sliding", Algorithm::SlidingWindow, period);
     let hit = |hits| op(k, Algorithm::SlidingWindow, 3, period, 3, hits);
@@ -495,7 +500,11 @@ async fn calendar_windows(s: &Subject) {
     let hit = |hits| calendar_op(k, month, 2, hits);
     assert_eq!(one(s, &hit(1)).await, outcome(true, 1, half_hour, 1), "{n}");
     assert_eq!(one(s, &hit(1)).await, outcome(true, 0, half_hour, 2), "{n}");
-    assert_eq!(one(s, &hit(1)).await, outcome(false, 0, half_hour, 2), "{n}");
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(false, 0, half_hour, 2),
+        "{n}"
+    );
     assert_eq!(
         (s.expires_at)(k).await,
         Some(boundary),
@@ -505,7 +514,11 @@ async fn calendar_windows(s: &Subject) {
     s.clock.set(boundary);
     let (start, end) = month.window_at(boundary);
     assert_eq!(start, boundary);
-    assert_eq!(one(s, &hit(1)).await, outcome(true, 1, end - start, 1), "{n}");
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(true, 1, end - start, 1),
+        "{n}"
+    );
 
     // The next day Berlin's clocks change: 23 or 25 hours, not 24.
     let day = calendar(CalendarUnit::Day, "Europe/Berlin");
@@ -525,7 +538,11 @@ async fn calendar_windows(s: &Subject) {
     s.clock.set(end - 1);
     assert!(!one(s, &hit).await.admitted, "{n}: still that day");
     s.clock.set(end);
-    assert_eq!(one(s, &hit).await, outcome(true, 0, DAY, 1), "{n}: the next day");
+    assert_eq!(
+        one(s, &hit).await,
+        outcome(true, 0, DAY, 1),
+        "{n}: the next day"
+    );
 }
 
 /// What the store should hold, by the pure core's rules.

@@ -308,7 +308,9 @@ descriptors:
         PlanItem::Replaced { rule } => assert_eq!(&*rule.path, "api.client"),
         other => panic!("expected Replaced, got {other:?}"),
     }
-    assert!(matches!(plan.items[1], PlanItem::Limited { ref limits, .. } if plan.limits[limits.start].op == 0));
+    assert!(
+        matches!(plan.items[1], PlanItem::Limited { ref limits, .. } if plan.limits[limits.start].op == 0)
+    );
     assert_eq!(plan.ops.len(), 1, "only the replacing rule counts");
     assert_eq!(decision.statuses[0].code, Code::Ok);
     assert_eq!(decision.statuses[0].limit, None);

@@ -41,7 +41,8 @@ struct Harness {
 impl Harness {
     fn new(yaml: &str) -> Harness {
         let root = parse_str("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
-        let rules = compile_all(&[("test.yaml".to_owned(), root)]).unwrap_or_else(|e| panic!("{e}"));
+        let rules =
+            compile_all(&[("test.yaml".to_owned(), root)]).unwrap_or_else(|e| panic!("{e}"));
         let clock = Arc::new(ManualClock::new(NOW));
         Harness {
             rules,
@@ -109,23 +110,41 @@ fn every_limit_is_counted_and_the_most_constrained_one_is_reported() {
     let client: &[&[(&str, &str)]] = &[&[("client", "a")]];
     let second_end = S;
     // The burst has fewer left than the day: it is reported.
-    assert_eq!(summary(&h.decide(client)), (Code::Ok, named("burst"), 1, Some(second_end)));
-    assert_eq!(summary(&h.decide(client)), (Code::Ok, named("burst"), 0, Some(second_end)));
+    assert_eq!(
+        summary(&h.decide(client)),
+        (Code::Ok, named("burst"), 1, Some(second_end))
+    );
+    assert_eq!(
+        summary(&h.decide(client)),
+        (Code::Ok, named("burst"), 0, Some(second_end))
+    );
     // Over the burst: denied by it, and the day keeps its 3.
     assert_eq!(
         summary(&h.decide(client)),
         (Code::OverLimit, named("burst"), 0, Some(second_end))
     );
     h.clock.advance(S);
-    assert_eq!(summary(&h.decide(client)), (Code::Ok, named("burst"), 1, Some(S)));
-    assert_eq!(summary(&h.decide(client)), (Code::Ok, named("burst"), 0, Some(S)));
+    assert_eq!(
+        summary(&h.decide(client)),
+        (Code::Ok, named("burst"), 1, Some(S))
+    );
+    assert_eq!(
+        summary(&h.decide(client)),
+        (Code::Ok, named("burst"), 0, Some(S))
+    );
     h.clock.advance(S);
     // One left of the burst, none of the day: the day is reported.
     let day_end = 86_400 * S - (NOW + 2 * S) % (86_400 * S);
-    assert_eq!(summary(&h.decide(client)), (Code::Ok, named("daily"), 0, Some(day_end)));
+    assert_eq!(
+        summary(&h.decide(client)),
+        (Code::Ok, named("daily"), 0, Some(day_end))
+    );
     // The day denies, though the burst would admit: the wait is the day's.
     let denied = h.decide(client);
-    assert_eq!(summary(&denied), (Code::OverLimit, named("daily"), 0, Some(day_end)));
+    assert_eq!(
+        summary(&denied),
+        (Code::OverLimit, named("daily"), 0, Some(day_end))
+    );
     assert_eq!(denied.overall, Code::OverLimit);
     let limit = denied.statuses[0].limit.as_ref().unwrap();
     assert_eq!(
@@ -149,7 +168,11 @@ fn a_request_denied_by_one_limit_consumes_nothing_in_the_others() {
     assert_eq!(summary(&h.decide(client)).2, 0, "burst 0 left, day 1");
     h.clock.advance(S);
     assert_eq!(summary(&h.decide(client)).1, named("daily"), "day 0 left");
-    assert_eq!(h.decide(client).overall, Code::OverLimit, "the day's five are spent");
+    assert_eq!(
+        h.decide(client).overall,
+        Code::OverLimit,
+        "the day's five are spent"
+    );
 }
 
 #[test]
@@ -159,7 +182,10 @@ fn replaces_drops_only_the_limit_it_names() {
     let day_end = Some(86_400 * S - NOW % (86_400 * S));
     // The burst is replaced: five in one second pass, counted by the day.
     for remaining in (0..5).rev() {
-        assert_eq!(summary(&h.decide(both)), (Code::Ok, named("daily"), remaining, day_end));
+        assert_eq!(
+            summary(&h.decide(both)),
+            (Code::Ok, named("daily"), remaining, day_end)
+        );
     }
     assert_eq!(summary(&h.decide(both)).0, Code::OverLimit, "the day's 5");
 }
@@ -172,9 +198,18 @@ fn a_five_minute_window_resets_at_its_epoch_aligned_end() {
     assert_eq!(until_end, 100 * S);
     for remaining in [2, 1, 0] {
         let d = h.decide(five);
-        assert_eq!(summary(&d), (Code::Ok, named("per_5m"), remaining, Some(until_end)));
+        assert_eq!(
+            summary(&d),
+            (Code::Ok, named("per_5m"), remaining, Some(until_end))
+        );
         let limit = d.statuses[0].limit.as_ref().unwrap();
-        assert_eq!(limit.window, Window::Units { unit: Unit::Minute, multiplier: 5 });
+        assert_eq!(
+            limit.window,
+            Window::Units {
+                unit: Unit::Minute,
+                multiplier: 5
+            }
+        );
         assert_eq!(limit.window.reported_unit(), None);
     }
     // Sliding window (the default): the full window's count weighs in at
@@ -195,7 +230,10 @@ fn a_calendar_month_quota_resets_at_local_midnight_on_the_first() {
     let tenant: &[&[(&str, &str)]] = &[&[("tenant", "acme")]];
     let half_hour = 1_800 * S;
     let d = h.decide(tenant);
-    assert_eq!(summary(&d), (Code::Ok, named("monthly"), 1, Some(half_hour)));
+    assert_eq!(
+        summary(&d),
+        (Code::Ok, named("monthly"), 1, Some(half_hour))
+    );
     assert_eq!(d.statuses[0].quota, Some((1, half_hour)));
     let limit = d.statuses[0].limit.as_ref().unwrap();
     assert_eq!(limit.window.reported_unit(), Some(Unit::Month));

@@ -199,6 +199,10 @@ fn window_extensions_are_refused_for_rule_rows_with_their_path() {
             format!("ext.yaml: descriptors[1].descriptors[1]: unit_multiplier {tail}"),
         ]
     );
-    let plain = yaml::parse_str("p.yaml", "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: hour, requests_per_unit: 1}\n").unwrap();
+    let plain = yaml::parse_str(
+        "p.yaml",
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+    )
+    .unwrap();
     assert!(check_storable("p.yaml", &plain).is_ok());
 }

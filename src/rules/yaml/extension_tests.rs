@@ -131,13 +131,19 @@ fn the_extensions_are_accepted_and_mean_what_they_say() {
         value: "mixed",
     }];
     let m = rules.lookup("d", &entries).unwrap();
-    assert_eq!(m.rule.replaces, [Arc::from("other")], "an entry's replaces is the rule's");
+    assert_eq!(
+        m.rule.replaces,
+        [Arc::from("other")],
+        "an entry's replaces is the rule's"
+    );
     assert_eq!(m.rule.name, None, "names are the limits'");
 }
 
 #[test]
 fn one_unit_without_a_multiplier_is_the_envoyproxy_ratelimit_window() {
-    let rules = load("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 3}\n");
+    let rules = load(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 3}\n",
+    );
     assert_eq!(limits_of(&rules, "x")[0].window, Window::of(Unit::Hour));
 }
 
@@ -224,7 +230,9 @@ fn a_unit_multiplier_is_at_least_one_and_at_most_a_year() {
          (31536000 seconds)"
     );
     assert_eq!(
-        error("    rate_limit: {unit: second, unit_multiplier: 99999999999, requests_per_unit: 1}\n"),
+        error(
+            "    rate_limit: {unit: second, unit_multiplier: 99999999999, requests_per_unit: 1}\n"
+        ),
         "test.yaml: descriptors[0]: unit_multiplier 99999999999 makes a window longer than a \
          year (31536000 seconds)"
     );
@@ -243,7 +251,9 @@ fn calendar_windows_are_checked() {
         "test.yaml: descriptors[0]: invalid calendar 'fortnight' (expected day, week or month)"
     );
     assert_eq!(
-        error("    rate_limit: {calendar: month, time_zone: Europe/Berlinn, requests_per_unit: 1}\n"),
+        error(
+            "    rate_limit: {calendar: month, time_zone: Europe/Berlinn, requests_per_unit: 1}\n"
+        ),
         "test.yaml: descriptors[0]: unknown time_zone 'Europe/Berlinn' (a tz database name such \
          as Europe/Berlin, or UTC)"
     );
@@ -267,7 +277,9 @@ fn calendar_windows_are_checked() {
          fixed_window or left out"
     );
     assert_eq!(
-        error("    rate_limit: {calendar: week, algorithm: sliding_window, requests_per_unit: 1}\n"),
+        error(
+            "    rate_limit: {calendar: week, algorithm: sliding_window, requests_per_unit: 1}\n"
+        ),
         "test.yaml: descriptors[0]: calendar windows count as fixed windows: algorithm must be \
          fixed_window or left out"
     );

@@ -304,7 +304,15 @@ mod tests {
         let f64_at = |at: usize| f64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
         let bounds = [f64_at(38), f64_at(46), f64_at(54), f64_at(62)];
         let day = day as f64;
-        assert_eq!(bounds, [19_999.0 * day, 20_000.0 * day, 20_001.0 * day, 20_002.0 * day]);
+        assert_eq!(
+            bounds,
+            [
+                19_999.0 * day,
+                20_000.0 * day,
+                20_001.0 * day,
+                20_002.0 * day
+            ]
+        );
     }
 
     #[test]
