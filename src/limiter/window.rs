@@ -1,4 +1,6 @@
-//! Window math for the three algorithms, on integer microseconds.
+//! Window math for the three algorithms, on integer microseconds, and for
+//! calendar windows, which count as fixed windows between the boundaries
+//! `limit.rs` finds in the tz database.
 //!
 //! The in-process store calls [`check`] under a lock; the Redis scripts in
 //! `storage/scripts/` compute the same thing in Lua. Both must agree, which
