@@ -17,8 +17,8 @@ use crate::config::{
 use crate::database;
 use crate::limiter::KeyHasher;
 use crate::rules::catalog::{check_storable, RuleScope};
-use crate::rules::RuleErrors;
 use crate::rules::yaml;
+use crate::rules::RuleErrors;
 
 async fn connect(db: &DatabaseArgs) -> anyhow::Result<PgPool> {
     database::connect(&db.database_url.0, db.database_password.as_ref()).await
