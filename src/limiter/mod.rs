@@ -12,7 +12,7 @@ pub use key::{CounterKey, KeyHasher};
 pub use limit::{Calendar, CalendarUnit, Limit, Window, MAX_WINDOW_SECONDS};
 pub use plan::{
     decide, plan, plan_for, Caller, CounterOp, CurrentLimit, Decision, DescriptorDecision, Plan,
-    PlanItem, PlanOptions, QuotaItem, MONTHLY_QUOTA,
+    PlanItem, PlanOptions, PlannedLimit, QuotaItem, MONTHLY_QUOTA,
 };
 pub use ruleset::{ApiKey, Level, Match, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch};
 pub use window::{check, gcra_interval_us, Checked, CounterSpec, CounterState, Outcome};

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::window::{CounterSpec, Outcome};
-use super::{Algorithm, Code, CounterKey, KeyHasher, Request, Unit};
+use super::{Algorithm, Code, CounterKey, Descriptor, KeyHasher, Request, Unit};
 use super::{ApiKey, Limit, Rule, RuleLimit, RuleSet, Window};
 
 /// Server-wide settings that shape a plan and a decision.
@@ -297,7 +297,7 @@ pub fn plan_for<'r>(
 /// A descriptor being counted: what each of its limits' operations needs.
 struct Counted<'a, 'd> {
     domain: &'a str,
-    descriptor: &'a super::Descriptor<'d>,
+    descriptor: &'a Descriptor<'d>,
     shared: &'a [Option<&'a str>],
     hits: u64,
     quota_mode: bool,
