@@ -256,10 +256,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
             plan: PlanOptions {
                 default_algorithm: args.default_algorithm,
                 global_shadow: args.shadow_mode,
+                global_quota: args.quota_mode,
             },
             failure_mode: args.failure_mode,
             store_timeout: args.store_timeout,
             rate_limit_headers: args.rate_limit_headers,
+            dynamic_metadata: args.response_dynamic_metadata,
         },
         clock,
     );

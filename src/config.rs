@@ -450,9 +450,23 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SHADOW_MODE", default_value_t = false)]
     pub shadow_mode: bool,
 
+    /// Global quota mode: every descriptor is a quota, and a request is
+    /// denied only when all of them are over.
+    #[arg(long, env = "SLUICE_QUOTA_MODE", default_value_t = false)]
+    pub quota_mode: bool,
+
     /// Add RateLimit-Limit/Remaining/Reset headers to responses.
     #[arg(long, env = "SLUICE_RATE_LIMIT_HEADERS", default_value_t = false)]
     pub rate_limit_headers: bool,
+
+    /// Return Envoy dynamic metadata: the domain, the descriptors, and the
+    /// merged `metadata` of the rules that admitted the request.
+    #[arg(
+        long,
+        env = "SLUICE_RESPONSE_DYNAMIC_METADATA",
+        default_value_t = false
+    )]
+    pub response_dynamic_metadata: bool,
 
     /// Most counters the in-process store holds.
     #[arg(long, env = "SLUICE_MEMORY_MAX_KEYS", default_value = "1000000")]

@@ -3,16 +3,20 @@
 //! comes in as `now_us` (microseconds since the Unix epoch).
 
 mod key;
+mod metadata;
 mod plan;
 mod ruleset;
+mod wildcard;
 mod window;
 
 pub use key::{CounterKey, KeyHasher};
+pub use metadata::{MetaValue, Metadata};
 pub use plan::{
     decide, plan, plan_for, Caller, CounterOp, CurrentLimit, Decision, DescriptorDecision, Plan,
     PlanItem, PlanOptions, QuotaItem, MONTHLY_QUOTA,
 };
 pub use ruleset::{ApiKey, Level, Match, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch};
+pub use wildcard::{Pattern, PatternSet};
 pub use window::{check, gcra_interval_us, Checked, CounterSpec, CounterState, Outcome};
 
 use std::fmt;
