@@ -12,6 +12,7 @@
 mod support;
 
 mod cli;
+mod compat;
 mod envoy_e2e;
 mod envoy_tls;
 mod grpc_api;
@@ -19,6 +20,7 @@ mod grpcurl;
 mod json_api;
 mod layers;
 mod otlp;
+mod parity;
 mod postgres;
 mod redis_cluster;
 mod redis_store;
