@@ -8,12 +8,12 @@ use std::process::ExitCode;
 
 use crate::config::{CheckArgs, ConsumeCommand};
 use crate::events::consume::{self, ConsumeSettings};
-use crate::telemetry::{self, LogFormat};
 use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
 use crate::proto::rls::{
     rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient, RateLimitRequest,
 };
 use crate::rules::yaml;
+use crate::telemetry::{self, LogFormat};
 
 /// `sluice check`: one call to a running sluice, printed for a human.
 pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {

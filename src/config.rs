@@ -532,7 +532,11 @@ pub struct ServeArgs {
 
     /// Most bytes the spool holds; beyond it events are dropped (and
     /// counted in sluice_events_dropped_total).
-    #[arg(long, env = "SLUICE_EVENTS_SPOOL_MAX_BYTES", default_value = "268435456")]
+    #[arg(
+        long,
+        env = "SLUICE_EVENTS_SPOOL_MAX_BYTES",
+        default_value = "268435456"
+    )]
     pub events_spool_max_bytes: u64,
 
     /// How often the aggregated usage and violations become events.

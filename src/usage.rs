@@ -275,7 +275,7 @@ impl Writer {
 
     async fn write(&mut self, batch: &Batch) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let months = write_batch(&mut *tx, batch, &self.partitions).await?;
+        let months = write_batch(&mut tx, batch, &self.partitions).await?;
         tx.commit().await?;
         self.partitions.extend(months);
         Ok(())

@@ -131,7 +131,8 @@ impl AmqpSink {
 
     async fn close(&mut self) {
         if let Some((connection, _)) = self.open.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(200, "bye")).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), connection.close(200, "bye")).await;
         }
     }
 

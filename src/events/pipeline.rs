@@ -198,8 +198,7 @@ impl Aggregator {
                 self.dropped(1);
             }
         }
-        if self.usage.len() + self.violations.len() + 1 + event.violations.len() > MAX_AGGREGATED
-        {
+        if self.usage.len() + self.violations.len() + 1 + event.violations.len() > MAX_AGGREGATED {
             self.dropped(1);
             return;
         }
@@ -218,7 +217,13 @@ impl Aggregator {
         for v in event.violations {
             let entry = self
                 .violations
-                .entry((v.tenant_id, event.domain.clone(), v.rule, v.client_id, minute))
+                .entry((
+                    v.tenant_id,
+                    event.domain.clone(),
+                    v.rule,
+                    v.client_id,
+                    minute,
+                ))
                 .or_insert((event.at_us, 0));
             entry.0 = entry.0.min(event.at_us);
             entry.1 += 1;
@@ -495,7 +500,11 @@ mod tests {
         sink.down.store(false, Ordering::SeqCst);
         assert!(recorder.close(Duration::from_secs(10)).await);
         let got = sink.confirmed.lock().unwrap().clone();
-        assert_eq!(sums(&got), (75, 25, 25, 1), "one usage event for the minute");
+        assert_eq!(
+            sums(&got),
+            (75, 25, 25, 1),
+            "one usage event for the minute"
+        );
         assert_eq!(status.spool_events.load(Ordering::Relaxed), 0);
         assert_eq!(status.dropped.load(Ordering::Relaxed), 0);
         aggregator.await.unwrap();

@@ -355,9 +355,7 @@ mod tests {
         let all = spool.peek(10).unwrap();
         assert_eq!(all.len(), 5);
         let (three, rest) = all.split_at(3);
-        spool
-            .commit(3, three.iter().map(|(_, n)| n).sum())
-            .unwrap();
+        spool.commit(3, three.iter().map(|(_, n)| n).sum()).unwrap();
         let left = spool.peek(10).unwrap();
         assert_eq!(left.len(), 2);
         spool.commit(2, rest.iter().map(|(_, n)| n).sum()).unwrap();

@@ -309,7 +309,10 @@ fn check_bodies(bodies: &[Vec<u8>], raw: &[&str]) -> HashMap<String, usize> {
     for body in bodies {
         let text = String::from_utf8(body.clone()).expect("UTF-8 JSON");
         for r in raw {
-            assert!(!text.contains(r), "raw identifier {r:?} in an event: {text}");
+            assert!(
+                !text.contains(r),
+                "raw identifier {r:?} in an event: {text}"
+            );
         }
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         let kind = value["type"].as_str().unwrap_or_default().to_owned();
@@ -384,7 +387,9 @@ async fn published_events_validate_carry_no_raw_identifier_and_are_applied_once(
     assert_eq!(by_type.get("request-logs"), Some(&40), "{by_type:?}");
     assert!(by_type.get("usage").is_some_and(|&n| n >= 2), "{by_type:?}");
     assert!(
-        by_type.get("rate-limit-violations").is_some_and(|&n| n >= 1),
+        by_type
+            .get("rate-limit-violations")
+            .is_some_and(|&n| n >= 1),
         "{by_type:?}"
     );
     let usage_events = by_type["usage"] + by_type["rate-limit-violations"];
@@ -422,7 +427,13 @@ async fn published_events_validate_carry_no_raw_identifier_and_are_applied_once(
 /// Messages ready in a queue, by `rabbitmqctl list_queues`.
 fn queue_depth(queue: &str) -> Option<u64> {
     let out = Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "messages"])
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
@@ -601,7 +612,10 @@ async fn a_full_spool_drops_counts_and_sluice_keeps_deciding() {
     let report = events_report(&server).await;
     assert!(dropped.is_some(), "nothing dropped: {report}");
     assert!(report["spool_bytes"].as_u64() <= Some(2000), "{report}");
-    assert!(report["broker"].as_str().unwrap().starts_with("down"), "{report}");
+    assert!(
+        report["broker"].as_str().unwrap().starts_with("down"),
+        "{report}"
+    );
     assert!(over > 0, "decisions went on, over-limit ones too");
     let metrics = support::http::get(server.http_addr, "/metrics")
         .await
