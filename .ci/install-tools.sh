@@ -356,9 +356,38 @@ step_h2load() {
     STATUS="$STATUS$("$BIN/h2load" --version | head -n1) ($h)"
 }
 
+# RabbitMQ: the event broker the event-stream tests publish to. Installed
+# with apt when missing, and started (detached) when nothing answers on 5672;
+# the tests use guest/guest on 127.0.0.1, RabbitMQ's default.
+step_rabbitmq() {
+    local server ctl
+    if ! server=$(sys_which rabbitmq-server) || ! ctl=$(sys_which rabbitmqctl); then
+        apt_install rabbitmq-server || die "apt-get install rabbitmq-server failed"
+        server=$(sys_which rabbitmq-server) || die "rabbitmq-server not found after install"
+        ctl=$(sys_which rabbitmqctl) || die "rabbitmqctl not found after install"
+        STATUS="installed with apt, "
+    fi
+    link "$ctl" rabbitmqctl
+    if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+        as_root "$server" -detached || die "rabbitmq-server -detached failed"
+        STATUS="${STATUS}started, "
+    fi
+    # Until the node answers: start_app also revives an app left stopped
+    # (`rabbitmqctl stop_app`) by an interrupted test, and is a no-op otherwise.
+    local i
+    for i in $(seq 60); do
+        as_root "$ctl" start_app >/dev/null 2>&1 && break
+        sleep 1
+    done
+    as_root "$ctl" await_startup --timeout 60 >/dev/null 2>&1 \
+        || die "RabbitMQ did not start (see /var/log/rabbitmq)"
+    STATUS="${STATUS}rabbitmq $(as_root "$ctl" version 2>/dev/null || echo '?') ($server)"
+}
+
 T0=$SECONDS
 run_step redis step_redis
 run_step postgresql step_postgres
+run_step rabbitmq step_rabbitmq
 run_step python-venv step_venv
 run_step kubernetes-validate step_kubernetes_validate
 run_step envoy step_envoy

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of sluice on a fresh machine: installs the real components
-# the tests talk to (Redis, PostgreSQL, Envoy, grpcurl, helm, a Kubernetes
-# manifest validator, Lua) into .tools/ when missing, then runs the Rust test
+# the tests talk to (Redis, PostgreSQL, RabbitMQ, Envoy, grpcurl, helm, a
+# Kubernetes manifest validator, Lua) into .tools/ when missing, starts
+# RabbitMQ when it is not running, then runs the Rust test
 # suites, which start their own Redis, Redis Cluster, PostgreSQL primary and
 # replica, and Envoy on free ports, and the deployment checks.
 #

@@ -17,7 +17,11 @@ use tonic_health::ServingStatus;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{RulesSource, ServeArgs, StoreUrl};
+use crate::events::amqp::AmqpSink;
+use crate::events::pipeline::{self, PipelineSettings};
+use crate::events::spool::Spool;
 use crate::grpc::{RateLimitHandler, SERVICE_NAME};
+use crate::health::EventsStatus;
 use crate::health::Readiness;
 use crate::limiter::RuleSet;
 use crate::limiter::{KeyHasher, PlanOptions};
@@ -227,11 +231,17 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
             let (mut source, primary) = postgres_source(args, &rules, &readiness)?;
             source.start_up(args.require_rules).await?;
             tasks.spawn(source.run());
-            let (recorder, writer) =
-                UsageRecorder::new(primary, args.usage_flush, args.usage_queue.get());
-            tasks.spawn(writer);
-            usage = Some(recorder);
+            // With an event stream, usage goes to the broker instead.
+            if args.events_url.is_none() {
+                let (recorder, writer) =
+                    UsageRecorder::new(primary, args.usage_flush, args.usage_queue.get());
+                tasks.spawn(writer);
+                usage = Some(recorder);
+            }
         }
+    }
+    if let Some(recorder) = event_stream(args, &readiness, &tasks)? {
+        usage = Some(recorder);
     }
 
     let hasher = match &args.key_secret {
@@ -256,10 +266,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
             plan: PlanOptions {
                 default_algorithm: args.default_algorithm,
                 global_shadow: args.shadow_mode,
+                global_quota: args.quota_mode,
             },
             failure_mode: args.failure_mode,
             store_timeout: args.store_timeout,
             rate_limit_headers: args.rate_limit_headers,
+            dynamic_metadata: args.response_dynamic_metadata,
         },
         clock,
     );
@@ -293,6 +305,37 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         shutdown_grace: args.shutdown_grace,
         tasks,
     })
+}
+
+/// With --events-url: the usage recorder whose decisions become events,
+/// and its aggregator and publisher started in `tasks`.
+fn event_stream(
+    args: &ServeArgs,
+    readiness: &Arc<Readiness>,
+    tasks: &TaskSet,
+) -> anyhow::Result<Option<UsageRecorder>> {
+    let (Some(url), Some(dir)) = (&args.events_url, &args.events_spool) else {
+        return Ok(None);
+    };
+    let spool = Spool::open(dir, args.events_spool_max_bytes)
+        .with_context(|| format!("opening the event spool {}", dir.display()))?;
+    let status = Arc::new(EventsStatus::default());
+    readiness.set_events(status.clone());
+    let sink = AmqpSink::new(&url.0, &args.events_prefix, args.events_confirm_timeout);
+    let (recorder, aggregator, publisher) = pipeline::start(
+        PipelineSettings {
+            instance: args.instance.clone(),
+            flush_every: args.events_flush,
+            request_log_sample: args.request_log_sample,
+            queue: args.usage_queue.get(),
+        },
+        spool,
+        Box::new(sink),
+        status,
+    );
+    tasks.spawn(aggregator);
+    tasks.spawn(publisher);
+    Ok(Some(recorder))
 }
 
 /// The PostgreSQL rules source and the primary's pool (for usage writes).

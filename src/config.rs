@@ -48,6 +48,36 @@ pub enum Command {
     Keys(KeysCommand),
     /// A tenant's allowed and denied requests per domain in one month (UTC).
     Usage(UsageArgs),
+    /// Consume events from the broker (--events-url) into PostgreSQL.
+    #[command(subcommand)]
+    Consume(ConsumeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsumeCommand {
+    /// `usage` and `rate-limit-violations` events into the usage and
+    /// violations tables (what `sluice usage` reports); runs until SIGTERM.
+    Usage(ConsumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// The broker, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
+    #[arg(long, env = "SLUICE_EVENTS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub events_url: Secret,
+    /// Prefix of the exchange and queue names (as given to `serve`).
+    #[arg(long, env = "SLUICE_EVENTS_PREFIX", default_value = "")]
+    pub events_prefix: String,
+    /// Deliveries held unacknowledged at once; the largest transaction.
+    #[arg(long, env = "SLUICE_CONSUME_PREFETCH", default_value = "500")]
+    pub prefetch: std::num::NonZeroU16,
+    /// How long a batch waits for more deliveries after its first.
+    #[arg(long, env = "SLUICE_CONSUME_BATCH_WAIT", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub batch_wait: Duration,
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -450,9 +480,23 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SHADOW_MODE", default_value_t = false)]
     pub shadow_mode: bool,
 
+    /// Global quota mode: every descriptor is a quota, and a request is
+    /// denied only when all of them are over.
+    #[arg(long, env = "SLUICE_QUOTA_MODE", default_value_t = false)]
+    pub quota_mode: bool,
+
     /// Add RateLimit-Limit/Remaining/Reset headers to responses.
     #[arg(long, env = "SLUICE_RATE_LIMIT_HEADERS", default_value_t = false)]
     pub rate_limit_headers: bool,
+
+    /// Return Envoy dynamic metadata: the domain, the descriptors, and the
+    /// merged `metadata` of the rules that admitted the request.
+    #[arg(
+        long,
+        env = "SLUICE_RESPONSE_DYNAMIC_METADATA",
+        default_value_t = false
+    )]
+    pub response_dynamic_metadata: bool,
 
     /// Most counters the in-process store holds.
     #[arg(long, env = "SLUICE_MEMORY_MAX_KEYS", default_value = "1000000")]
@@ -484,6 +528,57 @@ pub struct ServeArgs {
     /// On SIGTERM: how long in-flight calls may take to finish.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Publish usage and violations as events to this broker
+    /// (amqp://user:pass@host:5672/vhost) instead of writing them to
+    /// PostgreSQL; `sluice consume usage` writes them.
+    #[arg(long, env = "SLUICE_EVENTS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub events_url: Option<Secret>,
+
+    /// Prefix of the exchange and queue names (e.g. one per environment).
+    #[arg(long, env = "SLUICE_EVENTS_PREFIX", default_value = "")]
+    pub events_prefix: String,
+
+    /// Directory where events wait until the broker confirms them; kept
+    /// across restarts. Required with --events-url.
+    #[arg(long, env = "SLUICE_EVENTS_SPOOL")]
+    pub events_spool: Option<PathBuf>,
+
+    /// Most bytes the spool holds; beyond it events are dropped (and
+    /// counted in sluice_events_dropped_total).
+    #[arg(
+        long,
+        env = "SLUICE_EVENTS_SPOOL_MAX_BYTES",
+        default_value = "268435456"
+    )]
+    pub events_spool_max_bytes: u64,
+
+    /// How often the aggregated usage and violations become events.
+    #[arg(long, env = "SLUICE_EVENTS_FLUSH", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub events_flush: Duration,
+
+    /// How long the broker may take to confirm a batch before it is sent again.
+    #[arg(long, env = "SLUICE_EVENTS_CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub events_confirm_timeout: Duration,
+
+    /// Share of metered decisions also published as `request-logs` events,
+    /// 0 (off) to 1.
+    #[arg(long, env = "SLUICE_REQUEST_LOG_SAMPLE", default_value = "0")]
+    pub request_log_sample: f64,
+
+    /// This instance's name in events (default: the host name).
+    #[arg(long, env = "SLUICE_INSTANCE", default_value_t = host_name())]
+    pub instance: String,
+}
+
+/// The kernel's host name (the pod name in Kubernetes).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "sluice".to_owned())
 }
 
 // The domain enums below carry no clap derives, so the core compiles without
@@ -563,6 +658,19 @@ impl ServeArgs {
         }
         if self.rules_poll.is_zero() {
             return Err("--rules-poll must be greater than zero".into());
+        }
+        if self.events_url.is_some() {
+            if self.events_spool.is_none() {
+                return Err("--events-url needs --events-spool (SLUICE_EVENTS_SPOOL), a directory for events the broker has not confirmed".into());
+            }
+            if self.events_flush.is_zero() || self.events_confirm_timeout.is_zero() {
+                return Err(
+                    "--events-flush and --events-confirm-timeout must be greater than zero".into(),
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.request_log_sample) {
+            return Err("--request-log-sample must be between 0 and 1".into());
         }
         if self.rules == RulesSource::Postgres {
             if self.database_url.is_none() {

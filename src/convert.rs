@@ -1,7 +1,11 @@
 //! Proto <-> domain conversions for the rate-limit API, for gRPC and `/json`
 //! alike (`/json` decodes and encodes these same messages; see `http`).
 
-use crate::limiter::{Code, Descriptor, LimitOverride, Request, RequestError, Unit};
+use pbjson_types::value::Kind;
+
+use crate::limiter::{
+    Code, Descriptor, LimitOverride, MetaValue, Metadata, Request, RequestError, Unit,
+};
 use crate::proto::common::RateLimitDescriptor;
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
@@ -80,7 +84,8 @@ fn code_to_proto(code: Code) -> rsp::Code {
     }
 }
 
-pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
+/// The answer to `request`.
+pub fn verdict_to_proto(request: &RateLimitRequest, v: &Verdict) -> RateLimitResponse {
     RateLimitResponse {
         overall_code: code_to_proto(v.overall) as i32,
         statuses: v
@@ -127,20 +132,109 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
             .collect(),
         request_headers_to_add: Vec::new(),
         raw_body: Vec::new(),
-        dynamic_metadata: (!v.metadata.is_empty()).then(|| pbjson_types::Struct {
-            fields: v
-                .metadata
-                .iter()
-                .map(|(k, val)| {
-                    (
-                        k.clone(),
-                        pbjson_types::Value {
-                            kind: Some(pbjson_types::value::Kind::StringValue(val.clone())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
+        dynamic_metadata: v
+            .dynamic_metadata
+            .as_ref()
+            .map(|metadata| dynamic_metadata(request, metadata)),
         quota: None,
+    }
+}
+
+/// Envoy dynamic metadata as envoyproxy/ratelimit builds it: the request's
+/// `domain`, its `descriptors` (each with `entries` as `key=value`, its
+/// `limit` override in protobuf text form and its `hitsAddend`, when set),
+/// the request's `hitsAddend` unless 0, and `metadata`, the rules' merged
+/// metadata, unless empty.
+fn dynamic_metadata(request: &RateLimitRequest, metadata: &Metadata) -> pbjson_types::Struct {
+    let mut fields = std::collections::HashMap::new();
+    fields.insert("domain".to_owned(), string(request.domain.clone()));
+    let descriptors = request.descriptors.iter().map(|d| {
+        let mut fields = std::collections::HashMap::new();
+        let entries = d
+            .entries
+            .iter()
+            .map(|e| string(format!("{}={}", e.key, e.value)))
+            .collect();
+        fields.insert("entries".to_owned(), list(entries));
+        if let Some(limit) = &d.limit {
+            let mut text = Vec::new();
+            if limit.requests_per_unit != 0 {
+                text.push(format!("requests_per_unit:{}", limit.requests_per_unit));
+            }
+            if limit.unit != 0 {
+                let unit = RateLimitUnit::try_from(limit.unit)
+                    .map(|u| u.as_str_name().to_owned())
+                    .unwrap_or_else(|_| limit.unit.to_string());
+                text.push(format!("unit:{unit}"));
+            }
+            fields.insert("limit".to_owned(), string(text.join(" ")));
+        }
+        if let Some(hits) = &d.hits_addend {
+            fields.insert("hitsAddend".to_owned(), number(hits.value as f64));
+        }
+        struct_value(pbjson_types::Struct { fields })
+    });
+    fields.insert("descriptors".to_owned(), list(descriptors.collect()));
+    if request.hits_addend != 0 {
+        fields.insert(
+            "hitsAddend".to_owned(),
+            number(f64::from(request.hits_addend)),
+        );
+    }
+    if !metadata.is_empty() {
+        fields.insert(
+            "metadata".to_owned(),
+            struct_value(metadata_struct(metadata)),
+        );
+    }
+    pbjson_types::Struct { fields }
+}
+
+fn metadata_struct(metadata: &Metadata) -> pbjson_types::Struct {
+    pbjson_types::Struct {
+        fields: metadata
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), meta_value(v)))
+            .collect(),
+    }
+}
+
+fn meta_value(v: &MetaValue) -> pbjson_types::Value {
+    match v {
+        MetaValue::Null => pbjson_types::Value {
+            kind: Some(Kind::NullValue(0)),
+        },
+        MetaValue::Bool(b) => pbjson_types::Value {
+            kind: Some(Kind::BoolValue(*b)),
+        },
+        MetaValue::Number(n) => number(*n),
+        MetaValue::String(s) => string(s.clone()),
+        MetaValue::List(l) => list(l.iter().map(meta_value).collect()),
+        MetaValue::Map(m) => struct_value(metadata_struct(m)),
+    }
+}
+
+fn string(s: String) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::StringValue(s)),
+    }
+}
+
+fn number(n: f64) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+
+fn list(values: Vec<pbjson_types::Value>) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::ListValue(pbjson_types::ListValue { values })),
+    }
+}
+
+fn struct_value(s: pbjson_types::Struct) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::StructValue(s)),
     }
 }

@@ -89,6 +89,10 @@ mod tests {
                 1,
                 "tenancy rules usage",
                 "5f634752fd4bc3d55a5552c23d59c8da0c371b70ddbfb17e31aa6ab684aa1142d9ae6f4659ccc263e9b7a7141ef26356".to_owned(),
+            ), (
+                5,
+                "events",
+                "494dd0db95ac309f9dd71660fdb6444ea395977c030f1aa88583c90af55c4cc43060112166bf39b9bc6ca950a5b25b8e".to_owned(),
             )],
             "add a migration; never edit an applied one"
         );

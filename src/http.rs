@@ -85,7 +85,7 @@ async fn decide(limiter: &RateLimiter, message: &RateLimitRequest) -> Response {
                 Code::Ok => StatusCode::OK,
                 Code::OverLimit => StatusCode::TOO_MANY_REQUESTS,
             };
-            (code, Json(verdict_to_proto(&verdict))).into_response()
+            (code, Json(verdict_to_proto(message, &verdict))).into_response()
         }
         Err(DecideError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(DecideError::Unavailable(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -186,9 +186,10 @@ mod tests {
                 quota: None,
             }],
             response_headers: Vec::new(),
-            metadata: Vec::new(),
+            dynamic_metadata: None,
         };
-        let json = serde_json::to_value(verdict_to_proto(&verdict)).unwrap();
+        let json =
+            serde_json::to_value(verdict_to_proto(&RateLimitRequest::default(), &verdict)).unwrap();
         let status = &json["statuses"][0];
         assert_eq!(json["overallCode"], "OVER_LIMIT");
         assert_eq!(status["currentLimit"]["unit"], "MINUTE");

@@ -18,6 +18,7 @@
 //! | `storage`   | the `CounterStore` trait and its backends |
 //! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
 //! | `usage`     | usage and violation metering: bounded queue, batched writes |
+//! | `events`    | the event stream: aggregation, on-disk spool, broker publisher, consumers |
 //! | `limiter`   | pure core: request types, the rule model, window math, counter keys, plan/decide |
 //! | `database`  | PostgreSQL connections and the schema migrations, embedded by `sqlx::migrate!` |
 //! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
@@ -43,7 +44,7 @@
 //! | 6 | `config` |
 //! | 5 | `grpc`, `http`, `tls` |
 //! | 4 | `convert` |
-//! | 3 | `service`, `admin` |
+//! | 3 | `service`, `admin`, `events` |
 //! | 2 | `storage`, `rules`, `usage` |
 //! | 1 | `limiter`, `database` |
 //! | 0 | `proto`, `clock`, `task`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
@@ -56,6 +57,7 @@ pub mod commands;
 pub mod config;
 pub mod convert;
 pub mod database;
+pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod http;

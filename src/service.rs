@@ -18,7 +18,7 @@ use metrics::counter;
 
 use crate::clock::Clock;
 use crate::limiter::{
-    self, Code, CurrentLimit, KeyHasher, Outcome, PlanOptions, Request, RequestError,
+    self, Code, CurrentLimit, KeyHasher, Metadata, Outcome, PlanOptions, Request, RequestError,
 };
 use crate::rules::RulesHandle;
 use crate::storage::{CounterStore, StoreError};
@@ -41,6 +41,8 @@ pub struct LimiterSettings {
     pub store_timeout: Duration,
     /// Add `RateLimit-Limit/Remaining/Reset` response headers.
     pub rate_limit_headers: bool,
+    /// Answer with Envoy dynamic metadata (see [`Verdict::dynamic_metadata`]).
+    pub dynamic_metadata: bool,
 }
 
 pub struct RateLimiter {
@@ -60,8 +62,10 @@ pub struct Verdict {
     pub overall: Code,
     pub statuses: Vec<Status>,
     pub response_headers: Vec<(&'static str, String)>,
-    /// Metadata of the matched rules, for Envoy's dynamic metadata.
-    pub metadata: Vec<(String, String)>,
+    /// With dynamic metadata on: the merged `metadata` of the rules that
+    /// admitted their descriptor (possibly empty), which the front ends
+    /// return beside the request's domain and descriptors.
+    pub dynamic_metadata: Option<Metadata>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,12 +187,10 @@ impl RateLimiter {
                 }
             }
         }
-        let mut metadata = Vec::new();
-        for s in &decision.statuses {
-            if let Some(rule) = s.rule {
-                metadata.extend(rule.metadata.iter().cloned());
-            }
-        }
+        let dynamic_metadata = self
+            .settings
+            .dynamic_metadata
+            .then(|| decision.passed_metadata());
         Ok(Verdict {
             overall: decision.overall,
             statuses: decision
@@ -203,7 +205,7 @@ impl RateLimiter {
                 })
                 .collect(),
             response_headers,
-            metadata,
+            dynamic_metadata,
         })
     }
 
@@ -258,7 +260,8 @@ impl RateLimiter {
                         descriptors
                     ],
                     response_headers: Vec::new(),
-                    metadata: Vec::new(),
+                    // Nothing was decided, so no rule's metadata.
+                    dynamic_metadata: self.settings.dynamic_metadata.then(Metadata::default),
                 })
             }
             FailureMode::Deny => Err(DecideError::Unavailable(error)),

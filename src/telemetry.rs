@@ -53,6 +53,22 @@ pub mod names {
     pub const RULES_RELOAD_DURATION: &str = "sluice_rules_reload_duration_seconds";
     pub const USAGE_DROPPED: &str = "sluice_usage_dropped_total";
     pub const USAGE_FLUSHES: &str = "sluice_usage_flushes_total";
+    // The event stream (--events-url).
+    /// Events sent to the broker, each attempt (retries included).
+    pub const EVENTS_PUBLISHED: &str = "sluice_events_published_total";
+    /// Events the broker confirmed.
+    pub const EVENTS_CONFIRMED: &str = "sluice_events_confirmed_total";
+    /// Events sent again after a failed or unconfirmed attempt.
+    pub const EVENTS_RETRIED: &str = "sluice_events_retried_total";
+    /// Events dropped because the spool was full.
+    pub const EVENTS_DROPPED: &str = "sluice_events_dropped_total";
+    pub const EVENTS_SPOOL_BYTES: &str = "sluice_events_spool_bytes";
+    pub const EVENTS_SPOOL_EVENTS: &str = "sluice_events_spool_events";
+    /// 1 while the last publish was confirmed.
+    pub const EVENTS_BROKER_UP: &str = "sluice_events_broker_up";
+    /// Events a consumer applied to PostgreSQL, by consumer and `result`
+    /// (`applied`, `duplicate`, `invalid`).
+    pub const EVENTS_CONSUMED: &str = "sluice_events_consumed_total";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::window::{CounterSpec, Outcome};
 use super::{Algorithm, Code, CounterKey, Descriptor, KeyHasher, Request, Unit};
-use super::{ApiKey, Limit, Rule, RuleLimit, RuleSet, Window};
+use super::{ApiKey, Limit, Metadata, Rule, RuleLimit, RuleSet, Window};
 
 /// Server-wide settings that shape a plan and a decision.
 #[derive(Clone, Copy, Debug, Default)]
@@ -16,6 +16,9 @@ pub struct PlanOptions {
     pub default_algorithm: Algorithm,
     /// Global shadow mode: count everything, deny nothing.
     pub global_shadow: bool,
+    /// Global quota mode: every descriptor (but `unlimited` ones) is a quota,
+    /// as if its rule had `quota_mode`; see [`decide`].
+    pub global_quota: bool,
 }
 
 /// One counter to check and update.
@@ -63,6 +66,21 @@ pub enum PlanItem<'r> {
     },
 }
 
+impl PlanItem<'_> {
+    /// Whether the descriptor counts as a quota when [`decide`] combines the
+    /// answers: its rule has `quota_mode`, or global quota mode is on (then
+    /// every descriptor does but `unlimited` ones, matched or not).
+    fn is_quota(&self, options: PlanOptions) -> bool {
+        match self {
+            PlanItem::Unlimited { .. } | PlanItem::Refused => false,
+            PlanItem::Limited { rule, .. } => {
+                options.global_quota || rule.is_some_and(|r| r.quota_mode)
+            }
+            PlanItem::NoLimit | PlanItem::Replaced { .. } => options.global_quota,
+        }
+    }
+}
+
 /// One limit a descriptor is counted against, counted by `ops[op]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedLimit<'r> {
@@ -90,8 +108,11 @@ pub struct Plan<'r> {
     /// What the store is asked, in order.
     pub ops: Vec<CounterOp>,
     /// Per op: whether its denial denies the whole request, as [`decide`]
-    /// judges: all but those of shadow-mode rules, and none in global shadow
-    /// mode. The store consumes nothing for a request one of them denies.
+    /// judges: all but those of shadow-mode rules and of quotas, and none in
+    /// global shadow mode; a quota's only when it is the request's only one
+    /// (several deny only together, which one store call cannot express,
+    /// so their requests may consume what the others admit). The store
+    /// consumes nothing for a request one of them denies.
     pub vetoes: Vec<bool>,
     pub quotas: Vec<QuotaItem>,
 }
@@ -106,13 +127,17 @@ impl<'r> Plan<'r> {
         options: PlanOptions,
     ) -> Plan<'r> {
         let mut vetoes = vec![!options.global_shadow; ops.len()];
+        let quotas_in_request = items.iter().filter(|item| item.is_quota(options)).count();
         for item in &items {
             if let PlanItem::Limited {
-                rule: Some(rule),
+                rule,
                 limits: range,
             } = item
             {
-                if rule.shadow_mode {
+                // Every limit of the descriptor: a quota among several is no
+                // veto, whichever of its windows denies.
+                let shadow = rule.is_some_and(|r| r.shadow_mode);
+                if shadow || (item.is_quota(options) && quotas_in_request > 1) {
                     for limit in limits.get(range.clone()).unwrap_or_default() {
                         if let Some(veto) = vetoes.get_mut(limit.op) {
                             *veto = false;
@@ -409,6 +434,20 @@ impl<'r> Decision<'r> {
             .filter(|s| s.limit.is_some())
             .min_by_key(|s| (s.code != Code::OverLimit, s.remaining))
     }
+
+    /// The `metadata` of the rules that admitted their descriptor (not those
+    /// over their limit, nor `unlimited` or replaced ones), merged in request
+    /// order as envoyproxy/ratelimit merges them: the first value of a key
+    /// wins, maps merge key by key.
+    pub fn passed_metadata(&self) -> Metadata {
+        let mut merged = Metadata::default();
+        for s in &self.statuses {
+            if let (Code::Ok, Some(_), Some(rule)) = (s.code, &s.limit, s.rule) {
+                merged.merge(&rule.metadata);
+            }
+        }
+        merged
+    }
 }
 
 /// Combines the store's outcomes (one per `plan.ops`) into the answer.
@@ -468,7 +507,20 @@ pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -
         status.near_limit = outcome.admitted && outcome.used * 10 >= u64::from(quota.limit) * 8;
         status.tenant_quota = true;
     }
-    let over = statuses.iter().any(|s| s.code == Code::OverLimit);
+    // envoyproxy/ratelimit's rule: the request is over when a descriptor
+    // that is not a quota is over, or when every quota is; a quota that is
+    // over while another is not leaves its own status OVER_LIMIT only.
+    let (mut quotas, mut quotas_over, mut others_over) = (0, 0, false);
+    for (item, status) in plan.items.iter().zip(&statuses) {
+        // A tenant's monthly quota is a hard limit, whatever the rule says.
+        let quota =
+            item.is_quota(options) && !(status.tenant_quota && status.code == Code::OverLimit);
+        let is_over = status.code == Code::OverLimit;
+        quotas += usize::from(quota);
+        quotas_over += usize::from(quota && is_over);
+        others_over |= !quota && is_over;
+    }
+    let over = others_over || (quotas > 0 && quotas == quotas_over);
     let global_shadowed = over && options.global_shadow;
     Decision {
         overall: if over && !global_shadowed {

@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{bounds, Entry, Limit};
+use super::wildcard::{Pattern, PatternSet};
+use super::{bounds, Entry, Limit, Metadata};
 
 /// One configured limit, at the end of a descriptor path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,8 +24,8 @@ pub struct Rule {
     pub replaces: Vec<Arc<str>>,
     pub shadow_mode: bool,
     pub quota_mode: bool,
-    /// Extra key/values returned as dynamic metadata when this rule matches.
-    pub metadata: Vec<(String, String)>,
+    /// Returned in Envoy's dynamic metadata when this rule admits a hit.
+    pub metadata: Metadata,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +55,8 @@ pub struct Level {
 #[derive(Clone, Debug, Default)]
 struct KeyNodes {
     exact: HashMap<Box<str>, Node>,
-    /// `value: prefix*` entries, in file order; the first match wins.
-    wildcards: Vec<(Box<str>, Node)>,
+    /// Values with a `*`, in file order; the first match wins.
+    wildcards: PatternSet<Node>,
     any: Option<Node>,
 }
 
@@ -63,7 +64,8 @@ struct KeyNodes {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ValueMatch {
     Exact(String),
-    Prefix(String),
+    /// A value with `*` anywhere in it, any number of times.
+    Wildcard(Pattern),
     Any,
 }
 
@@ -71,8 +73,8 @@ impl ValueMatch {
     pub fn parse(value: Option<&str>) -> ValueMatch {
         match value {
             None | Some("") => ValueMatch::Any,
-            Some(v) => match v.strip_suffix('*') {
-                Some(prefix) => ValueMatch::Prefix(prefix.to_owned()),
+            Some(v) => match Pattern::new(v) {
+                Some(pattern) => ValueMatch::Wildcard(pattern),
                 None => ValueMatch::Exact(v.to_owned()),
             },
         }
@@ -94,12 +96,7 @@ impl Level {
                 }
                 slot.exact.insert(v.into(), node);
             }
-            ValueMatch::Prefix(p) => {
-                if slot.wildcards.iter().any(|(q, _)| **q == *p) {
-                    return Err(node);
-                }
-                slot.wildcards.push((p.into(), node));
-            }
+            ValueMatch::Wildcard(p) => slot.wildcards.insert(p, node)?,
             ValueMatch::Any => {
                 if slot.any.is_some() {
                     return Err(node);
@@ -110,18 +107,14 @@ impl Level {
         Ok(())
     }
 
-    /// envoyproxy/ratelimit's order: the exact value, then the first wildcard
-    /// that matches in file order, then the key-only entry.
+    /// envoyproxy/ratelimit's order: the exact value (one hash lookup, however
+    /// many exact values there are), then the first wildcard that matches in
+    /// file order, then the key-only entry.
     fn find(&self, entry: &Entry<'_>) -> Option<&Node> {
         let slot = self.keys.get(entry.key)?;
         slot.exact
             .get(entry.value)
-            .or_else(|| {
-                slot.wildcards
-                    .iter()
-                    .find(|(prefix, _)| entry.value.starts_with(&**prefix))
-                    .map(|(_, n)| n)
-            })
+            .or_else(|| slot.wildcards.find(entry.value).map(|(_, n)| n))
             .or(slot.any.as_ref())
     }
 
@@ -314,7 +307,7 @@ mod tests {
                 replaces: vec![],
                 shadow_mode: false,
                 quota_mode: false,
-                metadata: vec![],
+                metadata: Metadata::default(),
             })),
             ..Node::default()
         }
@@ -333,9 +326,11 @@ mod tests {
         let mut root = Level::default();
         root.insert("k", ValueMatch::Any, limited("any", 1))
             .unwrap();
-        root.insert("k", ValueMatch::Prefix("ab".into()), limited("ab*", 2))
+        root.insert("k", ValueMatch::parse(Some("ab*")), limited("ab*", 2))
             .unwrap();
-        root.insert("k", ValueMatch::Prefix("a".into()), limited("a*", 3))
+        root.insert("k", ValueMatch::parse(Some("a*")), limited("a*", 3))
+            .unwrap();
+        root.insert("k", ValueMatch::parse(Some("x*y*z")), limited("x*y*z", 5))
             .unwrap();
         root.insert("k", ValueMatch::Exact("abc".into()), limited("abc", 4))
             .unwrap();
@@ -345,6 +340,8 @@ mod tests {
         assert_eq!(path_of(&rs, &[e("k", "abd")]).as_deref(), Some("ab*"));
         assert_eq!(path_of(&rs, &[e("k", "axe")]).as_deref(), Some("a*"));
         assert_eq!(path_of(&rs, &[e("k", "zzz")]).as_deref(), Some("any"));
+        assert_eq!(path_of(&rs, &[e("k", "x-y-z")]).as_deref(), Some("x*y*z"));
+        assert_eq!(path_of(&rs, &[e("k", "x-z-y")]).as_deref(), Some("any"));
         assert_eq!(path_of(&rs, &[e("other", "zzz")]), None);
         assert!(rs.lookup("unknown", &[e("k", "abc")]).is_none());
     }

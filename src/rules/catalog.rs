@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::yaml::{self, Scalar, YamlDescriptor, YamlRateLimit, YamlReplaces, YamlRoot};
+use super::yaml::{self, YamlDescriptor, YamlRateLimit, YamlReplaces, YamlRoot};
 use super::{RuleError, RuleErrors};
-use crate::limiter::{ApiKey, RuleSet, Scope};
+use crate::limiter::{ApiKey, Metadata, RuleSet, Scope};
 
 /// Everything a running sluice needs from PostgreSQL, read in one
 /// consistent snapshot.
@@ -97,7 +97,7 @@ pub struct RuleRow {
     pub value_to_metric: bool,
     pub share_threshold: bool,
     #[sqlx(skip)]
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
 }
 
 // === YAML -> rows ===
@@ -196,11 +196,7 @@ fn flatten(
             detailed_metric: d.detailed_metric,
             value_to_metric: d.value_to_metric,
             share_threshold: d.share_threshold,
-            metadata: d
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect(),
+            metadata: d.metadata.clone(),
         });
         flatten(&d.descriptors, domain, scope, path, rows);
         path.pop();
@@ -302,11 +298,7 @@ fn descriptor_from_row(key: &str, value: &str, row: &RuleRow) -> YamlDescriptor 
         detailed_metric: row.detailed_metric,
         value_to_metric: row.value_to_metric,
         share_threshold: row.share_threshold,
-        metadata: row
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Scalar(v.clone())))
-            .collect(),
+        metadata: row.metadata.clone(),
     }
 }
 

@@ -8,16 +8,18 @@
 //! types and duplicate keys fail with their path), then a walk checks the
 //! meaning and builds the lookup tree, collecting every error it finds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::de::{self, MapAccess, Visitor};
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{RuleError, RuleErrors};
-use crate::limiter::{Algorithm, Calendar, CalendarUnit, Limit, Unit, Window, MAX_WINDOW_SECONDS};
+use crate::limiter::{
+    Algorithm, Calendar, CalendarUnit, Limit, Metadata, Unit, Window, MAX_WINDOW_SECONDS,
+};
 use crate::limiter::{Level, Node, Rule, RuleLimit, RuleSet, ValueMatch};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -52,25 +54,42 @@ pub struct YamlDescriptor {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub descriptors: Vec<YamlDescriptor>,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
     pub shadow_mode: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
     pub quota_mode: bool,
     /// Accepted for compatibility. sluice's metric labels carry the rule path
     /// from the configuration, never request values, so these add nothing.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub detailed_metric: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub value_to_metric: bool,
-    /// On a wildcard value: every matching value shares one counter.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub share_threshold: bool,
     #[serde(
         default,
-        deserialize_with = "unique_map",
-        skip_serializing_if = "BTreeMap::is_empty"
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
     )]
-    pub metadata: BTreeMap<String, Scalar>,
+    pub detailed_metric: bool,
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
+    pub value_to_metric: bool,
+    /// On a wildcard value: every matching value shares one counter.
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
+    pub share_threshold: bool,
+    /// Free-form: strings, numbers, booleans, null, lists and maps.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -84,7 +103,11 @@ pub struct YamlRateLimit {
     pub unit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_unit: Option<u64>,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
     pub unlimited: bool,
     #[serde(
         default,
@@ -135,18 +158,6 @@ pub struct YamlReplaces {
     pub name: Option<String>,
 }
 
-/// A scalar read as text: YAML `value: 200` is the string "200", as the
-/// Go YAML library envoyproxy/ratelimit uses reads it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct Scalar(pub String);
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Scalar)
-    }
-}
-
 /// A scalar's text exactly as written. serde_yaml_ng hands a plain scalar to
 /// a string as its source text (`1.50`, `0x1F`, `007`), which is what Go's
 /// yaml does for envoyproxy/ratelimit; going through `serde_yaml_ng::Value`
@@ -156,37 +167,37 @@ fn opt_scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Erro
     Option::<String>::deserialize(d)
 }
 
-/// A mapping whose keys must be unique. serde's `BTreeMap` keeps the last of
-/// two equal keys silently; a rules file with `team` twice is a mistake.
-fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Scalar>, D::Error> {
-    struct UniqueMap;
+/// A boolean as Go's yaml (YAML 1.1) reads one, which envoyproxy/ratelimit
+/// uses: `true`/`false`, and also `yes`/`no`, `on`/`off`, `y`/`n` in their
+/// lower, capitalised and upper case spellings.
+fn yaml11_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct Yaml11Bool;
 
-    impl<'de> Visitor<'de> for UniqueMap {
-        type Value = BTreeMap<String, Scalar>;
+    impl Visitor<'_> for Yaml11Bool {
+        type Value = bool;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a mapping of strings")
+            f.write_str("a boolean")
         }
 
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(BTreeMap::new())
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some((key, value)) = map.next_entry::<String, Scalar>()? {
-                if out.contains_key(&key) {
-                    return Err(de::Error::custom(format!(
-                        "duplicate entry with key \"{key}\""
-                    )));
-                }
-                out.insert(key, value);
+        fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v {
+                "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Ok(true),
+                "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Ok(false),
+                _ => Err(de::Error::invalid_type(de::Unexpected::Str(v), &self)),
             }
-            Ok(out)
         }
     }
 
-    d.deserialize_map(UniqueMap)
+    d.deserialize_any(Yaml11Bool)
 }
 
 fn opt_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
@@ -219,7 +230,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
     // serde_yaml_ng reports the path itself: "descriptors[1]: unknown field
     // `bogus`, expected ... at line 6 column 5". Split it off so errors read
     // `FILE: PATH: message` like the semantic ones.
-    serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
+    let root = serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
         let text = e.to_string();
         match text.split_once(": ") {
             Some((path, message)) if !path.contains(' ') => {
@@ -227,7 +238,64 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
             }
             _ => err(String::new(), text),
         }
-    })
+    })?;
+    // The structure is right; now the one kind of scalar Go's yaml reads and
+    // envoyproxy/ratelimit then refuses ("error checking config"), which a
+    // text field here would otherwise take as written.
+    let tree: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| err(String::new(), e.to_string()))?;
+    let mut refused = Vec::new();
+    numbers_go_refuses(&tree, "", &mut refused);
+    if refused.is_empty() {
+        Ok(root)
+    } else {
+        Err(RuleErrors(
+            refused
+                .into_iter()
+                .map(|(path, number)| RuleError {
+                    file: file.to_owned(),
+                    path,
+                    message: format!(
+                        "the number {number} (a fraction, an exponent, or beyond 64 bits) is \
+                         refused here, as envoyproxy/ratelimit refuses it; quote it to mean the text"
+                    ),
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Where a plain scalar outside `metadata` is a number Go's yaml reads as a
+/// float or an unsigned 64-bit integer: envoyproxy/ratelimit's key check
+/// takes strings, ints, booleans and nulls only.
+fn numbers_go_refuses(value: &serde_yaml_ng::Value, path: &str, out: &mut Vec<(String, String)>) {
+    use serde_yaml_ng::Value;
+    match value {
+        Value::Mapping(map) => {
+            for (key, value) in map {
+                let Some(key) = key.as_str() else {
+                    continue;
+                };
+                if key == "metadata" {
+                    continue;
+                }
+                let path = if path.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{path}.{key}")
+                };
+                numbers_go_refuses(value, &path, out);
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                numbers_go_refuses(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Number(n) if n.as_i64().is_none() => out.push((path.to_owned(), n.to_string())),
+        Value::Tagged(tagged) => numbers_go_refuses(&tagged.value, path, out),
+        _ => {}
+    }
 }
 
 /// Checks one parsed file and compiles its tree.
@@ -269,6 +337,11 @@ impl Walker<'_> {
 
     fn level(&mut self, descriptors: &[YamlDescriptor], parent: &str, rule_path: &str) -> Level {
         let mut level = Level::default();
+        // envoyproxy/ratelimit keys a level by `key_value`, so `{key: a,
+        // value: b_c}` and `{key: a_b, value: c}` are one entry there and a
+        // file with both is refused; sluice matches keys and values apart,
+        // but refuses the same files.
+        let mut composite = HashSet::new();
         for (i, d) in descriptors.iter().enumerate() {
             let path = if parent.is_empty() {
                 format!("descriptors[{i}]")
@@ -287,19 +360,20 @@ impl Walker<'_> {
             };
             let full = format!("{rule_path}.{segment}");
             let matcher = ValueMatch::parse(value);
-            if d.share_threshold && !matches!(matcher, ValueMatch::Prefix(_)) {
+            let wildcard = matches!(matcher, ValueMatch::Wildcard(_));
+            if d.share_threshold && !wildcard {
                 self.error(
                     &path,
-                    "share_threshold needs a wildcard value (one ending in '*')".into(),
+                    "share_threshold needs a wildcard value (one containing '*')".into(),
                 );
             }
             let node = Node {
                 rule: self.rule(&path, &full, d),
                 children: self.level(&d.descriptors, &path, &full),
-                shared_pattern: (d.share_threshold && matches!(matcher, ValueMatch::Prefix(_)))
+                shared_pattern: (d.share_threshold && wildcard)
                     .then(|| Arc::from(value.unwrap_or_default())),
             };
-            if level.insert(key, matcher, node).is_err() {
+            if !composite.insert(segment) || level.insert(key, matcher, node).is_err() {
                 self.error(
                     &path,
                     format!("duplicate descriptor composite key '{full}'"),
@@ -360,11 +434,7 @@ impl Walker<'_> {
             replaces,
             shadow_mode: d.shadow_mode,
             quota_mode: d.quota_mode,
-            metadata: d
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect(),
+            metadata: d.metadata.clone(),
         }))
     }
 

@@ -24,6 +24,7 @@ fn options(default_algorithm: Algorithm) -> PlanOptions {
     PlanOptions {
         default_algorithm,
         global_shadow: false,
+        global_quota: false,
     }
 }
 
@@ -386,6 +387,7 @@ fn global_shadow_mode_reports_over_limit_as_ok_overall() {
             PlanOptions {
                 default_algorithm: Algorithm::SlidingWindow,
                 global_shadow,
+                global_quota: false,
             },
         );
         let mut req = request("api", vec![d(&[("client", "a")])]);
@@ -730,4 +732,101 @@ proptest! {
         prop_assert_eq!(key(&first, &other), key(&second, &other));
         prop_assert_ne!(key(&first, &other), key(&first, &format!("{other}x")));
     }
+}
+
+// === quota_mode, as envoyproxy/ratelimit decides it ===
+
+const QUOTAS: &str = "
+domain: api
+descriptors:
+  - key: q1
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {name: q1, owner: {team: a}}
+  - key: q2
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {name: q2, owner: {team: b, tier: 2}, only_q2: true}
+  - key: regular
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {name: regular}
+";
+
+#[test]
+fn quotas_deny_a_request_only_when_all_of_them_are_over() {
+    let mut h = Harness::new(QUOTAS, options(Algorithm::FixedWindow));
+    let q1 = request("api", vec![d(&[("q1", "x")])]);
+    assert_eq!(h.decide(&q1, NOW).overall, Code::Ok);
+    let alone = h.decide(&q1, NOW);
+    assert_eq!(alone.overall, Code::OverLimit, "its only quota is over");
+
+    // q1 over, q2 not: the request passes, q1's status still says over.
+    let both = request("api", vec![d(&[("q1", "x")]), d(&[("q2", "y")])]);
+    let d1 = h.decide(&both, NOW);
+    assert_eq!(d1.overall, Code::Ok);
+    assert_eq!(
+        [d1.statuses[0].code, d1.statuses[1].code],
+        [Code::OverLimit, Code::Ok]
+    );
+    let d2 = h.decide(&both, NOW);
+    assert_eq!(d2.overall, Code::OverLimit, "now both quotas are over");
+
+    // A regular limit over denies whatever the quotas say.
+    let mixed = request("api", vec![d(&[("q2", "z")]), d(&[("regular", "r")])]);
+    assert_eq!(h.decide(&mixed, NOW).overall, Code::Ok);
+    let mixed = request("api", vec![d(&[("q2", "w")]), d(&[("regular", "r")])]);
+    let d3 = h.decide(&mixed, NOW);
+    assert_eq!(d3.overall, Code::OverLimit);
+    assert_eq!(d3.statuses[0].code, Code::Ok);
+}
+
+#[test]
+fn global_quota_mode_makes_every_descriptor_a_quota() {
+    let global = PlanOptions {
+        global_quota: true,
+        ..options(Algorithm::FixedWindow)
+    };
+    let mut h = Harness::new(QUOTAS, global);
+    let req = request(
+        "api",
+        vec![d(&[("regular", "r")]), d(&[("unmatched", "u")])],
+    );
+    h.decide(&req, NOW);
+    let decision = h.decide(&req, NOW);
+    assert_eq!(decision.statuses[0].code, Code::OverLimit);
+    assert_eq!(
+        decision.overall,
+        Code::Ok,
+        "the unmatched descriptor is a quota that passes"
+    );
+    let alone = request("api", vec![d(&[("regular", "r")])]);
+    assert_eq!(h.decide(&alone, NOW).overall, Code::OverLimit);
+}
+
+#[test]
+fn a_quota_vetoes_the_request_only_when_it_is_the_only_one() {
+    let h = Harness::new(QUOTAS, options(Algorithm::FixedWindow));
+    let one = request("api", vec![d(&[("q1", "x")]), d(&[("regular", "r")])]);
+    assert_eq!(h.plan(&one).vetoes, [true, true]);
+    let two = request(
+        "api",
+        vec![d(&[("q1", "x")]), d(&[("q2", "y")]), d(&[("regular", "r")])],
+    );
+    assert_eq!(h.plan(&two).vetoes, [false, false, true]);
+}
+
+#[test]
+fn metadata_of_admitting_rules_merges_first_value_first() {
+    let mut h = Harness::new(QUOTAS, options(Algorithm::FixedWindow));
+    let req = request("api", vec![d(&[("q1", "x")]), d(&[("q2", "y")])]);
+    let first = h.decide(&req, NOW).passed_metadata();
+    let expected: Metadata =
+        serde_yaml_ng::from_str("{name: q1, owner: {team: a, tier: 2}, only_q2: true}")
+            .expect("yaml");
+    assert_eq!(first, expected);
+    // Both over now; with a fresh q1 value only q1's metadata remains.
+    let req = request("api", vec![d(&[("q1", "fresh")]), d(&[("q2", "y")])]);
+    let second = h.decide(&req, NOW).passed_metadata();
+    let expected: Metadata = serde_yaml_ng::from_str("{name: q1, owner: {team: a}}").expect("yaml");
+    assert_eq!(second, expected);
 }

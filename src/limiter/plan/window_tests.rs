@@ -262,3 +262,62 @@ fn a_calendar_month_quota_resets_at_local_midnight_on_the_first() {
         Some((CalendarUnit::Month, "Europe/Berlin"))
     );
 }
+
+// === quota_mode with several limits ===
+
+const QUOTAS: &str = r#"
+domain: api
+descriptors:
+  - key: q1
+    quota_mode: true
+    rate_limits:
+      - {name: burst, unit: second, requests_per_unit: 2}
+      - {name: daily, unit: day, requests_per_unit: 4}
+  - key: q2
+    quota_mode: true
+    rate_limit: {name: q2, unit: minute, requests_per_unit: 10}
+"#;
+
+#[test]
+fn a_quota_among_several_vetoes_with_none_of_its_limits() {
+    let h = Harness::new(QUOTAS);
+    let vetoes = |descriptors: Vec<Descriptor<'static>>| {
+        let request = Request {
+            domain: "api",
+            descriptors,
+            hits: 1,
+        };
+        plan(&request, &h.rules, &h.hasher, PlanOptions::default()).vetoes
+    };
+    let q1 = || Descriptor::new([("q1", "a")], None, None);
+    let q2 = || Descriptor::new([("q2", "b")], None, None);
+    assert_eq!(vetoes(vec![q1()]), [true, true], "the request's only quota");
+    assert_eq!(vetoes(vec![q1(), q2()]), [false, false, false]);
+}
+
+#[test]
+fn a_quota_with_several_limits_is_over_when_one_of_them_is() {
+    let h = Harness::new(QUOTAS);
+    let both: &[&[(&str, &str)]] = &[&[("q1", "a")], &[("q2", "b")]];
+    h.decide(both);
+    h.decide(both);
+    // q1's burst is over, q2 is not: q1's status says so, the request passes,
+    // and (no veto among several quotas) q1's day counts the hit.
+    let third = h.decide(both);
+    assert_eq!(third.overall, Code::Ok);
+    assert_eq!(
+        (summary(&third).0, summary(&third).1),
+        (Code::OverLimit, named("burst"))
+    );
+    assert_eq!(third.statuses[1].code, Code::Ok);
+    h.clock.advance(S);
+    // Alone, q1 vetoes: its day (3 used of 4) now bounds it.
+    let q1: &[&[(&str, &str)]] = &[&[("q1", "a")]];
+    assert_eq!(summary(&h.decide(q1)).0, Code::Ok);
+    let over = h.decide(q1);
+    assert_eq!(
+        (summary(&over).0, summary(&over).1),
+        (Code::OverLimit, named("daily"))
+    );
+    assert_eq!(over.overall, Code::OverLimit, "its only quota is over");
+}

@@ -67,7 +67,7 @@ const RULE_COLUMNS: &str = "SELECT r.domain, r.plan, t.name AS tenant, r.positio
 
 /// A row as [`RULE_COLUMNS`] selects it: the columns a [`RuleRow`] holds
 /// as they are, and those it holds in another shape (its scope, its path as
-/// pairs, its metadata as strings).
+/// pairs, its metadata parsed from JSON text).
 #[derive(sqlx::FromRow)]
 struct RuleRecord {
     #[sqlx(flatten)]
@@ -88,7 +88,7 @@ impl TryFrom<RuleRecord> for RuleRow {
     type Error = sqlx::Error;
 
     fn try_from(r: RuleRecord) -> Result<RuleRow, sqlx::Error> {
-        let metadata: serde_json::Map<String, serde_json::Value> =
+        let metadata =
             serde_json::from_str(&r.metadata).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         Ok(RuleRow {
             scope: match (r.plan, r.tenant) {
@@ -97,15 +97,8 @@ impl TryFrom<RuleRecord> for RuleRow {
                 (None, None) => RuleScope::Domain,
             },
             path: r.path_keys.into_iter().zip(r.path_values).collect(),
-            // A value written by hand in SQL may be any JSON; the rule
-            // model's metadata is strings.
-            metadata: metadata
-                .into_iter()
-                .map(|(k, v)| match v {
-                    serde_json::Value::String(s) => (k, s),
-                    other => (k, other.to_string()),
-                })
-                .collect(),
+            // Any JSON object, as a rules file's metadata is any YAML map.
+            metadata,
             ..r.row
         })
     }

@@ -145,10 +145,12 @@ impl TestConfig {
                 plan: PlanOptions {
                     default_algorithm: Algorithm::SlidingWindow,
                     global_shadow: false,
+                    global_quota: false,
                 },
                 failure_mode: FailureMode::Allow,
                 store_timeout: Duration::from_millis(50),
                 rate_limit_headers: false,
+                dynamic_metadata: false,
             },
             shutdown_grace: Duration::from_secs(5),
             tls: None,
