@@ -246,6 +246,15 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         }
         StoreUrl::Redis(url) => redis_store(RedisTarget::Standalone(url.clone()), args)?,
         StoreUrl::Cluster { nodes, .. } => redis_store(RedisTarget::Cluster(nodes.clone()), args)?,
+        StoreUrl::Sentinel {
+            sentinels, master, ..
+        } => redis_store(
+            RedisTarget::Sentinel {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+            },
+            args,
+        )?,
     };
 
     let mut limiter = RateLimiter::new(

@@ -33,6 +33,8 @@ pub mod names {
     /// Counter operations decided by one script call (concurrent calls to
     /// one node coalesced into a batch), by store.
     pub const REDIS_BATCH_OPERATIONS: &str = "sluice_redis_batch_operations";
+    /// Masters a Redis Sentinel named in place of the one before, by store.
+    pub const REDIS_MASTER_CHANGES: &str = "sluice_redis_master_changes_total";
     /// Failed circuit-breaker probes, by store.
     pub const REDIS_PROBE_FAILURES: &str = "sluice_redis_probe_failures_total";
     /// 1 while the store's circuit breaker is open, by store.

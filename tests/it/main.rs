@@ -21,6 +21,7 @@ mod layers;
 mod otlp;
 mod postgres;
 mod redis_cluster;
+mod redis_sentinel;
 mod redis_store;
 mod reload;
 mod storage_contract;
