@@ -465,6 +465,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_USAGE_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
     pub usage_flush: Duration,
 
+    /// With --rules postgres: decisions carry a `tenant` label for at most
+    /// this many tenants (the first by name), `other` for the rest and for
+    /// requests without a key; 0: no tenant label.
+    #[arg(long, env = "SLUICE_METRICS_TENANTS", default_value = "20")]
+    pub metrics_tenants: usize,
+
     /// Most decisions waiting to be counted; beyond it they are dropped
     /// (and counted in sluice_usage_dropped_total), never waited for.
     #[arg(long, env = "SLUICE_USAGE_QUEUE", default_value = "65536")]

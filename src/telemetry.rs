@@ -49,6 +49,12 @@ pub mod names {
     pub const API_KEYS_LOADED: &str = "sluice_api_keys_loaded";
     pub const API_KEY_LOOKUPS: &str = "sluice_api_key_lookups_total";
     pub const POSTGRES_UP: &str = "sluice_postgres_up";
+    /// When the rules in force were last confirmed current against
+    /// PostgreSQL (a successful load, changed or not), in Unix seconds.
+    pub const RULES_SYNCED: &str = "sluice_postgres_rules_synced_timestamp_seconds";
+    /// The `tenant` label of decisions beyond `--metrics-tenants`, and of
+    /// requests without a live API key.
+    pub const OTHER_TENANT_LABEL: &str = "other";
     /// Rule loads that read the primary because the replica failed.
     pub const POSTGRES_REPLICA_FALLBACKS: &str = "sluice_postgres_replica_fallbacks_total";
     /// From a NOTIFY received to the new rules in force.

@@ -638,6 +638,7 @@ impl PostgresSource {
 
     fn mark_up(&mut self) {
         gauge!(names::POSTGRES_UP).set(1.0);
+        gauge!(names::RULES_SYNCED).set(unix_seconds());
         if !std::mem::replace(&mut self.up, true) {
             tracing::info!("PostgreSQL reachable again");
         }
@@ -654,6 +655,12 @@ impl PostgresSource {
             ));
         });
     }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn publish(rules: &RulesHandle, set: RuleSet) {
