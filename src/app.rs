@@ -365,6 +365,10 @@ fn register_failure_series(args: &ServeArgs, store_kind: &'static str) {
         for to in ["open", "closed"] {
             counter!(names::BREAKER_TRANSITIONS, "store" => store_kind, "to" => to).increment(0);
         }
+        counter!(names::REDIS_RETRIES, "reason" => "noscript").increment(0);
+        if store_kind == "redis-sentinel" {
+            counter!(names::REDIS_MASTER_CHANGES, "store" => store_kind).increment(0);
+        }
     }
     if args.rules == RulesSource::Postgres {
         for reason in ["queue_full", "backlog_full"] {

@@ -18,6 +18,7 @@ mod grpc_api;
 mod grpcurl;
 mod json_api;
 mod layers;
+mod observability;
 mod otlp;
 mod postgres;
 mod redis_cluster;
