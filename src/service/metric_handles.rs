@@ -38,10 +38,13 @@ struct DomainMetrics {
     label: Box<str>,
     decisions: [OnceLock<Counter>; 2],
     /// Decisions by tenant label, when decisions carry one.
-    tenants: ArcSwap<HashMap<Box<str>, Arc<[OnceLock<Counter>; 2]>>>,
+    tenants: ArcSwap<HashMap<Box<str>, Arc<ByCode>>>,
     global_shadow: OnceLock<Counter>,
     rules: ArcSwap<HashMap<Arc<str>, Arc<RuleMetrics>>>,
 }
+
+/// One counter per decision code (see `code_index`).
+type ByCode = [OnceLock<Counter>; 2];
 
 #[derive(Default)]
 struct RuleMetrics {
@@ -170,7 +173,7 @@ impl DecisionMetrics {
 }
 
 impl DomainMetrics {
-    fn insert_tenant(&self, label: &str) -> Arc<[OnceLock<Counter>; 2]> {
+    fn insert_tenant(&self, label: &str) -> Arc<ByCode> {
         let mut entry = None;
         self.tenants.rcu(|current| {
             let mut next = HashMap::clone(current);
