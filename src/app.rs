@@ -256,6 +256,15 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         }
         StoreUrl::Redis(url) => redis_store(RedisTarget::Standalone(url.clone()), args)?,
         StoreUrl::Cluster { nodes, .. } => redis_store(RedisTarget::Cluster(nodes.clone()), args)?,
+        StoreUrl::Sentinel {
+            sentinels, master, ..
+        } => redis_store(
+            RedisTarget::Sentinel {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+            },
+            args,
+        )?,
     };
 
     let mut limiter = RateLimiter::new(
@@ -276,11 +285,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         clock,
     );
     if args.rules == RulesSource::Postgres {
-        limiter = limiter.with_api_keys(ApiKeyPolicy {
-            descriptor: args.api_key_descriptor.clone(),
-            unknown: args.unknown_key,
-        });
+        limiter = limiter
+            .with_api_keys(ApiKeyPolicy {
+                descriptor: args.api_key_descriptor.clone(),
+                unknown: args.unknown_key,
+            })
+            .with_tenant_labels(args.metrics_tenants);
     }
+    register_failure_series(args, limiter.store().kind());
     if let Some(usage) = usage {
         limiter = limiter.with_usage(usage);
     }
@@ -372,6 +384,47 @@ fn postgres_source(
         args.rules_snapshot.clone(),
     );
     Ok((source, primary_pool))
+}
+
+/// Puts the failure counters in `/metrics` at 0 from the start. A counter
+/// that appears only at its first increment hides that increment from
+/// `rate()` and `increase()`, and alerts and dashboards would have nothing
+/// to read until the first failure.
+fn register_failure_series(args: &ServeArgs, store_kind: &'static str) {
+    use metrics::counter;
+    let mode = match args.failure_mode {
+        crate::service::FailureMode::Allow => "allow",
+        crate::service::FailureMode::Deny => "deny",
+    };
+    counter!(names::FAILURE_MODE_ANSWERS, "mode" => mode).increment(0);
+    for kind in ["timeout", "connection", "script", "breaker_open"] {
+        counter!(names::STORE_ERRORS, "kind" => kind).increment(0);
+    }
+    for result in ["success", "failure"] {
+        counter!(names::RULE_RELOADS, "result" => result).increment(0);
+    }
+    counter!(names::INVALID_REQUESTS).increment(0);
+    counter!(names::UNKNOWN_DOMAIN).increment(0);
+    if store_kind != "memory" {
+        counter!(names::LOCAL_CACHE_ANSWERS, "store" => store_kind).increment(0);
+        counter!(names::REDIS_PROBE_FAILURES, "store" => store_kind).increment(0);
+        for to in ["open", "closed"] {
+            counter!(names::BREAKER_TRANSITIONS, "store" => store_kind, "to" => to).increment(0);
+        }
+        counter!(names::REDIS_RETRIES, "reason" => "noscript").increment(0);
+        if store_kind == "redis-sentinel" {
+            counter!(names::REDIS_MASTER_CHANGES, "store" => store_kind).increment(0);
+        }
+    }
+    if args.rules == RulesSource::Postgres {
+        for reason in ["queue_full", "backlog_full"] {
+            counter!(names::USAGE_DROPPED, "reason" => reason).increment(0);
+        }
+        for result in ["success", "failure"] {
+            counter!(names::USAGE_FLUSHES, "result" => result).increment(0);
+        }
+        counter!(names::POSTGRES_REPLICA_FALLBACKS).increment(0);
+    }
 }
 
 /// The Redis store; it connects in the background, so sluice starts (and

@@ -315,6 +315,14 @@ pub enum StoreUrl {
         nodes: Vec<String>,
         tls: bool,
     },
+    /// `redis+sentinel://[:pw@]s1:26379,s2:26379/master[/db]`, or
+    /// `rediss+sentinel://`: the master the sentinels name.
+    Sentinel {
+        /// One URL per sentinel, with the master's credentials and database.
+        sentinels: Vec<String>,
+        master: String,
+        tls: bool,
+    },
 }
 
 impl fmt::Debug for StoreUrl {
@@ -325,6 +333,14 @@ impl fmt::Debug for StoreUrl {
             StoreUrl::Cluster { nodes, tls } => {
                 let nodes: Vec<_> = nodes.iter().map(|n| redact_url(n)).collect();
                 write!(f, "cluster(tls={tls}, {nodes:?})")
+            }
+            StoreUrl::Sentinel {
+                sentinels,
+                master,
+                tls,
+            } => {
+                let sentinels: Vec<_> = sentinels.iter().map(|n| redact_url(n)).collect();
+                write!(f, "sentinel(tls={tls}, {sentinels:?}, {master})")
             }
         }
     }
@@ -356,13 +372,65 @@ fn parse_store(s: &str) -> Result<StoreUrl, String> {
         }
         return Ok(StoreUrl::Cluster { nodes, tls });
     }
+    if let Some((rest, tls)) = s
+        .strip_prefix("redis+sentinel://")
+        .map(|r| (r, false))
+        .or_else(|| s.strip_prefix("rediss+sentinel://").map(|r| (r, true)))
+    {
+        return parse_sentinel(rest, tls);
+    }
     if s.starts_with("redis://") || s.starts_with("rediss://") {
         return Ok(StoreUrl::Redis(s.to_owned()));
     }
     Err(format!(
-        "unknown store '{}': expected memory, redis://, rediss:// or redis+cluster://",
+        "unknown store '{}': expected memory, redis://, rediss://, redis+cluster:// or redis+sentinel://",
         redact_url(s)
     ))
+}
+
+/// `[user:pw@]s1[:26379],s2[:26379]/master[/db]` (after the scheme).
+fn parse_sentinel(rest: &str, tls: bool) -> Result<StoreUrl, String> {
+    let usage = "redis+sentinel:// needs sentinels and a master name: \
+                 redis+sentinel://[:password@]host:26379,host:26379/mymaster[/db]";
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (hosts, path) = rest.split_once('/').ok_or(usage)?;
+    let (master, db) = match path.split_once('/') {
+        Some((master, db)) => {
+            let db: u32 = db
+                .trim_end_matches('/')
+                .parse()
+                .map_err(|_| format!("redis+sentinel://: '{db}' is not a database number"))?;
+            (master, db)
+        }
+        None => (path, 0),
+    };
+    if master.is_empty() {
+        return Err(usage.into());
+    }
+    let scheme = if tls { "rediss" } else { "redis" };
+    let sentinels: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            // A sentinel's port is 26379 unless given.
+            let has_port = h
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            let port = if has_port { "" } else { ":26379" };
+            format!("{scheme}://{auth}{h}{port}/{db}")
+        })
+        .collect();
+    if sentinels.is_empty() {
+        return Err(usage.into());
+    }
+    Ok(StoreUrl::Sentinel {
+        sentinels,
+        master: master.to_owned(),
+        tls,
+    })
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {
@@ -427,12 +495,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_USAGE_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
     pub usage_flush: Duration,
 
+    /// With --rules postgres: decisions carry a `tenant` label for at most
+    /// this many tenants (the first by name), `other` for the rest and for
+    /// requests without a key; 0: no tenant label.
+    #[arg(long, env = "SLUICE_METRICS_TENANTS", default_value = "20")]
+    pub metrics_tenants: usize,
+
     /// Most decisions waiting to be counted; beyond it they are dropped
     /// (and counted in sluice_usage_dropped_total), never waited for.
     #[arg(long, env = "SLUICE_USAGE_QUEUE", default_value = "65536")]
     pub usage_queue: std::num::NonZeroUsize,
 
-    /// Counter store: memory, redis://host:6379/0, rediss://..., redis+cluster://h1:7000,h2:7001.
+    /// Counter store: memory, redis://host:6379/0, rediss://..., redis+cluster://h1:7000,h2:7001,
+    /// redis+sentinel://s1:26379,s2:26379/mymaster.
     #[arg(long, env = "SLUICE_STORE", default_value = "memory", value_parser = parse_store)]
     pub store: StoreUrl,
 
@@ -715,6 +790,40 @@ mod tests {
         let r = parse_store("redis://user:hunter2@h:6379/0").unwrap();
         assert_eq!(format!("{r:?}"), "redis://user:***@h:6379/0");
         assert!(parse_store("http://x").is_err());
+    }
+
+    #[test]
+    fn sentinel_urls_parse_and_redact() {
+        let s = parse_store("redis+sentinel://:pw@s1:26379,s2/mymaster").unwrap();
+        assert_eq!(
+            s,
+            StoreUrl::Sentinel {
+                sentinels: vec![
+                    "redis://:pw@s1:26379/0".into(),
+                    "redis://:pw@s2:26379/0".into()
+                ],
+                master: "mymaster".into(),
+                tls: false,
+            }
+        );
+        assert!(!format!("{s:?}").contains("pw"));
+        let s = parse_store("rediss+sentinel://s1:5000/cache/3").unwrap();
+        assert_eq!(
+            s,
+            StoreUrl::Sentinel {
+                sentinels: vec!["rediss://s1:5000/3".into()],
+                master: "cache".into(),
+                tls: true,
+            }
+        );
+        for bad in [
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1:26379/",
+            "redis+sentinel:///mymaster",
+            "redis+sentinel://s1/mymaster/x",
+        ] {
+            assert!(parse_store(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

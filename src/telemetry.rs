@@ -33,6 +33,8 @@ pub mod names {
     /// Counter operations decided by one script call (concurrent calls to
     /// one node coalesced into a batch), by store.
     pub const REDIS_BATCH_OPERATIONS: &str = "sluice_redis_batch_operations";
+    /// Masters a Redis Sentinel named in place of the one before, by store.
+    pub const REDIS_MASTER_CHANGES: &str = "sluice_redis_master_changes_total";
     /// Failed circuit-breaker probes, by store.
     pub const REDIS_PROBE_FAILURES: &str = "sluice_redis_probe_failures_total";
     /// 1 while the store's circuit breaker is open, by store.
@@ -47,6 +49,12 @@ pub mod names {
     pub const API_KEYS_LOADED: &str = "sluice_api_keys_loaded";
     pub const API_KEY_LOOKUPS: &str = "sluice_api_key_lookups_total";
     pub const POSTGRES_UP: &str = "sluice_postgres_up";
+    /// When the rules in force were last confirmed current against
+    /// PostgreSQL (a successful load, changed or not), in Unix seconds.
+    pub const RULES_SYNCED: &str = "sluice_postgres_rules_synced_timestamp_seconds";
+    /// The `tenant` label of decisions beyond `--metrics-tenants`, and of
+    /// requests without a live API key.
+    pub const OTHER_TENANT_LABEL: &str = "other";
     /// Rule loads that read the primary because the replica failed.
     pub const POSTGRES_REPLICA_FALLBACKS: &str = "sluice_postgres_replica_fallbacks_total";
     /// From a NOTIFY received to the new rules in force.

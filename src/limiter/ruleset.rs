@@ -215,6 +215,11 @@ impl RuleSet {
         self.api_keys.len()
     }
 
+    /// Every live key, in no particular order.
+    pub fn api_keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.api_keys.values()
+    }
+
     pub fn has_domain(&self, domain: &str) -> bool {
         self.domains.contains_key(domain)
     }

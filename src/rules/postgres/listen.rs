@@ -343,6 +343,7 @@ impl PostgresSource {
 
     fn mark_up(&mut self) {
         gauge!(names::POSTGRES_UP).set(1.0);
+        gauge!(names::RULES_SYNCED).set(unix_seconds());
         if !std::mem::replace(&mut self.up, true) {
             tracing::info!("PostgreSQL reachable again");
         }
@@ -392,6 +393,12 @@ impl Backoff {
 fn decorrelated(last: Duration, random: u32) -> Duration {
     let high = (last * 3).clamp(BACKOFF_MIN, BACKOFF_MAX);
     BACKOFF_MIN + (high - BACKOFF_MIN) * random / u32::MAX
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn publish(rules: &RulesHandle, set: RuleSet) {

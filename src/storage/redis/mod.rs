@@ -15,6 +15,7 @@
 //! | `connect`     | URL, credentials, TLS roots, timeouts for any node |
 //! | `standalone`  | one server, one multiplexed connection |
 //! | `cluster`     | slots -> masters, one pipeline per master, redirects |
+//! | `sentinel`    | the master a Redis Sentinel names, followed through failovers |
 //! | `slot`        | CRC16 key slots |
 //! | `breaker`     | the circuit breaker |
 //! | `local_cache` | the over-limit cache |
@@ -25,6 +26,7 @@ mod cluster;
 mod connect;
 mod local_cache;
 pub mod scripts;
+mod sentinel;
 mod slot;
 mod standalone;
 
@@ -43,6 +45,7 @@ use self::cluster::Cluster;
 use self::connect::Connector;
 use self::local_cache::OverLimitCache;
 use self::scripts::{Request, Time};
+use self::sentinel::Sentinel;
 use self::standalone::Standalone;
 use super::{CounterOp, CounterStore, StoreError, StoreHealth};
 use crate::clock::{Clock, SystemClock};
@@ -59,6 +62,12 @@ pub enum RedisTarget {
     Standalone(String),
     /// Seed node URLs of a Cluster; the rest is discovered.
     Cluster(Vec<String>),
+    /// The master named `master` by the sentinels at these URLs (whose
+    /// credentials, TLS and database are the master's).
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 impl fmt::Debug for RedisTarget {
@@ -70,6 +79,13 @@ impl fmt::Debug for RedisTarget {
             RedisTarget::Cluster(urls) => {
                 let urls: Vec<_> = urls.iter().map(|u| crate::secret::redact_url(u)).collect();
                 write!(f, "Cluster({urls:?})")
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let urls: Vec<_> = sentinels
+                    .iter()
+                    .map(|u| crate::secret::redact_url(u))
+                    .collect();
+                write!(f, "Sentinel({urls:?}, {master})")
             }
         }
     }
@@ -133,6 +149,7 @@ pub struct Call<'a> {
 enum Backend {
     Standalone(Standalone),
     Cluster(Arc<Cluster>),
+    Sentinel(Arc<Sentinel>),
 }
 
 impl Backend {
@@ -140,13 +157,34 @@ impl Backend {
         match self {
             Backend::Standalone(s) => s.run(call).await,
             Backend::Cluster(c) => c.run(call).await,
+            Backend::Sentinel(s) => s.run(call).await,
         }
+    }
+
+    /// All of one request's operations as one unit (one server only).
+    async fn run_request(
+        &self,
+        call: &Call<'_>,
+        request: Request<'_>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        match self {
+            Backend::Standalone(s) => s.run_request(call, request).await,
+            Backend::Sentinel(s) => s.run_request(call, request).await,
+            Backend::Cluster(c) => c.run(call).await,
+        }
+    }
+
+    /// One server decides every counter (so one script may check and
+    /// update several atomically).
+    fn single_server(&self) -> bool {
+        matches!(self, Backend::Standalone(_) | Backend::Sentinel(_))
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         match self {
             Backend::Standalone(s) => s.probe().await,
             Backend::Cluster(c) => c.probe().await,
+            Backend::Sentinel(s) => s.probe().await,
         }
     }
 }
@@ -172,6 +210,8 @@ struct Inner {
     local_clock: Arc<dyn Clock>,
     /// Wakes the supervisor when the breaker opens.
     opened: Arc<Notify>,
+    /// Cuts the supervisor's cool-down short: a Sentinel named a new master.
+    probe_now: Arc<Notify>,
     /// Set once, just after the store is built: the task holds the store
     /// weakly, and ends when the store is dropped.
     supervisor: OnceLock<OwnedTask>,
@@ -224,6 +264,7 @@ impl RedisStore {
                 timeout,
             )
         };
+        let probe_now = Arc::new(Notify::new());
         let (kind, backend, target) = match target {
             RedisTarget::Standalone(url) => {
                 let standalone = Standalone::new(&connector(url)?, options.breaker_cooldown)?;
@@ -243,6 +284,29 @@ impl RedisStore {
                     address,
                 )
             }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let sentinels = sentinels
+                    .iter()
+                    .map(|u| connector(u))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // The master's settings are the URLs'; its address is
+                // whatever the sentinels say.
+                let Some(settings) = sentinels.first().cloned() else {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "redis+sentinel:// needs at least one sentinel",
+                    )));
+                };
+                let sentinel = Sentinel::start(
+                    master.clone(),
+                    sentinels,
+                    settings,
+                    options.breaker_cooldown,
+                    probe_now.clone(),
+                );
+                let address = sentinel.describe();
+                ("redis-sentinel", Backend::Sentinel(sentinel), address)
+            }
         };
         let inner = Arc::new(Inner {
             kind,
@@ -260,9 +324,14 @@ impl RedisStore {
             local_clock: clock.clone().unwrap_or(options.local_clock),
             clock,
             opened: Arc::new(Notify::new()),
+            probe_now,
             supervisor: OnceLock::new(),
         });
-        let task = OwnedTask::spawn(supervise(Arc::downgrade(&inner), inner.opened.clone()));
+        let task = OwnedTask::spawn(supervise(
+            Arc::downgrade(&inner),
+            inner.opened.clone(),
+            inner.probe_now.clone(),
+        ));
         let _ = inner.supervisor.set(task);
         Ok(RedisStore { inner })
     }
@@ -288,6 +357,10 @@ impl Inner {
 
     /// Counts a failed call; opens the breaker on the last straw.
     fn failed(&self, error: &StoreError) {
+        if let Backend::Sentinel(s) = &self.backend {
+            // The master may have moved: ask the sentinels.
+            s.suspect();
+        }
         if self.breaker.record_failure(error) {
             self.opened.notify_one();
         }
@@ -318,9 +391,9 @@ impl Inner {
             finished: false,
         };
         let run = async {
-            match (&self.backend, request) {
-                (Backend::Standalone(s), Some(request)) => s.run_request(&call, request).await,
-                (backend, _) => backend.run(&call).await,
+            match request {
+                Some(request) => self.backend.run_request(&call, request).await,
+                None => self.backend.run(&call).await,
             }
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
@@ -365,7 +438,7 @@ impl Inner {
 
 /// Connects at start-up, then probes every cool-down while the breaker is
 /// open; closes it on the first answer. Ends when the store is dropped.
-async fn supervise(store: Weak<Inner>, opened: Arc<Notify>) {
+async fn supervise(store: Weak<Inner>, opened: Arc<Notify>, probe_now: Arc<Notify>) {
     let Some(inner) = store.upgrade() else { return };
     // Probes run in the background, so they may wait longer than a call;
     // but not so long that a recovered Redis waits on a stale probe.
@@ -389,7 +462,10 @@ async fn supervise(store: Weak<Inner>, opened: Arc<Notify>) {
             opened.notified().await;
             continue;
         }
-        tokio::time::sleep(cooldown).await;
+        tokio::select! {
+            () = tokio::time::sleep(cooldown) => {}
+            () = probe_now.notified() => {}
+        }
         let Some(inner) = store.upgrade() else { return };
         match inner.probe(probe_timeout).await {
             Ok(()) => inner.breaker.close(),
@@ -466,7 +542,7 @@ impl CounterStore for RedisStore {
         vetoes: &[bool],
     ) -> Result<Vec<Outcome>, StoreError> {
         let inner = &*self.inner;
-        let atomic = matches!(inner.backend, Backend::Standalone(_))
+        let atomic = inner.backend.single_server()
             && ops.len() >= 2
             && vetoes.contains(&true)
             && ops.iter().any(|op| op.hits > 0);
@@ -530,6 +606,10 @@ impl CounterStore for RedisStore {
         }
         match &self.inner.backend {
             Backend::Standalone(s) => match s.failing() {
+                Some(why) => StoreHealth::Down(format!("not connected: {why}")),
+                None => health,
+            },
+            Backend::Sentinel(s) => match s.failing() {
                 Some(why) => StoreHealth::Down(format!("not connected: {why}")),
                 None => health,
             },

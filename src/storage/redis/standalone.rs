@@ -1,5 +1,6 @@
 //! One Redis server: one multiplexed connection shared by all concurrent
-//! calls, whose script calls are coalesced into batches (see `batch`).
+//! calls, whose script calls are coalesced into batches (see `batch`). A
+//! Sentinel's master is one too (see `sentinel`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +72,11 @@ impl Standalone {
                     "{} answered with a Cluster redirect; use redis+cluster://",
                     self.address()
                 ))
+            }
+            // A master demoted by a failover: not a script failure, but
+            // "cannot count here now", like a refused connection.
+            Reply::Failed(e) if e.contains("READONLY") => {
+                StoreError::Connection(format!("{} is a replica now: {e}", self.address()))
             }
             Reply::NoScript | Reply::Failed(_) => StoreError::Script(format!("{reply:?}")),
         }
