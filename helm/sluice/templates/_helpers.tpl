@@ -264,3 +264,19 @@ be empty for any address), "ports" and optional "protocols" (default TCP).
 -plaintext
 {{- end -}}
 {{- end }}
+
+{{/*
+The broker URL and queue prefix, for serve and the consumer alike. The URL
+holds credentials, so it comes from a Secret.
+*/}}
+{{- define "sluice.eventsEnv" -}}
+- name: SLUICE_EVENTS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "events.enabled needs events.urlSecret.name (a Secret holding the amqp:// URL)" .Values.events.urlSecret.name }}
+      key: {{ .Values.events.urlSecret.key }}
+{{- with .Values.events.prefix }}
+- name: SLUICE_EVENTS_PREFIX
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
