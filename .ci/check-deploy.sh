@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Checks the deployment side: the Helm chart (lint, and every store and rules
-# variant rendered and validated against Kubernetes 1.33), the plain
-# manifests in k8s/ (validated, and in step with the chart), every Envoy
-# config in examples/ and k8s/ (envoy --mode validate), and the Kong plugin's
-# Lua tests.
+# variant rendered and validated against Kubernetes 1.33, and the unsafe
+# values it must refuse), the plain manifests in k8s/ (validated, and in step
+# with the chart), the Prometheus alert rules (promtool check and unit tests),
+# every Envoy config in examples/ and k8s/ (envoy --mode validate), and the
+# Kong plugin's Lua tests.
 #
 # Usage: bash .ci/check-deploy.sh
-# Needs helm, kubernetes-validate, envoy and lua (bash .ci/install-tools.sh
-# puts them in .tools/bin). Set SLUICE_BIN to a sluice binary to also check
+# Needs helm, kubernetes-validate, envoy, lua and promtool (bash
+# .ci/install-tools.sh puts them in .tools/bin). Set SLUICE_BIN to a sluice binary to also check
 # the rules in the chart with `sluice rules validate` (default: target/release
 # or target/debug, when built). Exits non-zero naming every failed check.
 set -uo pipefail
@@ -59,7 +60,7 @@ check() {
 # --- tools -------------------------------------------------------------------
 
 missing=()
-for tool in helm kubernetes-validate envoy lua; do
+for tool in helm kubernetes-validate envoy lua promtool; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -230,7 +231,8 @@ validate() {
         return
     fi
     # kubernetes-validate only warns about kinds it has no schema for.
-    if grep -v "Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1" "$out" \
+    if grep -v -e "Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1" \
+        -e "Couldn't find schema for kind PrometheusRule with api version monitoring.coreos.com/v1" "$out" \
         | grep -q '^WARN'; then
         fail "$name: kubernetes-validate warned" "$out"
         return
@@ -251,12 +253,16 @@ echo "== Helm chart ($CHART)"
 
 # Each variant: a name, then helm arguments.
 VARIANTS=(
-    "memory+configMap|"
-    "memory+postgres|--set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set keySecret.existingSecret=sluice-key"
-    "redis+configMap|--set store.type=redis --set keySecret.existingSecret=sluice-key"
-    "redis+postgres|--set store.type=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice"
+    "defaults (the chart's own Redis)|"
+    "memory, one replica|--set store.type=memory --set autoscaling.enabled=false --set replicaCount=1"
+    "memory+configMap, per-pod limits|--set store.type=memory --set store.memory.perPodLimits=true"
+    "memory+postgres, per-pod limits|--set store.type=memory --set store.memory.perPodLimits=true --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set keySecret.existingSecret=sluice-key"
+    "redis+configMap|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key"
+    "redis+postgres|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice"
+    "redisSentinel+configMap|--set store.type=redisSentinel --set store.redisSentinel.sentinels={s-0.s:26379,s-1.s:26379,s-2.s:26379}"
     "redisCluster+configMap|--set store.type=redisCluster --set keySecret.existingSecret=sluice-key --set store.redisCluster.nodes={redis-0.redis:6379,redis-1.redis:6379}"
     "redisCluster+postgres|--set store.type=redisCluster --set keySecret.existingSecret=sluice-key --set store.redisCluster.nodes={redis-0.redis:6379} --set rules.source=postgres --set postgres.urlSecret.name=sluice-db"
+    "redis+postgres+events|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set events.enabled=true --set events.urlSecret.name=sluice-amqp --set events.requestLogSample=0.01"
 )
 for f in "$CHART"/ci/*-values.yaml; do
     VARIANTS+=("$(basename "$f" -values.yaml) (ci/$(basename "$f"))|-f $f")
@@ -280,6 +286,20 @@ for var in $(grep -o 'env = "SLUICE_[A-Z_]*"' src/config.rs | cut -d'"' -f2 | so
     grep -rqw "$var" "$CHART/templates" || missing="$missing $var"
 done
 check "the chart sets every SLUICE_* setting (missing:${missing:- none})" test -z "$missing"
+
+# The defaults enforce one shared limit: the chart's own Redis, its password
+# and the key secret generated, nothing evicted silently.
+helm template sluice "$CHART" >"$TMP/defaults.yaml" 2>"$TMP/out"
+check "default install: a Redis StatefulSet and SLUICE_STORE pointing at it" sh -c \
+    "grep -q '^kind: StatefulSet' '$TMP/defaults.yaml' && grep -A1 'name: SLUICE_STORE\$' '$TMP/defaults.yaml' | grep -q 'redis://sluice-redis:6379/0'"
+check "default install: generated Redis password and key secret, from Secrets" sh -c \
+    "grep -A4 'name: SLUICE_REDIS_PASSWORD' '$TMP/defaults.yaml' | grep -q 'name: sluice-redis' && grep -A4 'name: SLUICE_KEY_SECRET' '$TMP/defaults.yaml' | grep -q 'name: sluice-key'"
+check "default install: Redis with maxmemory, volatile-ttl, no persistence, resource limits" sh -c \
+    "grep -q 'maxmemory-policy volatile-ttl' '$TMP/defaults.yaml' && grep -q 'save \"\"' '$TMP/defaults.yaml' && grep -q 'maxmemory 200mb' '$TMP/defaults.yaml'"
+for var in SLUICE_METRICS_TENANTS; do
+    check "ci/postgres-values.yaml renders $var" sh -c \
+        "helm template sluice '$CHART' -f '$CHART/ci/postgres-values.yaml' | grep -qw $var"
+done
 for var in SLUICE_REDIS_CA_CERT SLUICE_BREAKER_FAILURES SLUICE_BREAKER_COOLDOWN SLUICE_LOCAL_CACHE_SIZE; do
     check "ci/redis-values.yaml renders $var" sh -c \
         "helm template sluice '$CHART' -f '$CHART/ci/redis-values.yaml' | grep -qw $var"
@@ -291,7 +311,11 @@ done
 
 # Mistakes that must stop `helm install`, and the message that must say why.
 MUST_FAIL=(
-    "redis store without keySecret|needs keySecret.existingSecret|--set store.type=redis"
+    "memory store under the HPA (the old default)|every pod would count on its own|--set store.type=memory"
+    "memory store with 3 replicas|up to 3 times its limit|--set store.type=memory --set autoscaling.enabled=false --set replicaCount=3"
+    "redisSentinel store without sentinels|needs store.redisSentinel.sentinels|--set store.type=redisSentinel"
+    "TLS to the chart's own Redis|store.redis.tls needs store.redis.host|--set store.redis.tls=true"
+    "an allkeys eviction policy|maxmemoryPolicy|--set redis.maxmemoryPolicy=allkeys-lru"
     "redisCluster store without nodes|needs store.redisCluster.nodes|--set store.type=redisCluster --set keySecret.existingSecret=k"
     "postgres rules without a URL|needs postgres.url or postgres.urlSecret.name|--set rules.source=postgres --set keySecret.existingSecret=k"
     "postgres rules without keySecret|rules.source=postgres needs keySecret.existingSecret|--set rules.source=postgres --set postgres.url=postgres://db/sluice"
@@ -349,7 +373,20 @@ echo "== Kubernetes manifests (k8s/)"
 for f in k8s/*.yaml; do
     validate "$f" "$f"
 done
-check "k8s/sluice.yaml agrees with the chart (helm/render-k8s.sh --check)" helm/render-k8s.sh --check
+check "k8s/sluice.yaml and deploy/prometheus/alerts.yaml agree with the chart (helm/render-k8s.sh --check)" helm/render-k8s.sh --check
+
+# --- Prometheus alert rules and the Grafana dashboard -----------------------------
+
+echo "== Prometheus alert rules (deploy/prometheus), Grafana dashboard"
+check "promtool check rules deploy/prometheus/alerts.yaml" promtool check rules deploy/prometheus/alerts.yaml
+check "promtool test rules deploy/prometheus/alerts.test.yaml (each alert fires, and does not)" \
+    promtool test rules deploy/prometheus/alerts.test.yaml
+check "every alert has a runbook in docs/operations.md" sh -c \
+    'for a in $(grep -o "alert: Sluice[A-Za-z]*" deploy/prometheus/alerts.yaml | cut -d" " -f2); do grep -q "^### $a\$" docs/operations.md || { echo "no runbook: $a"; exit 1; }; done'
+check "the Grafana dashboard is JSON" "$PYTHON" -c 'import json, sys; json.load(open(sys.argv[1]))' "$CHART/files/sluice-dashboard.json"
+check "the dashboard ConfigMap carries the dashboard and the sidecar label" sh -c \
+    "helm template sluice '$CHART' --set grafanaDashboard.enabled=true --show-only templates/dashboard-configmap.yaml | grep -q 'grafana_dashboard: \"1\"'"
+
 
 # --- Envoy --------------------------------------------------------------------
 

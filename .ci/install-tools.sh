@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the real external components that sluice's tests and CI talk to,
-# into $REPO/.tools/bin (add that to PATH afterwards).
+# into $REPO/.tools/bin (add that to PATH afterwards): Redis (and Redis
+# Sentinel), PostgreSQL, Prometheus and promtool, Envoy, grpcurl, helm,
+# kubectl, a Kubernetes manifest validator, Lua.
 #
 # Usage: bash .ci/install-tools.sh [--bench]
 #   --bench   also install h2load (Debian nghttp2-client), only needed for benchmarks
@@ -144,6 +146,37 @@ step_redis() {
     v=${v#*v=}
     "$BIN/redis-cli" --version >/dev/null || die "redis-cli --version failed"
     STATUS="${STATUS}redis-server ${v%% *} ($rs)"
+}
+
+step_redis_sentinel() {
+    local rs
+    if ! rs=$(sys_which redis-sentinel); then
+        apt_install redis-sentinel || die "apt-get install redis-sentinel failed"
+        rs=$(sys_which redis-sentinel) || die "redis-sentinel not found after install"
+        STATUS="installed with apt, "
+    fi
+    # As for redis-server: the link, not its target (argv[0] picks the mode).
+    link "$rs" redis-sentinel
+    "$BIN/redis-sentinel" --version >/dev/null || die "redis-sentinel --version failed"
+    STATUS="${STATUS}$rs"
+}
+
+# Debian's prometheus package: the server (tests scrape a live sluice with
+# it) and promtool (rule checks, unit tests, queries).
+step_prometheus() {
+    local p t
+    if ! p=$(sys_which prometheus) || ! t=$(sys_which promtool); then
+        apt_install prometheus || die "apt-get install prometheus failed"
+        p=$(sys_which prometheus) || die "prometheus not found after install"
+        t=$(sys_which promtool) || die "promtool not found after install"
+        STATUS="installed with apt, "
+    fi
+    link "$p" prometheus
+    link "$t" promtool
+    local v
+    v=$("$BIN/prometheus" --version 2>&1 | head -n1) || die "prometheus --version failed"
+    "$BIN/promtool" --version >/dev/null 2>&1 || die "promtool --version failed"
+    STATUS="${STATUS}${v%% (*}"
 }
 
 # newest /usr/lib/postgresql/N/bin holding everything we need
@@ -356,9 +389,40 @@ step_h2load() {
     STATUS="$STATUS$("$BIN/h2load" --version | head -n1) ($h)"
 }
 
+# RabbitMQ: the event broker the event-stream tests publish to. Installed
+# with apt when missing, and started (detached) when nothing answers on 5672;
+# the tests use guest/guest on 127.0.0.1, RabbitMQ's default.
+step_rabbitmq() {
+    local server ctl
+    if ! server=$(sys_which rabbitmq-server) || ! ctl=$(sys_which rabbitmqctl); then
+        apt_install rabbitmq-server || die "apt-get install rabbitmq-server failed"
+        server=$(sys_which rabbitmq-server) || die "rabbitmq-server not found after install"
+        ctl=$(sys_which rabbitmqctl) || die "rabbitmqctl not found after install"
+        STATUS="installed with apt, "
+    fi
+    link "$ctl" rabbitmqctl
+    if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+        as_root "$server" -detached || die "rabbitmq-server -detached failed"
+        STATUS="${STATUS}started, "
+    fi
+    # Until the node answers: start_app also revives an app left stopped
+    # (`rabbitmqctl stop_app`) by an interrupted test, and is a no-op otherwise.
+    local i
+    for i in $(seq 60); do
+        as_root "$ctl" start_app >/dev/null 2>&1 && break
+        sleep 1
+    done
+    as_root "$ctl" await_startup --timeout 60 >/dev/null 2>&1 \
+        || die "RabbitMQ did not start (see /var/log/rabbitmq)"
+    STATUS="${STATUS}rabbitmq $(as_root "$ctl" version 2>/dev/null || echo '?') ($server)"
+}
+
 T0=$SECONDS
 run_step redis step_redis
+run_step redis-sentinel step_redis_sentinel
+run_step prometheus step_prometheus
 run_step postgresql step_postgres
+run_step rabbitmq step_rabbitmq
 run_step python-venv step_venv
 run_step kubernetes-validate step_kubernetes_validate
 run_step envoy step_envoy

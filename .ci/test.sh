@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of sluice on a fresh machine: installs the real components
-# the tests talk to (Redis, PostgreSQL, Envoy, grpcurl, helm, a Kubernetes
-# manifest validator, Lua) into .tools/ when missing, then runs the Rust test
-# suites, which start their own Redis, Redis Cluster, PostgreSQL primary and
-# replica, and Envoy on free ports, and the deployment checks.
+# the tests talk to (Redis and Redis Sentinel, PostgreSQL, RabbitMQ,
+# Prometheus and promtool, Envoy, grpcurl, helm, a Kubernetes manifest
+# validator, Lua) into .tools/ when missing, starts RabbitMQ when it is not
+# running, then runs the Rust test suites, which start their own Redis, Redis
+# Cluster, Sentinel group, PostgreSQL primary and replica, Prometheus and
+# Envoy on free ports, and the deployment checks.
 #
 # Usage: bash .ci/test.sh [extra cargo test args]
 set -euo pipefail

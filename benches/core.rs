@@ -138,6 +138,77 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// One level with 1 000 wildcard patterns (`pattern` with `{i}` replaced by
+/// 0000 ... 0999), 10 000 exact values beside them and a key-only entry: a
+/// large gateway's route table. Each request value matches one pattern, an
+/// exact value, or nothing (falling through to the key-only entry).
+fn wildcard_rule_set(pattern: &str) -> RuleSet {
+    use std::fmt::Write as _;
+    let mut text = String::from("domain: wild\ndescriptors:\n");
+    for i in 0..1_000 {
+        let value = pattern.replace("{i}", &format!("{i:04}"));
+        let _ = writeln!(
+            text,
+            "  - key: path\n    value: {value}\n    rate_limit: {{ unit: second, requests_per_unit: 10 }}"
+        );
+    }
+    for i in 0..10_000 {
+        let _ = writeln!(
+            text,
+            "  - key: path\n    value: /exact{i:05}\n    rate_limit: {{ unit: second, requests_per_unit: 10 }}"
+        );
+    }
+    text.push_str("  - key: path\n    rate_limit: { unit: second, requests_per_unit: 10 }\n");
+    let root = yaml::parse_str("wild.yaml", &text).expect("wildcard rules parse");
+    yaml::compile_all(&[("wild.yaml".to_owned(), root)]).expect("wildcard rules compile")
+}
+
+fn bench_lookup_wildcards(c: &mut Criterion) {
+    // `/svc{i}/*`: a trailing `*`, which matched before `*` could go anywhere.
+    lookup_wildcards(
+        c,
+        "lookup_1000_wildcards",
+        "/svc{i}/*",
+        [
+            ("first_pattern", "/svc0000/items/42"),
+            ("last_pattern", "/svc0999/items/42"),
+            ("exact_among_10000", "/exact04711"),
+            ("no_pattern_key_only", "/other/items/42"),
+        ],
+    );
+    // `/svc{i}/*/items*`: a `*` in the middle as well.
+    lookup_wildcards(
+        c,
+        "lookup_1000_mid_wildcards",
+        "/svc{i}/*/items*",
+        [
+            ("first_pattern", "/svc0000/v2/items/42"),
+            ("last_pattern", "/svc0999/v2/items/42"),
+            ("exact_among_10000", "/exact04711"),
+            ("no_pattern_key_only", "/svc0999/v2/orders/42"),
+        ],
+    );
+}
+
+fn lookup_wildcards(c: &mut Criterion, group: &str, pattern: &str, cases: [(&str, &str); 4]) {
+    let rules = wildcard_rule_set(pattern);
+    let mut g = c.benchmark_group(group);
+    for (name, value) in cases {
+        let entries = [Entry { key: "path", value }];
+        assert!(rules.lookup("wild", &entries).is_some(), "{name}");
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(
+                    rules
+                        .lookup(black_box("wild"), black_box(&entries))
+                        .is_some(),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_counter_key(c: &mut Criterion) {
     let hasher = KeyHasher::from_secret(b"bench");
     let one = [Entry {
@@ -180,6 +251,7 @@ fn bench_window(c: &mut Criterion) {
             limit: 1_000,
             period_us: 60_000_000,
             burst: 100,
+            calendar: None,
         };
         // A counter part-way through its window (or bucket), as most are.
         let state = match algorithm {
@@ -243,6 +315,7 @@ fn bench_should_rate_limit(c: &mut Criterion) {
             failure_mode: FailureMode::Allow,
             store_timeout: Duration::from_millis(50),
             rate_limit_headers: false,
+            dynamic_metadata: false,
         },
         clock,
     );
@@ -276,6 +349,7 @@ fn bench_should_rate_limit(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_lookup,
+    bench_lookup_wildcards,
     bench_counter_key,
     bench_window,
     bench_plan_decide,

@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, Value};
 use sluice::limiter::{Algorithm, CounterOp, CounterSpec, Entry, KeyHasher};
-use sluice::storage::redis::scripts::{add_load, add_script_call, Unit};
+use sluice::storage::redis::scripts::{add_load, add_script_call, Time, Unit};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -102,6 +102,7 @@ fn pipeline(i: usize) -> Pipeline {
             limit: 1_000_000_000,
             period_us: 3_600_000_000,
             burst: 1_000_000_000,
+            calendar: None,
         },
         hits: 1,
     };
@@ -109,7 +110,13 @@ fn pipeline(i: usize) -> Pipeline {
     let (mut key, mut unit) = (String::new(), Vec::new());
     add_script_call(
         &mut pipe,
-        std::iter::once(&Unit::single(&op, None)),
+        std::iter::once(&Unit::single(
+            &op,
+            Time {
+                now_us: None,
+                local_us: 0,
+            },
+        )),
         &mut key,
         &mut unit,
     );

@@ -17,11 +17,15 @@ use tonic_health::ServingStatus;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{RulesSource, ServeArgs, StoreUrl};
+use crate::events::amqp::AmqpSink;
+use crate::events::pipeline::{self, PipelineSettings};
+use crate::events::spool::Spool;
 use crate::grpc::{ExplainHandler, RateLimitHandler, SERVICE_NAME};
+use crate::health::EventsStatus;
 use crate::health::Readiness;
 use crate::limiter::RuleSet;
 use crate::limiter::{KeyHasher, PlanOptions};
-use crate::rules::postgres::PostgresSource;
+use crate::rules::postgres::{Connections, PostgresSource};
 use crate::rules::{watch, RulesHandle};
 use crate::service::{ApiKeyPolicy, LimiterSettings, RateLimiter};
 use crate::storage::memory::MemoryStore;
@@ -228,11 +232,17 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
             let (mut source, primary) = postgres_source(args, &rules, &readiness)?;
             source.start_up(args.require_rules).await?;
             tasks.spawn(source.run());
-            let (recorder, writer) =
-                UsageRecorder::new(primary, args.usage_flush, args.usage_queue.get());
-            tasks.spawn(writer);
-            usage = Some(recorder);
+            // With an event stream, usage goes to the broker instead.
+            if args.events_url.is_none() {
+                let (recorder, writer) =
+                    UsageRecorder::new(primary, args.usage_flush, args.usage_queue.get());
+                tasks.spawn(writer);
+                usage = Some(recorder);
+            }
         }
+    }
+    if let Some(recorder) = event_stream(args, &readiness, &tasks)? {
+        usage = Some(recorder);
     }
 
     let hasher = match &args.key_secret {
@@ -247,6 +257,15 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
         }
         StoreUrl::Redis(url) => redis_store(RedisTarget::Standalone(url.clone()), args)?,
         StoreUrl::Cluster { nodes, .. } => redis_store(RedisTarget::Cluster(nodes.clone()), args)?,
+        StoreUrl::Sentinel {
+            sentinels, master, ..
+        } => redis_store(
+            RedisTarget::Sentinel {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+            },
+            args,
+        )?,
     };
 
     let mut limiter = RateLimiter::new(
@@ -257,19 +276,24 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
             plan: PlanOptions {
                 default_algorithm: args.default_algorithm,
                 global_shadow: args.shadow_mode,
+                global_quota: args.quota_mode,
             },
             failure_mode: args.failure_mode,
             store_timeout: args.store_timeout,
             rate_limit_headers: args.rate_limit_headers,
+            dynamic_metadata: args.response_dynamic_metadata,
         },
         clock,
     );
     if args.rules == RulesSource::Postgres {
-        limiter = limiter.with_api_keys(ApiKeyPolicy {
-            descriptor: args.api_key_descriptor.clone(),
-            unknown: args.unknown_key,
-        });
+        limiter = limiter
+            .with_api_keys(ApiKeyPolicy {
+                descriptor: args.api_key_descriptor.clone(),
+                unknown: args.unknown_key,
+            })
+            .with_tenant_labels(args.metrics_tenants);
     }
+    register_failure_series(args, limiter.store().kind());
     if let Some(usage) = usage {
         limiter = limiter.with_usage(usage);
     }
@@ -296,6 +320,37 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
     })
 }
 
+/// With --events-url: the usage recorder whose decisions become events,
+/// and its aggregator and publisher started in `tasks`.
+fn event_stream(
+    args: &ServeArgs,
+    readiness: &Arc<Readiness>,
+    tasks: &TaskSet,
+) -> anyhow::Result<Option<UsageRecorder>> {
+    let (Some(url), Some(dir)) = (&args.events_url, &args.events_spool) else {
+        return Ok(None);
+    };
+    let spool = Spool::open(dir, args.events_spool_max_bytes)
+        .with_context(|| format!("opening the event spool {}", dir.display()))?;
+    let status = Arc::new(EventsStatus::default());
+    readiness.set_events(status.clone());
+    let sink = AmqpSink::new(&url.0, &args.events_prefix, args.events_confirm_timeout);
+    let (recorder, aggregator, publisher) = pipeline::start(
+        PipelineSettings {
+            instance: args.instance.clone(),
+            flush_every: args.events_flush,
+            request_log_sample: args.request_log_sample,
+            queue: args.usage_queue.get(),
+        },
+        spool,
+        Box::new(sink),
+        status,
+    );
+    tasks.spawn(aggregator);
+    tasks.spawn(publisher);
+    Ok(Some(recorder))
+}
+
 /// The PostgreSQL rules source and the primary's pool (for usage writes).
 /// Pools connect lazily: start-up decides what to do when PostgreSQL is down.
 fn postgres_source(
@@ -317,16 +372,60 @@ fn postgres_source(
         .map_err(anyhow::Error::msg)?;
     let timeout = args.database_timeout;
     let primary_pool = database::lazy_pool(primary.clone(), 4, timeout);
-    let source = PostgresSource::new(
-        primary_pool.clone(),
-        replica.map(|r| database::lazy_pool(r, 2, timeout)),
-        database::lazy_pool(primary, 1, timeout),
+    let connections = Connections {
+        primary: primary_pool.clone(),
+        replica: replica.map(|r| database::lazy_pool(r, 2, timeout)),
+        listen: database::lazy_pool(primary, 1, timeout),
         timeout,
+    };
+    let source = PostgresSource::new(
+        connections,
         rules.clone(),
         readiness.clone(),
         args.rules_snapshot.clone(),
     );
     Ok((source, primary_pool))
+}
+
+/// Puts the failure counters in `/metrics` at 0 from the start. A counter
+/// that appears only at its first increment hides that increment from
+/// `rate()` and `increase()`, and alerts and dashboards would have nothing
+/// to read until the first failure.
+fn register_failure_series(args: &ServeArgs, store_kind: &'static str) {
+    use metrics::counter;
+    let mode = match args.failure_mode {
+        crate::service::FailureMode::Allow => "allow",
+        crate::service::FailureMode::Deny => "deny",
+    };
+    counter!(names::FAILURE_MODE_ANSWERS, "mode" => mode).increment(0);
+    for kind in ["timeout", "connection", "script", "breaker_open"] {
+        counter!(names::STORE_ERRORS, "kind" => kind).increment(0);
+    }
+    for result in ["success", "failure"] {
+        counter!(names::RULE_RELOADS, "result" => result).increment(0);
+    }
+    counter!(names::INVALID_REQUESTS).increment(0);
+    counter!(names::UNKNOWN_DOMAIN).increment(0);
+    if store_kind != "memory" {
+        counter!(names::LOCAL_CACHE_ANSWERS, "store" => store_kind).increment(0);
+        counter!(names::REDIS_PROBE_FAILURES, "store" => store_kind).increment(0);
+        for to in ["open", "closed"] {
+            counter!(names::BREAKER_TRANSITIONS, "store" => store_kind, "to" => to).increment(0);
+        }
+        counter!(names::REDIS_RETRIES, "reason" => "noscript").increment(0);
+        if store_kind == "redis-sentinel" {
+            counter!(names::REDIS_MASTER_CHANGES, "store" => store_kind).increment(0);
+        }
+    }
+    if args.rules == RulesSource::Postgres {
+        for reason in ["queue_full", "backlog_full"] {
+            counter!(names::USAGE_DROPPED, "reason" => reason).increment(0);
+        }
+        for result in ["success", "failure"] {
+            counter!(names::USAGE_FLUSHES, "result" => result).increment(0);
+        }
+        counter!(names::POSTGRES_REPLICA_FALLBACKS).increment(0);
+    }
 }
 
 /// The Redis store; it connects in the background, so sluice starts (and

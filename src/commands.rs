@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{CheckArgs, ExplainArgs};
+use crate::config::{CheckArgs, ConsumeCommand, ExplainArgs};
+use crate::events::consume::{self, ConsumeSettings};
 use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
 use crate::proto::rls::{
     rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient, RateLimitRequest,
@@ -16,6 +17,7 @@ use crate::proto::sluice::v1::{
     candidate::Kind, sluice_client::SluiceClient, Candidate, ExplainResponse,
 };
 use crate::rules::yaml;
+use crate::telemetry::{self, LogFormat};
 
 /// `sluice check`: one call to a running sluice, printed for a human.
 pub async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -206,6 +208,30 @@ fn seconds(d: Option<&pbjson_types::Duration>) -> String {
         let fraction = format!("{millis:03}");
         format!("{}.{}s", d.seconds, fraction.trim_end_matches('0'))
     }
+}
+
+/// `sluice consume ...`: a consumer of the event stream, until `shutdown`.
+pub async fn consume(
+    command: ConsumeCommand,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
+    let ConsumeCommand::Usage(args) = command;
+    telemetry::init_tracing(LogFormat::Text, &args.log_level, None)?;
+    let database = &args.database;
+    let options = crate::database::options(
+        &database.database_url.0,
+        database.database_password.as_ref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let pool = crate::database::lazy_pool(options, 2, std::time::Duration::from_secs(5));
+    let settings = ConsumeSettings {
+        url: args.events_url.0.clone(),
+        prefix: args.events_prefix.clone(),
+        prefetch: args.prefetch.get(),
+        batch_wait: args.batch_wait,
+    };
+    consume::usage(settings, pool, shutdown).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The innermost error of a chain, e.g. "Connection refused (os error 111)".

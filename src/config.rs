@@ -51,6 +51,36 @@ pub enum Command {
     Keys(KeysCommand),
     /// A tenant's allowed and denied requests per domain in one month (UTC).
     Usage(UsageArgs),
+    /// Consume events from the broker (--events-url) into PostgreSQL.
+    #[command(subcommand)]
+    Consume(ConsumeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsumeCommand {
+    /// `usage` and `rate-limit-violations` events into the usage and
+    /// violations tables (what `sluice usage` reports); runs until SIGTERM.
+    Usage(ConsumeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// The broker, e.g. amqp://guest:guest@127.0.0.1:5672/%2f.
+    #[arg(long, env = "SLUICE_EVENTS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub events_url: Secret,
+    /// Prefix of the exchange and queue names (as given to `serve`).
+    #[arg(long, env = "SLUICE_EVENTS_PREFIX", default_value = "")]
+    pub events_prefix: String,
+    /// Deliveries held unacknowledged at once; the largest transaction.
+    #[arg(long, env = "SLUICE_CONSUME_PREFETCH", default_value = "500")]
+    pub prefetch: std::num::NonZeroU16,
+    /// How long a batch waits for more deliveries after its first.
+    #[arg(long, env = "SLUICE_CONSUME_BATCH_WAIT", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub batch_wait: Duration,
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +327,14 @@ pub enum StoreUrl {
         nodes: Vec<String>,
         tls: bool,
     },
+    /// `redis+sentinel://[:pw@]s1:26379,s2:26379/master[/db]`, or
+    /// `rediss+sentinel://`: the master the sentinels name.
+    Sentinel {
+        /// One URL per sentinel, with the master's credentials and database.
+        sentinels: Vec<String>,
+        master: String,
+        tls: bool,
+    },
 }
 
 impl fmt::Debug for StoreUrl {
@@ -307,6 +345,14 @@ impl fmt::Debug for StoreUrl {
             StoreUrl::Cluster { nodes, tls } => {
                 let nodes: Vec<_> = nodes.iter().map(|n| redact_url(n)).collect();
                 write!(f, "cluster(tls={tls}, {nodes:?})")
+            }
+            StoreUrl::Sentinel {
+                sentinels,
+                master,
+                tls,
+            } => {
+                let sentinels: Vec<_> = sentinels.iter().map(|n| redact_url(n)).collect();
+                write!(f, "sentinel(tls={tls}, {sentinels:?}, {master})")
             }
         }
     }
@@ -338,13 +384,65 @@ fn parse_store(s: &str) -> Result<StoreUrl, String> {
         }
         return Ok(StoreUrl::Cluster { nodes, tls });
     }
+    if let Some((rest, tls)) = s
+        .strip_prefix("redis+sentinel://")
+        .map(|r| (r, false))
+        .or_else(|| s.strip_prefix("rediss+sentinel://").map(|r| (r, true)))
+    {
+        return parse_sentinel(rest, tls);
+    }
     if s.starts_with("redis://") || s.starts_with("rediss://") {
         return Ok(StoreUrl::Redis(s.to_owned()));
     }
     Err(format!(
-        "unknown store '{}': expected memory, redis://, rediss:// or redis+cluster://",
+        "unknown store '{}': expected memory, redis://, rediss://, redis+cluster:// or redis+sentinel://",
         redact_url(s)
     ))
+}
+
+/// `[user:pw@]s1[:26379],s2[:26379]/master[/db]` (after the scheme).
+fn parse_sentinel(rest: &str, tls: bool) -> Result<StoreUrl, String> {
+    let usage = "redis+sentinel:// needs sentinels and a master name: \
+                 redis+sentinel://[:password@]host:26379,host:26379/mymaster[/db]";
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (hosts, path) = rest.split_once('/').ok_or(usage)?;
+    let (master, db) = match path.split_once('/') {
+        Some((master, db)) => {
+            let db: u32 = db
+                .trim_end_matches('/')
+                .parse()
+                .map_err(|_| format!("redis+sentinel://: '{db}' is not a database number"))?;
+            (master, db)
+        }
+        None => (path, 0),
+    };
+    if master.is_empty() {
+        return Err(usage.into());
+    }
+    let scheme = if tls { "rediss" } else { "redis" };
+    let sentinels: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            // A sentinel's port is 26379 unless given.
+            let has_port = h
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            let port = if has_port { "" } else { ":26379" };
+            format!("{scheme}://{auth}{h}{port}/{db}")
+        })
+        .collect();
+    if sentinels.is_empty() {
+        return Err(usage.into());
+    }
+    Ok(StoreUrl::Sentinel {
+        sentinels,
+        master: master.to_owned(),
+        tls,
+    })
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {
@@ -409,12 +507,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_USAGE_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
     pub usage_flush: Duration,
 
+    /// With --rules postgres: decisions carry a `tenant` label for at most
+    /// this many tenants (the first by name), `other` for the rest and for
+    /// requests without a key; 0: no tenant label.
+    #[arg(long, env = "SLUICE_METRICS_TENANTS", default_value = "20")]
+    pub metrics_tenants: usize,
+
     /// Most decisions waiting to be counted; beyond it they are dropped
     /// (and counted in sluice_usage_dropped_total), never waited for.
     #[arg(long, env = "SLUICE_USAGE_QUEUE", default_value = "65536")]
     pub usage_queue: std::num::NonZeroUsize,
 
-    /// Counter store: memory, redis://host:6379/0, rediss://..., redis+cluster://h1:7000,h2:7001.
+    /// Counter store: memory, redis://host:6379/0, rediss://..., redis+cluster://h1:7000,h2:7001,
+    /// redis+sentinel://s1:26379,s2:26379/mymaster.
     #[arg(long, env = "SLUICE_STORE", default_value = "memory", value_parser = parse_store)]
     pub store: StoreUrl,
 
@@ -462,9 +567,23 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SHADOW_MODE", default_value_t = false)]
     pub shadow_mode: bool,
 
+    /// Global quota mode: every descriptor is a quota, and a request is
+    /// denied only when all of them are over.
+    #[arg(long, env = "SLUICE_QUOTA_MODE", default_value_t = false)]
+    pub quota_mode: bool,
+
     /// Add RateLimit-Limit/Remaining/Reset headers to responses.
     #[arg(long, env = "SLUICE_RATE_LIMIT_HEADERS", default_value_t = false)]
     pub rate_limit_headers: bool,
+
+    /// Return Envoy dynamic metadata: the domain, the descriptors, and the
+    /// merged `metadata` of the rules that admitted the request.
+    #[arg(
+        long,
+        env = "SLUICE_RESPONSE_DYNAMIC_METADATA",
+        default_value_t = false
+    )]
+    pub response_dynamic_metadata: bool,
 
     /// Most counters the in-process store holds.
     #[arg(long, env = "SLUICE_MEMORY_MAX_KEYS", default_value = "1000000")]
@@ -496,6 +615,57 @@ pub struct ServeArgs {
     /// On SIGTERM: how long in-flight calls may take to finish.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Publish usage and violations as events to this broker
+    /// (amqp://user:pass@host:5672/vhost) instead of writing them to
+    /// PostgreSQL; `sluice consume usage` writes them.
+    #[arg(long, env = "SLUICE_EVENTS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub events_url: Option<Secret>,
+
+    /// Prefix of the exchange and queue names (e.g. one per environment).
+    #[arg(long, env = "SLUICE_EVENTS_PREFIX", default_value = "")]
+    pub events_prefix: String,
+
+    /// Directory where events wait until the broker confirms them; kept
+    /// across restarts. Required with --events-url.
+    #[arg(long, env = "SLUICE_EVENTS_SPOOL")]
+    pub events_spool: Option<PathBuf>,
+
+    /// Most bytes the spool holds; beyond it events are dropped (and
+    /// counted in sluice_events_dropped_total).
+    #[arg(
+        long,
+        env = "SLUICE_EVENTS_SPOOL_MAX_BYTES",
+        default_value = "268435456"
+    )]
+    pub events_spool_max_bytes: u64,
+
+    /// How often the aggregated usage and violations become events.
+    #[arg(long, env = "SLUICE_EVENTS_FLUSH", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub events_flush: Duration,
+
+    /// How long the broker may take to confirm a batch before it is sent again.
+    #[arg(long, env = "SLUICE_EVENTS_CONFIRM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub events_confirm_timeout: Duration,
+
+    /// Share of metered decisions also published as `request-logs` events,
+    /// 0 (off) to 1.
+    #[arg(long, env = "SLUICE_REQUEST_LOG_SAMPLE", default_value = "0")]
+    pub request_log_sample: f64,
+
+    /// This instance's name in events (default: the host name).
+    #[arg(long, env = "SLUICE_INSTANCE", default_value_t = host_name())]
+    pub instance: String,
+}
+
+/// The kernel's host name (the pod name in Kubernetes).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "sluice".to_owned())
 }
 
 // The domain enums below carry no clap derives, so the core compiles without
@@ -576,6 +746,19 @@ impl ServeArgs {
         if self.rules_poll.is_zero() {
             return Err("--rules-poll must be greater than zero".into());
         }
+        if self.events_url.is_some() {
+            if self.events_spool.is_none() {
+                return Err("--events-url needs --events-spool (SLUICE_EVENTS_SPOOL), a directory for events the broker has not confirmed".into());
+            }
+            if self.events_flush.is_zero() || self.events_confirm_timeout.is_zero() {
+                return Err(
+                    "--events-flush and --events-confirm-timeout must be greater than zero".into(),
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.request_log_sample) {
+            return Err("--request-log-sample must be between 0 and 1".into());
+        }
         if self.rules == RulesSource::Postgres {
             if self.database_url.is_none() {
                 return Err("--rules postgres needs --database-url (SLUICE_DATABASE_URL)".into());
@@ -619,6 +802,40 @@ mod tests {
         let r = parse_store("redis://user:hunter2@h:6379/0").unwrap();
         assert_eq!(format!("{r:?}"), "redis://user:***@h:6379/0");
         assert!(parse_store("http://x").is_err());
+    }
+
+    #[test]
+    fn sentinel_urls_parse_and_redact() {
+        let s = parse_store("redis+sentinel://:pw@s1:26379,s2/mymaster").unwrap();
+        assert_eq!(
+            s,
+            StoreUrl::Sentinel {
+                sentinels: vec![
+                    "redis://:pw@s1:26379/0".into(),
+                    "redis://:pw@s2:26379/0".into()
+                ],
+                master: "mymaster".into(),
+                tls: false,
+            }
+        );
+        assert!(!format!("{s:?}").contains("pw"));
+        let s = parse_store("rediss+sentinel://s1:5000/cache/3").unwrap();
+        assert_eq!(
+            s,
+            StoreUrl::Sentinel {
+                sentinels: vec!["rediss://s1:5000/3".into()],
+                master: "cache".into(),
+                tls: true,
+            }
+        );
+        for bad in [
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1:26379/",
+            "redis+sentinel:///mymaster",
+            "redis+sentinel://s1/mymaster/x",
+        ] {
+            assert!(parse_store(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
+use pbjson_types::value::Kind;
+
 use crate::limiter::{
-    Algorithm, Candidate, Code, CounterReading, Descriptor, LimitOverride, Matched, Reason,
-    Request, RequestError, Rule, RuleLimit, Scope, Unit, MONTHLY_QUOTA,
+    Algorithm, Candidate, Code, CounterReading, Descriptor, Limit, LimitOverride, Matched,
+    MetaValue, Metadata, Reason, Request, RequestError, Rule, RuleLimit, Scope, Unit,
+    MONTHLY_QUOTA,
 };
 use crate::proto::common::RateLimitDescriptor;
 use crate::proto::envoy::config::core::v3::HeaderValue;
@@ -100,7 +103,12 @@ fn status_to_proto(s: &Status) -> rsp::DescriptorStatus {
         current_limit: s.limit.as_ref().map(|l| rsp::RateLimit {
             name: l.name.as_deref().unwrap_or_default().to_owned(),
             requests_per_unit: l.requests_per_unit,
-            unit: unit_to_proto(l.unit) as i32,
+            // No unit is as long as a 5-minute window: UNKNOWN, so
+            // that Envoy states no window rather than a wrong one.
+            unit: l
+                .window
+                .reported_unit()
+                .map_or(rsp::rate_limit::Unit::Unknown, unit_to_proto) as i32,
         }),
         limit_remaining: s.remaining,
         duration_until_reset: s.reset.map(duration_to_proto),
@@ -117,7 +125,8 @@ fn status_to_proto(s: &Status) -> rsp::DescriptorStatus {
     }
 }
 
-pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
+/// The answer to `request`.
+pub fn verdict_to_proto(request: &RateLimitRequest, v: &Verdict) -> RateLimitResponse {
     RateLimitResponse {
         overall_code: code_to_proto(v.overall) as i32,
         statuses: v.statuses.iter().map(status_to_proto).collect(),
@@ -132,20 +141,10 @@ pub fn verdict_to_proto(v: &Verdict) -> RateLimitResponse {
             .collect(),
         request_headers_to_add: Vec::new(),
         raw_body: Vec::new(),
-        dynamic_metadata: (!v.metadata.is_empty()).then(|| pbjson_types::Struct {
-            fields: v
-                .metadata
-                .iter()
-                .map(|(k, val)| {
-                    (
-                        k.clone(),
-                        pbjson_types::Value {
-                            kind: Some(pbjson_types::value::Kind::StringValue(val.clone())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
+        dynamic_metadata: v
+            .dynamic_metadata
+            .as_ref()
+            .map(|metadata| dynamic_metadata(request, metadata)),
         quota: None,
     }
 }
@@ -252,32 +251,38 @@ fn candidate_to_proto(c: &Candidate<'_>, value: &str) -> api::Candidate {
 }
 
 fn rule_to_proto(rule: &Rule) -> api::Rule {
+    let limits: Vec<rsp::RateLimit> = match &rule.limit {
+        RuleLimit::Unlimited => Vec::new(),
+        RuleLimit::Limited(limits) => limits.iter().map(limit_to_proto).collect(),
+    };
     api::Rule {
         path: rule.path.to_string(),
         name: rule.name.as_deref().unwrap_or_default().to_owned(),
-        limit: match rule.limit {
-            RuleLimit::Unlimited => None,
-            RuleLimit::Limited {
-                requests_per_unit,
-                unit,
-                ..
-            } => Some(rsp::RateLimit {
-                name: rule.name.as_deref().unwrap_or_default().to_owned(),
-                requests_per_unit,
-                unit: unit_to_proto(unit) as i32,
-            }),
-        },
+        limit: limits.first().cloned(),
         shadow_mode: rule.shadow_mode,
         quota_mode: rule.quota_mode,
         replaces: rule.replaces.iter().map(|r| r.to_string()).collect(),
+        limits,
+    }
+}
+
+fn limit_to_proto(l: &Limit) -> rsp::RateLimit {
+    rsp::RateLimit {
+        name: l.name.as_deref().unwrap_or_default().to_owned(),
+        requests_per_unit: l.requests_per_unit,
+        unit: l
+            .window
+            .reported_unit()
+            .map_or(rsp::rate_limit::Unit::Unknown, unit_to_proto) as i32,
     }
 }
 
 fn counter_to_proto(c: &CounterReading<'_>) -> api::Counter {
-    let name = match (c.tenant_quota, c.rule) {
-        (true, _) => MONTHLY_QUOTA.to_owned(),
-        (false, Some(rule)) => rule.name.as_deref().unwrap_or(&rule.path).to_owned(),
-        (false, None) => String::new(),
+    let name = match (c.tenant_quota, c.name, c.rule) {
+        (true, _, _) => MONTHLY_QUOTA.to_owned(),
+        (false, Some(name), _) => name.to_string(),
+        (false, None, Some(rule)) => rule.path.to_string(),
+        (false, None, None) => String::new(),
     };
     api::Counter {
         name,
@@ -292,5 +297,104 @@ fn counter_to_proto(c: &CounterReading<'_>) -> api::Counter {
         remaining: c.now.remaining,
         reset: Some(duration_to_proto(Duration::from_micros(c.now.reset_us))),
         admits: c.admits,
+    }
+}
+
+/// Envoy dynamic metadata as envoyproxy/ratelimit builds it: the request's
+/// `domain`, its `descriptors` (each with `entries` as `key=value`, its
+/// `limit` override in protobuf text form and its `hitsAddend`, when set),
+/// the request's `hitsAddend` unless 0, and `metadata`, the rules' merged
+/// metadata, unless empty.
+fn dynamic_metadata(request: &RateLimitRequest, metadata: &Metadata) -> pbjson_types::Struct {
+    let mut fields = std::collections::HashMap::new();
+    fields.insert("domain".to_owned(), string(request.domain.clone()));
+    let descriptors = request.descriptors.iter().map(|d| {
+        let mut fields = std::collections::HashMap::new();
+        let entries = d
+            .entries
+            .iter()
+            .map(|e| string(format!("{}={}", e.key, e.value)))
+            .collect();
+        fields.insert("entries".to_owned(), list(entries));
+        if let Some(limit) = &d.limit {
+            let mut text = Vec::new();
+            if limit.requests_per_unit != 0 {
+                text.push(format!("requests_per_unit:{}", limit.requests_per_unit));
+            }
+            if limit.unit != 0 {
+                let unit = RateLimitUnit::try_from(limit.unit)
+                    .map(|u| u.as_str_name().to_owned())
+                    .unwrap_or_else(|_| limit.unit.to_string());
+                text.push(format!("unit:{unit}"));
+            }
+            fields.insert("limit".to_owned(), string(text.join(" ")));
+        }
+        if let Some(hits) = &d.hits_addend {
+            fields.insert("hitsAddend".to_owned(), number(hits.value as f64));
+        }
+        struct_value(pbjson_types::Struct { fields })
+    });
+    fields.insert("descriptors".to_owned(), list(descriptors.collect()));
+    if request.hits_addend != 0 {
+        fields.insert(
+            "hitsAddend".to_owned(),
+            number(f64::from(request.hits_addend)),
+        );
+    }
+    if !metadata.is_empty() {
+        fields.insert(
+            "metadata".to_owned(),
+            struct_value(metadata_struct(metadata)),
+        );
+    }
+    pbjson_types::Struct { fields }
+}
+
+fn metadata_struct(metadata: &Metadata) -> pbjson_types::Struct {
+    pbjson_types::Struct {
+        fields: metadata
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), meta_value(v)))
+            .collect(),
+    }
+}
+
+fn meta_value(v: &MetaValue) -> pbjson_types::Value {
+    match v {
+        MetaValue::Null => pbjson_types::Value {
+            kind: Some(Kind::NullValue(0)),
+        },
+        MetaValue::Bool(b) => pbjson_types::Value {
+            kind: Some(Kind::BoolValue(*b)),
+        },
+        MetaValue::Number(n) => number(*n),
+        MetaValue::String(s) => string(s.clone()),
+        MetaValue::List(l) => list(l.iter().map(meta_value).collect()),
+        MetaValue::Map(m) => struct_value(metadata_struct(m)),
+    }
+}
+
+fn string(s: String) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::StringValue(s)),
+    }
+}
+
+fn number(n: f64) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+
+fn list(values: Vec<pbjson_types::Value>) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::ListValue(pbjson_types::ListValue { values })),
+    }
+}
+
+fn struct_value(s: pbjson_types::Struct) -> pbjson_types::Value {
+    pbjson_types::Value {
+        kind: Some(Kind::StructValue(s)),
     }
 }

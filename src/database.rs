@@ -1,53 +1,25 @@
 //! PostgreSQL connections and the schema migrations, embedded in the binary
 //! so `sluice migrate` needs nothing but the database.
 
-use std::borrow::Cow;
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::secret::{redact_url, Secret};
 
-/// The files in `migrations/`, in order. sqlx checks each one's checksum
-/// against what it applied before, so an applied file must never change:
-/// add a new one instead.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "tenancy rules usage",
-    include_str!("../migrations/0001_tenancy_rules_usage.sql"),
-)];
-
-#[derive(Debug)]
-struct Embedded;
-
-impl MigrationSource<'static> for Embedded {
-    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        Box::pin(async {
-            Ok(MIGRATIONS
-                .iter()
-                .map(|&(version, description, sql)| {
-                    Migration::new(
-                        version,
-                        Cow::Borrowed(description),
-                        MigrationType::Simple,
-                        Cow::Borrowed(sql),
-                        false,
-                    )
-                })
-                .collect())
-        })
-    }
-}
+/// The files in `migrations/`, `<version>_<description>.sql`, read at build
+/// time (`build.rs` has cargo rebuild when the folder changes). sqlx checks
+/// each one's checksum against what it applied before, so an applied file
+/// must never change: add a new one instead.
+static MIGRATOR: Migrator = sqlx::migrate!();
 
 /// Applies the migrations not yet applied (under sqlx's advisory lock, so
 /// instances starting together take turns); returns their versions.
 pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, sqlx::migrate::MigrateError> {
     let before = applied_versions(pool).await.unwrap_or_default();
-    let migrator = Migrator::new(Embedded).await?;
-    migrator.run(pool).await?;
+    MIGRATOR.run(pool).await?;
     let after = applied_versions(pool).await?;
     Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
 }
@@ -88,4 +60,41 @@ pub async fn connect(url: &str, password: Option<&Secret>) -> anyhow::Result<PgP
         .connect_with(options)
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", redact_url(url)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+
+    use super::MIGRATOR;
+
+    /// What every migrated database holds in `_sqlx_migrations`: sqlx
+    /// refuses to run against one whose applied file has changed since, so
+    /// a changed file fails here first, not at a deployment.
+    #[test]
+    fn applied_migrations_never_change() {
+        let applied: Vec<(i64, &str, String)> = MIGRATOR
+            .iter()
+            .map(|m| {
+                let checksum = m.checksum.iter().fold(String::new(), |mut s, b| {
+                    let _ = write!(s, "{b:02x}");
+                    s
+                });
+                (m.version, &*m.description, checksum)
+            })
+            .collect();
+        assert_eq!(
+            applied,
+            [(
+                1,
+                "tenancy rules usage",
+                "5f634752fd4bc3d55a5552c23d59c8da0c371b70ddbfb17e31aa6ab684aa1142d9ae6f4659ccc263e9b7a7141ef26356".to_owned(),
+            ), (
+                5,
+                "events",
+                "494dd0db95ac309f9dd71660fdb6444ea395977c030f1aa88583c90af55c4cc43060112166bf39b9bc6ca950a5b25b8e".to_owned(),
+            )],
+            "add a migration; never edit an applied one"
+        );
+    }
 }

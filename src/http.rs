@@ -115,7 +115,7 @@ async fn decide(limiter: &RateLimiter, message: &RateLimitRequest) -> Response {
                 Code::Ok => StatusCode::OK,
                 Code::OverLimit => StatusCode::TOO_MANY_REQUESTS,
             };
-            (code, Json(verdict_to_proto(&verdict))).into_response()
+            (code, Json(verdict_to_proto(message, &verdict))).into_response()
         }
         Err(e) => decide_error(e),
     }
@@ -199,7 +199,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::limiter::{CurrentLimit, LimitOverride, Unit};
+    use crate::limiter::{CurrentLimit, LimitOverride, Unit, Window};
     use crate::service::{Status, Verdict};
 
     #[test]
@@ -244,7 +244,7 @@ mod tests {
                 code: Code::OverLimit,
                 limit: Some(CurrentLimit {
                     requests_per_unit: 3,
-                    unit: Unit::Minute,
+                    window: Window::of(Unit::Minute),
                     name: None,
                 }),
                 remaining: 0,
@@ -252,9 +252,10 @@ mod tests {
                 quota: None,
             }],
             response_headers: Vec::new(),
-            metadata: Vec::new(),
+            dynamic_metadata: None,
         };
-        let json = serde_json::to_value(verdict_to_proto(&verdict)).unwrap();
+        let json =
+            serde_json::to_value(verdict_to_proto(&RateLimitRequest::default(), &verdict)).unwrap();
         let status = &json["statuses"][0];
         assert_eq!(json["overallCode"], "OVER_LIMIT");
         assert_eq!(status["currentLimit"]["unit"], "MINUTE");

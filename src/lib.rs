@@ -14,11 +14,13 @@
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
 //! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
+//! | `admin`     | the catalog's administration in PostgreSQL: rules, plans, tenants, API keys, usage |
 //! | `storage`   | the `CounterStore` trait and its backends |
 //! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
 //! | `usage`     | usage and violation metering: bounded queue, batched writes |
+//! | `events`    | the event stream: aggregation, on-disk spool, broker publisher, consumers |
 //! | `limiter`   | pure core: request types, the rule model, window math, counter keys, plan/decide, explain |
-//! | `database`  | PostgreSQL connections and the embedded schema migrations |
+//! | `database`  | PostgreSQL connections and the schema migrations, embedded by `sqlx::migrate!` |
 //! | `health`    | readiness shared by `/readyz` and gRPC health, and the stores' health vocabulary |
 //! | `telemetry` | tracing, OpenTelemetry, Prometheus; metric names |
 //! | `clock`     | injected time |
@@ -42,11 +44,12 @@
 //! | 6 | `config` |
 //! | 5 | `grpc`, `http`, `tls` |
 //! | 4 | `convert` |
-//! | 3 | `service` |
+//! | 3 | `service`, `admin`, `events` |
 //! | 2 | `storage`, `rules`, `usage` |
 //! | 1 | `limiter`, `database` |
 //! | 0 | `proto`, `clock`, `task`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
 
+pub mod admin;
 mod allocator;
 pub mod app;
 pub mod clock;
@@ -54,6 +57,7 @@ pub mod commands;
 pub mod config;
 pub mod convert;
 pub mod database;
+pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod http;

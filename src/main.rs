@@ -41,6 +41,7 @@ async fn main() -> ExitCode {
         Command::Usage(args) => {
             commands::postgres::usage(&args.tenant, args.month, &args.database).await
         }
+        Command::Consume(command) => commands::consume(command, app::shutdown_signal()).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("sluice: {e:#}");

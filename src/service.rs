@@ -19,8 +19,8 @@ use metrics::counter;
 
 use crate::clock::Clock;
 use crate::limiter::{
-    self, Code, CurrentLimit, DescriptorDecision, KeyHasher, Outcome, PlanOptions, Request,
-    RequestError,
+    self, Caller, Code, CurrentLimit, DescriptorDecision, KeyHasher, Metadata, Outcome,
+    PlanOptions, Request, RequestError,
 };
 use crate::rules::RulesHandle;
 use crate::storage::{CounterStore, StoreError};
@@ -43,6 +43,8 @@ pub struct LimiterSettings {
     pub store_timeout: Duration,
     /// Add `RateLimit-Limit/Remaining/Reset` response headers.
     pub rate_limit_headers: bool,
+    /// Answer with Envoy dynamic metadata (see [`Verdict::dynamic_metadata`]).
+    pub dynamic_metadata: bool,
 }
 
 pub struct RateLimiter {
@@ -54,6 +56,8 @@ pub struct RateLimiter {
     api_keys: Option<ApiKeyPolicy>,
     usage: Option<UsageRecorder>,
     metrics: metric_handles::DecisionMetrics,
+    /// Decisions carry a `tenant` label (rules from PostgreSQL).
+    tenant_labels: Option<metric_handles::TenantLabels>,
 }
 
 /// The answer, owned, ready for either front end to encode.
@@ -62,8 +66,10 @@ pub struct Verdict {
     pub overall: Code,
     pub statuses: Vec<Status>,
     pub response_headers: Vec<(&'static str, String)>,
-    /// Metadata of the matched rules, for Envoy's dynamic metadata.
-    pub metadata: Vec<(String, String)>,
+    /// With dynamic metadata on: the merged `metadata` of the rules that
+    /// admitted their descriptor (possibly empty), which the front ends
+    /// return beside the request's domain and descriptors.
+    pub dynamic_metadata: Option<Metadata>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +127,16 @@ impl RateLimiter {
             api_keys: None,
             usage: None,
             metrics: Default::default(),
+            tenant_labels: None,
         }
+    }
+
+    /// Labels decisions with the tenant of the request's API key, for at
+    /// most `cap` tenants (the first by name); the rest, and requests
+    /// without a key, are `other`. 0 adds no label.
+    pub fn with_tenant_labels(mut self, cap: usize) -> RateLimiter {
+        self.tenant_labels = (cap > 0).then(|| metric_handles::TenantLabels::new(cap));
+        self
     }
 
     /// Looks up API keys in descriptors (rules from PostgreSQL).
@@ -164,6 +179,13 @@ impl RateLimiter {
             None => Vec::new(),
         };
         let plan = limiter::plan_for(request, &rules, &callers, &self.hasher, self.settings.plan);
+        let tenant_label = self.tenant_labels.as_ref().map(|labels| {
+            let tenant = callers.iter().find_map(|c| match c {
+                Caller::Key(key) => Some(&*key.tenant),
+                _ => None,
+            });
+            labels.label(&rules, tenant)
+        });
         let domain_label = if plan.domain_known {
             request.domain
         } else {
@@ -177,7 +199,8 @@ impl RateLimiter {
             match self.apply(&plan.ops, &plan.vetoes).await {
                 Ok(outcomes) => outcomes,
                 Err(e) => {
-                    let verdict = self.answer_failure(domain_label, plan.items.len(), e);
+                    let verdict =
+                        self.answer_failure(domain_label, tenant_label, plan.items.len(), e);
                     if let (Some(usage), Ok(_)) = (&self.usage, &verdict) {
                         // Let through by the failure mode: allowed, uncounted.
                         usage.record_allowed(request, &callers, self.clock.now_us());
@@ -192,7 +215,7 @@ impl RateLimiter {
             usage.record_decision(request, &callers, &decision, &self.hasher, now_us);
         }
 
-        self.metrics.record(domain_label, &decision);
+        self.metrics.record(domain_label, tenant_label, &decision);
 
         let mut response_headers = Vec::new();
         if self.settings.rate_limit_headers {
@@ -205,12 +228,10 @@ impl RateLimiter {
                 }
             }
         }
-        let mut metadata = Vec::new();
-        for s in &decision.statuses {
-            if let Some(rule) = s.rule {
-                metadata.extend(rule.metadata.iter().cloned());
-            }
-        }
+        let dynamic_metadata = self
+            .settings
+            .dynamic_metadata
+            .then(|| decision.passed_metadata());
         Ok(Verdict {
             overall: decision.overall,
             statuses: decision
@@ -219,7 +240,7 @@ impl RateLimiter {
                 .map(|s| Status::new(s, now_us))
                 .collect(),
             response_headers,
-            metadata,
+            dynamic_metadata,
         })
     }
 
@@ -295,6 +316,7 @@ impl RateLimiter {
     fn answer_failure(
         &self,
         domain_label: &str,
+        tenant_label: Option<&str>,
         descriptors: usize,
         error: StoreError,
     ) -> Result<Verdict, DecideError> {
@@ -309,8 +331,7 @@ impl RateLimiter {
         tracing::debug!(domain = domain_label, error = %error, failure_mode = mode, "store failed; answering by the failure mode");
         match self.settings.failure_mode {
             FailureMode::Allow => {
-                counter!(names::DECISIONS, "domain" => domain_label.to_owned(), "code" => Code::Ok.as_str())
-                    .increment(1);
+                self.metrics.record_failure_mode(domain_label, tenant_label);
                 Ok(Verdict {
                     overall: Code::Ok,
                     statuses: vec![
@@ -324,7 +345,8 @@ impl RateLimiter {
                         descriptors
                     ],
                     response_headers: Vec::new(),
-                    metadata: Vec::new(),
+                    // Nothing was decided, so no rule's metadata.
+                    dynamic_metadata: self.settings.dynamic_metadata.then(Metadata::default),
                 })
             }
             FailureMode::Deny => Err(DecideError::Unavailable(error)),

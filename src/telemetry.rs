@@ -33,6 +33,8 @@ pub mod names {
     /// Counter operations decided by one script call (concurrent calls to
     /// one node coalesced into a batch), by store.
     pub const REDIS_BATCH_OPERATIONS: &str = "sluice_redis_batch_operations";
+    /// Masters a Redis Sentinel named in place of the one before, by store.
+    pub const REDIS_MASTER_CHANGES: &str = "sluice_redis_master_changes_total";
     /// Failed circuit-breaker probes, by store.
     pub const REDIS_PROBE_FAILURES: &str = "sluice_redis_probe_failures_total";
     /// 1 while the store's circuit breaker is open, by store.
@@ -47,12 +49,34 @@ pub mod names {
     pub const API_KEYS_LOADED: &str = "sluice_api_keys_loaded";
     pub const API_KEY_LOOKUPS: &str = "sluice_api_key_lookups_total";
     pub const POSTGRES_UP: &str = "sluice_postgres_up";
+    /// When the rules in force were last confirmed current against
+    /// PostgreSQL (a successful load, changed or not), in Unix seconds.
+    pub const RULES_SYNCED: &str = "sluice_postgres_rules_synced_timestamp_seconds";
+    /// The `tenant` label of decisions beyond `--metrics-tenants`, and of
+    /// requests without a live API key.
+    pub const OTHER_TENANT_LABEL: &str = "other";
     /// Rule loads that read the primary because the replica failed.
     pub const POSTGRES_REPLICA_FALLBACKS: &str = "sluice_postgres_replica_fallbacks_total";
     /// From a NOTIFY received to the new rules in force.
     pub const RULES_RELOAD_DURATION: &str = "sluice_rules_reload_duration_seconds";
     pub const USAGE_DROPPED: &str = "sluice_usage_dropped_total";
     pub const USAGE_FLUSHES: &str = "sluice_usage_flushes_total";
+    // The event stream (--events-url).
+    /// Events sent to the broker, each attempt (retries included).
+    pub const EVENTS_PUBLISHED: &str = "sluice_events_published_total";
+    /// Events the broker confirmed.
+    pub const EVENTS_CONFIRMED: &str = "sluice_events_confirmed_total";
+    /// Events sent again after a failed or unconfirmed attempt.
+    pub const EVENTS_RETRIED: &str = "sluice_events_retried_total";
+    /// Events dropped because the spool was full.
+    pub const EVENTS_DROPPED: &str = "sluice_events_dropped_total";
+    pub const EVENTS_SPOOL_BYTES: &str = "sluice_events_spool_bytes";
+    pub const EVENTS_SPOOL_EVENTS: &str = "sluice_events_spool_events";
+    /// 1 while the last publish was confirmed.
+    pub const EVENTS_BROKER_UP: &str = "sluice_events_broker_up";
+    /// Events a consumer applied to PostgreSQL, by consumer and `result`
+    /// (`applied`, `duplicate`, `invalid`).
+    pub const EVENTS_CONSUMED: &str = "sluice_events_consumed_total";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -104,8 +104,12 @@ impl UsageRecorder {
                 } else if s.tenant_quota {
                     Arc::from(MONTHLY_QUOTA)
                 } else {
+                    // The limit that denied: with several on a rule, its own name.
+                    let limit_name = s.limit.as_ref().and_then(|l| l.name.clone());
                     match s.rule {
-                        Some(r) => r.name.clone().unwrap_or_else(|| r.path.clone()),
+                        Some(r) => limit_name
+                            .or_else(|| r.name.clone())
+                            .unwrap_or_else(|| r.path.clone()),
                         None => Arc::from("limit_override"),
                     }
                 };
@@ -143,7 +147,8 @@ impl UsageRecorder {
         }
     }
 
-    fn send(&self, event: UsageEvent) {
+    /// Queues one event, or drops and counts it when the queue is full.
+    pub fn send(&self, event: UsageEvent) {
         if self.events.try_send(event).is_err() {
             counter!(names::USAGE_DROPPED, "reason" => "queue_full").increment(1);
         }
@@ -273,83 +278,96 @@ impl Writer {
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), sqlx::Error> {
-        let mut months = HashSet::new();
         let mut tx = self.pool.begin().await?;
-        if !batch.usage.is_empty() {
-            let mut tenants = Vec::with_capacity(batch.usage.len());
-            let mut domains = Vec::with_capacity(batch.usage.len());
-            let mut hours = Vec::with_capacity(batch.usage.len());
-            let mut allowed = Vec::with_capacity(batch.usage.len());
-            let mut denied = Vec::with_capacity(batch.usage.len());
-            for ((tenant, domain, hour), (a, d)) in &batch.usage {
-                tenants.push(tenant.to_string());
-                domains.push(domain.to_string());
-                hours.push(DateTime::<Utc>::from_timestamp(*hour, 0).unwrap_or_default());
-                allowed.push(*a);
-                denied.push(*d);
-            }
-            // A tenant deleted meanwhile loses its last rows rather than
-            // failing the batch for everyone.
-            sqlx::query(
-                "INSERT INTO usage_hourly (tenant_id, domain, hour, allowed, denied)
-                 SELECT u.tenant_id::uuid, u.domain, u.hour, u.allowed, u.denied
-                 FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
-                      AS u(tenant_id, domain, hour, allowed, denied)
-                 WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.id = u.tenant_id::uuid)
-                 ON CONFLICT (tenant_id, domain, hour) DO UPDATE
-                 SET allowed = usage_hourly.allowed + EXCLUDED.allowed,
-                     denied = usage_hourly.denied + EXCLUDED.denied",
-            )
-            .bind(tenants)
-            .bind(domains)
-            .bind(hours)
-            .bind(allowed)
-            .bind(denied)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !batch.violations.is_empty() {
-            let mut ats = Vec::with_capacity(batch.violations.len());
-            let mut tenants = Vec::with_capacity(batch.violations.len());
-            let mut domains = Vec::with_capacity(batch.violations.len());
-            let mut rules = Vec::with_capacity(batch.violations.len());
-            let mut clients = Vec::with_capacity(batch.violations.len());
-            let mut hits = Vec::with_capacity(batch.violations.len());
-            for ((tenant, domain, rule, client), (at_us, n)) in &batch.violations {
-                let at = DateTime::<Utc>::from_timestamp_micros(*at_us as i64).unwrap_or_default();
-                let month = at.year() * 12 + at.month0() as i32;
-                if !self.partitions.contains(&month) && months.insert(month) {
-                    sqlx::query("SELECT sluice_violations_partition($1)")
-                        .bind(at)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                ats.push(at);
-                tenants.push(tenant.as_deref().map(str::to_owned));
-                domains.push(domain.to_string());
-                rules.push(rule.to_string());
-                clients.push(client.clone());
-                hits.push(*n);
-            }
-            sqlx::query(
-                "INSERT INTO violations (at, tenant_id, domain, rule, client_id, hits)
-                 SELECT v.at, v.tenant_id::uuid, v.domain, v.rule, v.client_id, v.hits
-                 FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
-                      AS v(at, tenant_id, domain, rule, client_id, hits)",
-            )
-            .bind(ats)
-            .bind(tenants)
-            .bind(domains)
-            .bind(rules)
-            .bind(clients)
-            .bind(hits)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let months = write_batch(&mut tx, batch, &self.partitions).await?;
         tx.commit().await?;
         self.partitions.extend(months);
         Ok(())
     }
+}
+
+/// Adds a batch's sums to `usage_hourly` and its rows to `violations`
+/// inside the caller's transaction (the writer here, the `usage` event
+/// consumer in `events`). `partitions` are the months known to exist;
+/// returns those created, to remember once the transaction commits.
+pub async fn write_batch(
+    tx: &mut sqlx::PgConnection,
+    batch: &Batch,
+    partitions: &HashSet<i32>,
+) -> Result<HashSet<i32>, sqlx::Error> {
+    let mut months = HashSet::new();
+    if !batch.usage.is_empty() {
+        let mut tenants = Vec::with_capacity(batch.usage.len());
+        let mut domains = Vec::with_capacity(batch.usage.len());
+        let mut hours = Vec::with_capacity(batch.usage.len());
+        let mut allowed = Vec::with_capacity(batch.usage.len());
+        let mut denied = Vec::with_capacity(batch.usage.len());
+        for ((tenant, domain, hour), (a, d)) in &batch.usage {
+            tenants.push(tenant.to_string());
+            domains.push(domain.to_string());
+            hours.push(DateTime::<Utc>::from_timestamp(*hour, 0).unwrap_or_default());
+            allowed.push(*a);
+            denied.push(*d);
+        }
+        // A tenant deleted meanwhile loses its last rows rather than
+        // failing the batch for everyone.
+        sqlx::query(
+            "INSERT INTO usage_hourly (tenant_id, domain, hour, allowed, denied)
+             SELECT u.tenant_id::uuid, u.domain, u.hour, u.allowed, u.denied
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
+                  AS u(tenant_id, domain, hour, allowed, denied)
+             WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.id = u.tenant_id::uuid)
+             ON CONFLICT (tenant_id, domain, hour) DO UPDATE
+             SET allowed = usage_hourly.allowed + EXCLUDED.allowed,
+                 denied = usage_hourly.denied + EXCLUDED.denied",
+        )
+        .bind(tenants)
+        .bind(domains)
+        .bind(hours)
+        .bind(allowed)
+        .bind(denied)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !batch.violations.is_empty() {
+        let mut ats = Vec::with_capacity(batch.violations.len());
+        let mut tenants = Vec::with_capacity(batch.violations.len());
+        let mut domains = Vec::with_capacity(batch.violations.len());
+        let mut rules = Vec::with_capacity(batch.violations.len());
+        let mut clients = Vec::with_capacity(batch.violations.len());
+        let mut hits = Vec::with_capacity(batch.violations.len());
+        for ((tenant, domain, rule, client), (at_us, n)) in &batch.violations {
+            let at = DateTime::<Utc>::from_timestamp_micros(*at_us as i64).unwrap_or_default();
+            let month = at.year() * 12 + at.month0() as i32;
+            if !partitions.contains(&month) && months.insert(month) {
+                sqlx::query("SELECT sluice_violations_partition($1)")
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            ats.push(at);
+            tenants.push(tenant.as_deref().map(str::to_owned));
+            domains.push(domain.to_string());
+            rules.push(rule.to_string());
+            clients.push(client.clone());
+            hits.push(*n);
+        }
+        sqlx::query(
+            "INSERT INTO violations (at, tenant_id, domain, rule, client_id, hits)
+             SELECT v.at, v.tenant_id::uuid, v.domain, v.rule, v.client_id, v.hits
+             FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
+                  AS v(at, tenant_id, domain, rule, client_id, hits)",
+        )
+        .bind(ats)
+        .bind(tenants)
+        .bind(domains)
+        .bind(rules)
+        .bind(clients)
+        .bind(hits)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(months)
 }
 
 async fn run(

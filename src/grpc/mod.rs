@@ -97,7 +97,7 @@ impl RateLimitHandler {
             .get_or_init(|| histogram!(names::REQUEST_DURATION, "api" => "grpc"))
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(verdict) => Ok(Response::new(verdict_to_proto(&verdict))),
+            Ok(verdict) => Ok(Response::new(verdict_to_proto(&message, &verdict))),
             Err(e) => Err(to_status(e)),
         }
     }

@@ -10,6 +10,7 @@
 //! have done to them. Nothing is counted.
 
 use std::fmt::{self, Write as _};
+use std::sync::Arc;
 
 use super::plan::{decide, plan_for, Caller, Decision, Plan, PlanItem, PlanOptions};
 use super::ruleset::{walk, Matched, Visit};
@@ -102,6 +103,8 @@ pub struct CounterReading<'r> {
     /// The rule counted; `None` for a descriptor's own limit and for a
     /// tenant's quota.
     pub rule: Option<&'r Rule>,
+    /// The name of the rule's limit counted, if it has one.
+    pub name: Option<&'r Arc<str>>,
     /// The API key's tenant's monthly quota.
     pub tenant_quota: bool,
     pub spec: CounterSpec,
@@ -206,11 +209,16 @@ fn reason<'r>(item: &PlanItem<'r>, plan: &Plan<'r>, steps: &[Step<'r>]) -> Reaso
     }
 }
 
-/// The request's matched rules that name `rule` in `replaces`.
+/// The request's matched rules that name `rule` (one of its limits) in
+/// `replaces`.
 fn replacing<'r>(plan: &Plan<'r>, rule: &Rule) -> Vec<&'r Rule> {
-    let Some(name) = &rule.name else {
-        return Vec::new();
+    let names: Vec<&Arc<str>> = match &rule.limit {
+        RuleLimit::Limited(limits) => limits.iter().filter_map(|l| l.name.as_ref()).collect(),
+        RuleLimit::Unlimited => rule.name.iter().collect(),
     };
+    if names.is_empty() {
+        return Vec::new();
+    }
     let mut by: Vec<&Rule> = Vec::new();
     for item in &plan.items {
         let matched = match *item {
@@ -220,7 +228,8 @@ fn replacing<'r>(plan: &Plan<'r>, rule: &Rule) -> Vec<&'r Rule> {
             } => rule,
             _ => continue,
         };
-        if matched.replaces.contains(name) && !by.iter().any(|r| r.path == matched.path) {
+        let replaces_it = matched.replaces.iter().any(|r| names.contains(&r));
+        if replaces_it && !by.iter().any(|r| r.path == matched.path) {
             by.push(matched);
         }
     }
@@ -253,23 +262,28 @@ impl<'r> Explanation<'r> {
         }
         let decision = decide(&self.plan, &would, options);
 
-        let reading = |op: usize, rule: Option<&'r Rule>, tenant_quota: bool| {
-            Some(CounterReading {
-                rule,
-                tenant_quota,
-                spec: self.plan.ops.get(op)?.spec,
-                now: *reads.get(op)?,
-                admits: *admits.get(op)?,
-            })
-        };
+        let reading =
+            |op: usize, rule: Option<&'r Rule>, name: Option<&'r Arc<str>>, tenant_quota: bool| {
+                Some(CounterReading {
+                    rule,
+                    name,
+                    tenant_quota,
+                    spec: self.plan.ops.get(op)?.spec,
+                    now: *reads.get(op)?,
+                    admits: *admits.get(op)?,
+                })
+            };
         let mut descriptors = Vec::with_capacity(self.descriptors.len());
         for (index, explanation) in self.descriptors.into_iter().enumerate() {
             let mut counters = Vec::new();
-            if let Some(PlanItem::Limited { rule, op, .. }) = self.plan.items.get(index) {
-                counters.extend(reading(*op, *rule, false));
+            // Every limit of the descriptor, each its own counter.
+            if let Some(PlanItem::Limited { rule, limits }) = self.plan.items.get(index) {
+                for limit in self.plan.limits.get(limits.clone()).unwrap_or_default() {
+                    counters.extend(reading(limit.op, *rule, limit.name, false));
+                }
             }
             for quota in self.plan.quotas.iter().filter(|q| q.descriptor == index) {
-                counters.extend(reading(quota.op, None, true));
+                counters.extend(reading(quota.op, None, None, true));
             }
             descriptors.push(DescriptorReport {
                 explanation,
@@ -287,10 +301,13 @@ impl<'r> Explanation<'r> {
     /// `remaining >= hits`, and then takes `hits` from what remains (GCRA:
     /// and pushes the reset out by their interval). An operation on a
     /// counter an earlier one of the request took from sees that, as the
-    /// stores apply a request in order. A denied operation's reset is the
-    /// read's (the window's end; GCRA: when the bucket is full again): the
-    /// store would say when the hits fit, which the read cannot tell for a
-    /// sliding window.
+    /// stores apply a request in order. A denied operation's reset is when
+    /// the hits would fit, as the store says: for a fixed window the
+    /// window's end, for GCRA from the bucket's fill; for a sliding window
+    /// the read cannot tell (it depends on how the count splits between
+    /// this window and the last), so it is the read's (the window's end).
+    /// Which of a descriptor's several limits answers when more than one
+    /// denies goes by these resets, so among sliding windows it may differ.
     fn would(&self, reads: &[Outcome]) -> Vec<Outcome> {
         let mut taken: Vec<(CounterKey, u64)> = Vec::new();
         let mut would = Vec::with_capacity(reads.len());
@@ -314,10 +331,26 @@ impl<'r> Explanation<'r> {
                     used: read.used + wanted,
                 });
             } else {
+                let reset_us = match op.spec.algorithm {
+                    Algorithm::Gcra if op.spec.limit > 0 => {
+                        // The read's reset is the time until the bucket is
+                        // full again; the hits fit once it has drained to
+                        // leave room for them (if they ever can).
+                        let interval = gcra_interval_us(op.spec.limit, op.spec.period_us);
+                        let burst = op.spec.burst.max(1);
+                        let full_in = read.reset_us + before * interval;
+                        if hits <= burst {
+                            (full_in + hits * interval).saturating_sub(burst * interval)
+                        } else {
+                            full_in.max(interval)
+                        }
+                    }
+                    _ => read.reset_us,
+                };
                 would.push(Outcome {
                     admitted: false,
                     remaining: read.remaining.saturating_sub(before),
-                    reset_us: read.reset_us,
+                    reset_us,
                     used: read.used + before,
                 });
             }
@@ -387,18 +420,21 @@ impl DescriptorExplanation<'_> {
     }
 }
 
-/// A rule's limit as text: `3 per minute`, `unlimited`.
+/// A rule's limits as text: `3 per minute`, `10 per second and 1000 per
+/// calendar day in UTC`, `unlimited`.
 struct Limit<'a>(&'a Rule);
 
 impl fmt::Display for Limit<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.limit {
+        match &self.0.limit {
             RuleLimit::Unlimited => f.write_str("unlimited"),
-            RuleLimit::Limited {
-                requests_per_unit,
-                unit,
-                ..
-            } => write!(f, "{requests_per_unit} per {unit}"),
+            RuleLimit::Limited(limits) => {
+                for (i, l) in limits.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { " and " };
+                    write!(f, "{sep}{} per {}", l.requests_per_unit, l.window)?;
+                }
+                Ok(())
+            }
         }
     }
 }

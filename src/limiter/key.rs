@@ -4,7 +4,7 @@
 
 use std::fmt::{self, Write as _};
 
-use super::{Algorithm, Entry};
+use super::{Algorithm, Calendar, Entry};
 
 /// Derives counter keys from descriptor values with a secret key.
 /// Instances that share counters must share the secret.
@@ -49,6 +49,42 @@ impl KeyHasher {
         algorithm: Algorithm,
         period_s: u64,
     ) -> CounterKey {
+        CounterKey {
+            hash: self.descriptor_hash(domain, entries, shared, None),
+            algorithm,
+            period_s,
+        }
+    }
+
+    /// The key of a descriptor's counter over a calendar window: its own
+    /// counter, apart from every epoch-aligned one and from the same
+    /// calendar unit in another time zone. The calendar is hashed in as one
+    /// more field after the entries' pairs, so no descriptor's fields can
+    /// spell it. `period_s` is the unit's nominal length.
+    pub fn calendar_key(
+        &self,
+        domain: &str,
+        entries: &[Entry<'_>],
+        shared: &[Option<&str>],
+        calendar: Calendar,
+    ) -> CounterKey {
+        let field = format!("calendar:{}:{}", calendar.unit, calendar.time_zone.name());
+        CounterKey {
+            hash: self.descriptor_hash(domain, entries, shared, Some(field.as_bytes())),
+            algorithm: Algorithm::FixedWindow,
+            period_s: calendar.unit.nominal().seconds(),
+        }
+    }
+
+    /// The domain, the entries (with shared values), and `extra` if any,
+    /// as length-prefixed fields.
+    fn descriptor_hash(
+        &self,
+        domain: &str,
+        entries: &[Entry<'_>],
+        shared: &[Option<&str>],
+        extra: Option<&[u8]>,
+    ) -> [u8; 16] {
         // The same length-prefixed fields as the streaming hasher below,
         // gathered on the stack and hashed in one call when they fit: for
         // keys this short, the hasher's per-update work was most of the cost.
@@ -59,6 +95,9 @@ impl KeyHasher {
                 && fields.push(e.key.as_bytes())
                 && fields.push(field_value(shared, i, e).as_bytes());
         }
+        if let Some(extra) = extra {
+            fits = fits && fields.push(extra);
+        }
         let digest = if fits {
             blake3::keyed_hash(&self.key, fields.bytes())
         } else {
@@ -68,15 +107,14 @@ impl KeyHasher {
                 write_field(&mut h, e.key.as_bytes());
                 write_field(&mut h, field_value(shared, i, e).as_bytes());
             }
+            if let Some(extra) = extra {
+                write_field(&mut h, extra);
+            }
             h.finalize()
         };
         let mut hash = [0u8; 16];
         hash.copy_from_slice(&digest.as_bytes()[..16]);
-        CounterKey {
-            hash,
-            algorithm,
-            period_s,
-        }
+        hash
     }
 
     /// The counter of a tenant's monthly quota, shared by all its keys and
@@ -294,6 +332,30 @@ mod tests {
                 value.len()
             );
         }
+    }
+
+    #[test]
+    fn a_calendar_window_has_a_counter_of_its_own() {
+        use crate::limiter::CalendarUnit;
+        let h = KeyHasher::from_secret(b"x");
+        let e = entries(&[("tenant", "acme")]);
+        let month = |zone: &str| Calendar {
+            unit: CalendarUnit::Month,
+            time_zone: zone.parse().unwrap(),
+        };
+        let berlin = h.calendar_key("d", &e, &[], month("Europe/Berlin"));
+        assert_eq!(berlin, h.calendar_key("d", &e, &[], month("Europe/Berlin")));
+        assert_ne!(berlin, h.calendar_key("d", &e, &[], month("UTC")));
+        let epoch_month = h.counter_key("d", &e, &[], Algorithm::FixedWindow, 30 * 86_400);
+        assert_eq!(berlin.period_s, epoch_month.period_s);
+        assert_ne!(berlin, epoch_month);
+        // The calendar field after the pairs: no descriptor spells it.
+        let spelled = entries(&[("tenant", "acme"), ("calendar:month:UTC", "")]);
+        assert_ne!(
+            h.calendar_key("d", &e, &[], month("UTC")).hash,
+            h.counter_key("d", &spelled, &[], Algorithm::FixedWindow, 1)
+                .hash
+        );
     }
 
     #[test]

@@ -4,8 +4,11 @@
 
 mod explain;
 mod key;
+mod limit;
+mod metadata;
 mod plan;
 mod ruleset;
+mod wildcard;
 mod window;
 
 pub use explain::{
@@ -13,13 +16,16 @@ pub use explain::{
     Reason, Report, Step,
 };
 pub use key::{CounterKey, KeyHasher};
+pub use limit::{Calendar, CalendarUnit, Limit, Window, MAX_WINDOW_SECONDS};
+pub use metadata::{MetaValue, Metadata};
 pub use plan::{
     decide, plan, plan_for, Caller, CounterOp, CurrentLimit, Decision, DescriptorDecision, Plan,
-    PlanItem, PlanOptions, QuotaItem, MONTHLY_QUOTA,
+    PlanItem, PlanOptions, PlannedLimit, QuotaItem, MONTHLY_QUOTA,
 };
 pub use ruleset::{
     ApiKey, Level, Match, Matched, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch,
 };
+pub use wildcard::{Pattern, PatternSet};
 pub use window::{check, gcra_interval_us, Checked, CounterSpec, CounterState, Outcome};
 
 use std::fmt;

@@ -2,11 +2,12 @@
 //! counters' outcomes into the answer. Between them sits one call to the
 //! store, the only I/O of a decision.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::window::{CounterSpec, Outcome};
-use super::{Algorithm, Code, CounterKey, KeyHasher, Request, Unit};
-use super::{ApiKey, Rule, RuleLimit, RuleSet};
+use super::{Algorithm, Code, CounterKey, Descriptor, KeyHasher, Request, Unit};
+use super::{ApiKey, Limit, Metadata, Rule, RuleLimit, RuleSet, Window};
 
 /// Server-wide settings that shape a plan and a decision.
 #[derive(Clone, Copy, Debug, Default)]
@@ -15,6 +16,9 @@ pub struct PlanOptions {
     pub default_algorithm: Algorithm,
     /// Global shadow mode: count everything, deny nothing.
     pub global_shadow: bool,
+    /// Global quota mode: every descriptor (but `unlimited` ones) is a quota,
+    /// as if its rule had `quota_mode`; see [`decide`].
+    pub global_quota: bool,
 }
 
 /// One counter to check and update.
@@ -53,13 +57,37 @@ pub enum PlanItem<'r> {
     Unlimited { rule: &'r Rule },
     /// Matched, but another matched rule `replaces` it: nothing counted.
     Replaced { rule: &'r Rule },
-    /// Counted by `ops[op]`. `rule` is `None` for a caller's limit override.
+    /// Counted against `limits[limits]` of the plan (one, or several for a
+    /// rule with `rate_limits`), each by its own operation; all of them must
+    /// admit a hit. `rule` is `None` for a caller's limit override.
     Limited {
         rule: Option<&'r Rule>,
-        requests_per_unit: u32,
-        unit: Unit,
-        op: usize,
+        limits: Range<usize>,
     },
+}
+
+impl PlanItem<'_> {
+    /// Whether the descriptor counts as a quota when [`decide`] combines the
+    /// answers: its rule has `quota_mode`, or global quota mode is on (then
+    /// every descriptor does but `unlimited` ones, matched or not).
+    fn is_quota(&self, options: PlanOptions) -> bool {
+        match self {
+            PlanItem::Unlimited { .. } | PlanItem::Refused => false,
+            PlanItem::Limited { rule, .. } => {
+                options.global_quota || rule.is_some_and(|r| r.quota_mode)
+            }
+            PlanItem::NoLimit | PlanItem::Replaced { .. } => options.global_quota,
+        }
+    }
+}
+
+/// One limit a descriptor is counted against, counted by `ops[op]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedLimit<'r> {
+    pub requests_per_unit: u32,
+    pub window: Window,
+    pub name: Option<&'r Arc<str>>,
+    pub op: usize,
 }
 
 /// A tenant's monthly quota, counted by `ops[op]` and reported on the
@@ -75,11 +103,16 @@ pub struct QuotaItem {
 pub struct Plan<'r> {
     pub domain_known: bool,
     pub items: Vec<PlanItem<'r>>,
+    /// The limits of the `Limited` items, in order.
+    pub limits: Vec<PlannedLimit<'r>>,
     /// What the store is asked, in order.
     pub ops: Vec<CounterOp>,
     /// Per op: whether its denial denies the whole request, as [`decide`]
-    /// judges: all but those of shadow-mode rules, and none in global shadow
-    /// mode. The store consumes nothing for a request one of them denies.
+    /// judges: all but those of shadow-mode rules and of quotas, and none in
+    /// global shadow mode; a quota's only when it is the request's only one
+    /// (several deny only together, which one store call cannot express,
+    /// so their requests may consume what the others admit). The store
+    /// consumes nothing for a request one of them denies.
     pub vetoes: Vec<bool>,
     pub quotas: Vec<QuotaItem>,
 }
@@ -88,21 +121,27 @@ impl<'r> Plan<'r> {
     fn new(
         domain_known: bool,
         items: Vec<PlanItem<'r>>,
+        limits: Vec<PlannedLimit<'r>>,
         mut ops: Vec<CounterOp>,
         quotas: Vec<QuotaItem>,
         options: PlanOptions,
     ) -> Plan<'r> {
         let mut vetoes = vec![!options.global_shadow; ops.len()];
+        let quotas_in_request = items.iter().filter(|item| item.is_quota(options)).count();
         for item in &items {
             if let PlanItem::Limited {
-                rule: Some(rule),
-                op,
-                ..
+                rule,
+                limits: range,
             } = item
             {
-                if rule.shadow_mode {
-                    if let Some(veto) = vetoes.get_mut(*op) {
-                        *veto = false;
+                // Every limit of the descriptor: a quota among several is no
+                // veto, whichever of its windows denies.
+                let shadow = rule.is_some_and(|r| r.shadow_mode);
+                if shadow || (item.is_quota(options) && quotas_in_request > 1) {
+                    for limit in limits.get(range.clone()).unwrap_or_default() {
+                        if let Some(veto) = vetoes.get_mut(limit.op) {
+                            *veto = false;
+                        }
                     }
                 }
             }
@@ -118,6 +157,7 @@ impl<'r> Plan<'r> {
         Plan {
             domain_known,
             items,
+            limits,
             ops,
             vetoes,
             quotas,
@@ -149,6 +189,7 @@ pub fn plan_for<'r>(
     let caller = |i: usize| callers.get(i).copied().unwrap_or_default();
     let domain_known = rules.has_domain(request.domain);
     let mut items = Vec::with_capacity(request.descriptors.len());
+    let mut limits = Vec::with_capacity(request.descriptors.len());
     let mut ops = Vec::with_capacity(request.descriptors.len());
     let mut quotas = Vec::new();
     let mut tenants_counted: Vec<&str> = Vec::new();
@@ -176,6 +217,7 @@ pub fn plan_for<'r>(
                 limit: u64::from(limit),
                 period_us: unit.period_us(),
                 burst: u64::from(limit),
+                calendar: None,
             },
             hits,
         });
@@ -190,7 +232,7 @@ pub fn plan_for<'r>(
             items.push(PlanItem::NoLimit);
             count_quota(i, d.hits.unwrap_or(request.hits), &mut ops);
         }
-        return Plan::new(domain_known, items, ops, quotas, options);
+        return Plan::new(domain_known, items, limits, ops, quotas, options);
     }
 
     let matches: Vec<_> = request
@@ -203,9 +245,9 @@ pub fn plan_for<'r>(
             (None, Caller::Key(key)) => rules.lookup_for_key(request.domain, key, &d.entries),
         })
         .collect();
-    // A rule named in another matched rule's `replaces` is dropped.
-    let replaced = |rule: &Rule| {
-        rule.name.as_ref().is_some_and(|name| {
+    // A limit named in another matched rule's `replaces` is dropped.
+    let replaced = |limit: &Limit| {
+        limit.name.as_ref().is_some_and(|name| {
             matches
                 .iter()
                 .flatten()
@@ -220,81 +262,136 @@ pub fn plan_for<'r>(
             continue;
         }
         count_quota(index, hits, &mut ops);
-        let (rule, requests_per_unit, unit, algorithm, burst, shared): (_, _, _, _, _, &[_]) =
-            match (descriptor.limit_override, matched) {
-                (Some(o), _) => (
-                    None,
-                    o.requests_per_unit,
-                    o.unit,
-                    options.default_algorithm,
-                    o.requests_per_unit,
-                    &[],
-                ),
-                (None, None) => {
-                    items.push(PlanItem::NoLimit);
-                    continue;
-                }
-                (None, Some(m)) => match m.rule.limit {
-                    RuleLimit::Unlimited => {
-                        items.push(PlanItem::Unlimited { rule: m.rule });
-                        continue;
-                    }
-                    _ if replaced(m.rule) => {
-                        items.push(PlanItem::Replaced { rule: m.rule });
-                        continue;
-                    }
-                    RuleLimit::Limited {
-                        requests_per_unit,
-                        unit,
-                        algorithm,
-                        burst,
-                    } => (
-                        Some(m.rule),
-                        requests_per_unit,
-                        unit,
-                        // A quota resets at window boundaries; it never slides.
-                        if m.rule.quota_mode {
-                            Algorithm::FixedWindow
-                        } else {
-                            algorithm.unwrap_or(options.default_algorithm)
-                        },
-                        burst.unwrap_or(requests_per_unit),
-                        &m.shared[..],
-                    ),
-                },
-            };
-        let key = hasher.counter_key(
-            request.domain,
-            &descriptor.entries,
+        let first = limits.len();
+        let (rule, shared): (_, &[_]) = match (descriptor.limit_override, matched) {
+            (Some(o), _) => {
+                let limit = Limit {
+                    requests_per_unit: o.requests_per_unit,
+                    window: Window::of(o.unit),
+                    algorithm: None,
+                    burst: None,
+                    name: None,
+                };
+                let counted = Counted {
+                    domain: request.domain,
+                    descriptor,
+                    shared: &[],
+                    hits,
+                    quota_mode: false,
+                };
+                counted.push(&limit, None, hasher, options, &mut limits, &mut ops);
+                items.push(PlanItem::Limited {
+                    rule: None,
+                    limits: first..limits.len(),
+                });
+                continue;
+            }
+            (None, None) => {
+                items.push(PlanItem::NoLimit);
+                continue;
+            }
+            (None, Some(m)) => (m.rule, &m.shared[..]),
+        };
+        let RuleLimit::Limited(rule_limits) = &rule.limit else {
+            items.push(PlanItem::Unlimited { rule });
+            continue;
+        };
+        let counted = Counted {
+            domain: request.domain,
+            descriptor,
             shared,
-            algorithm,
-            unit.seconds(),
-        );
-        items.push(PlanItem::Limited {
-            rule,
-            requests_per_unit,
-            unit,
+            hits,
+            quota_mode: rule.quota_mode,
+        };
+        for limit in rule_limits.iter().filter(|l| !replaced(l)) {
+            let name = limit.name.as_ref();
+            counted.push(limit, name, hasher, options, &mut limits, &mut ops);
+        }
+        items.push(if limits.len() == first {
+            PlanItem::Replaced { rule }
+        } else {
+            PlanItem::Limited {
+                rule: Some(rule),
+                limits: first..limits.len(),
+            }
+        });
+    }
+    Plan::new(domain_known, items, limits, ops, quotas, options)
+}
+
+/// A descriptor being counted: what each of its limits' operations needs.
+struct Counted<'a, 'd> {
+    domain: &'a str,
+    descriptor: &'a Descriptor<'d>,
+    shared: &'a [Option<&'a str>],
+    hits: u64,
+    quota_mode: bool,
+}
+
+impl Counted<'_, '_> {
+    /// Plans one limit: its operation, and what to report (as `name`).
+    fn push<'r>(
+        &self,
+        limit: &Limit,
+        name: Option<&'r Arc<str>>,
+        hasher: &KeyHasher,
+        options: PlanOptions,
+        limits: &mut Vec<PlannedLimit<'r>>,
+        ops: &mut Vec<CounterOp>,
+    ) {
+        let entries = &self.descriptor.entries;
+        let requests = u64::from(limit.requests_per_unit);
+        let (key, spec) = match limit.window {
+            Window::Units { .. } => {
+                // A quota resets at window boundaries; it never slides.
+                let algorithm = if self.quota_mode {
+                    Algorithm::FixedWindow
+                } else {
+                    limit.algorithm.unwrap_or(options.default_algorithm)
+                };
+                let seconds = limit.window.seconds();
+                let key = hasher.counter_key(self.domain, entries, self.shared, algorithm, seconds);
+                let spec = CounterSpec {
+                    algorithm,
+                    limit: requests,
+                    period_us: seconds * 1_000_000,
+                    burst: limit.burst.map_or(requests, u64::from),
+                    calendar: None,
+                };
+                (key, spec)
+            }
+            // Calendar windows are fixed windows, whatever the default.
+            Window::Calendar(calendar) => {
+                let key = hasher.calendar_key(self.domain, entries, self.shared, calendar);
+                let spec = CounterSpec {
+                    algorithm: Algorithm::FixedWindow,
+                    limit: requests,
+                    period_us: limit.window.seconds() * 1_000_000,
+                    burst: requests,
+                    calendar: Some(calendar),
+                };
+                (key, spec)
+            }
+        };
+        limits.push(PlannedLimit {
+            requests_per_unit: limit.requests_per_unit,
+            window: limit.window,
+            name,
             op: ops.len(),
         });
         ops.push(CounterOp {
             key,
-            spec: CounterSpec {
-                algorithm,
-                limit: u64::from(requests_per_unit),
-                period_us: unit.period_us(),
-                burst: u64::from(burst),
-            },
-            hits,
+            spec,
+            hits: self.hits,
         });
     }
-    Plan::new(domain_known, items, ops, quotas, options)
 }
 
 /// The limit reported back to the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CurrentLimit {
     pub requests_per_unit: u32,
-    pub unit: Unit,
+    pub window: Window,
     pub name: Option<Arc<str>>,
 }
 
@@ -337,6 +434,20 @@ impl<'r> Decision<'r> {
             .filter(|s| s.limit.is_some())
             .min_by_key(|s| (s.code != Code::OverLimit, s.remaining))
     }
+
+    /// The `metadata` of the rules that admitted their descriptor (not those
+    /// over their limit, nor `unlimited` or replaced ones), merged in request
+    /// order as envoyproxy/ratelimit merges them: the first value of a key
+    /// wins, maps merge key by key.
+    pub fn passed_metadata(&self) -> Metadata {
+        let mut merged = Metadata::default();
+        for s in &self.statuses {
+            if let (Code::Ok, Some(_), Some(rule)) = (s.code, &s.limit, s.rule) {
+                merged.merge(&rule.metadata);
+            }
+        }
+        merged
+    }
 }
 
 /// Combines the store's outcomes (one per `plan.ops`) into the answer.
@@ -353,37 +464,18 @@ pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -
             },
             PlanItem::Replaced { rule } => unlimited_status(Some(rule), 0),
             PlanItem::Unlimited { rule } => unlimited_status(Some(rule), u32::MAX),
-            PlanItem::Limited {
-                rule,
-                requests_per_unit,
-                unit,
-                op,
-            } => {
-                let outcome = outcomes[op];
-                let shadow = rule.is_some_and(|r| r.shadow_mode);
-                let remaining = u32::try_from(outcome.remaining).unwrap_or(u32::MAX);
-                DescriptorDecision {
-                    code: if outcome.admitted || shadow {
-                        Code::Ok
-                    } else {
-                        Code::OverLimit
-                    },
-                    limit: Some(CurrentLimit {
-                        requests_per_unit,
-                        unit,
-                        name: rule.and_then(|r| r.name.clone()),
-                    }),
-                    remaining,
-                    reset_us: Some(outcome.reset_us),
-                    quota: rule
-                        .filter(|r| r.quota_mode)
-                        .map(|_| (remaining, outcome.reset_us)),
-                    rule,
-                    shadowed: shadow && !outcome.admitted,
-                    near_limit: outcome.admitted
-                        && outcome.used * 10 >= capacity(&plan.ops[op].spec) * 8,
-                    refused: false,
-                    tenant_quota: false,
+            PlanItem::Limited { rule, ref limits } => {
+                // The descriptor's answer is its most constrained limit's.
+                let mut chosen: Option<(&PlannedLimit<'r>, &Outcome)> = None;
+                for limit in plan.limits.get(limits.clone()).unwrap_or_default() {
+                    let outcome = &outcomes[limit.op];
+                    if chosen.is_none_or(|(_, o)| constraint(outcome) > constraint(o)) {
+                        chosen = Some((limit, outcome));
+                    }
+                }
+                match chosen {
+                    Some((limit, outcome)) => limited_status(plan, rule, limit, outcome),
+                    None => unlimited_status(rule, 0),
                 }
             }
         })
@@ -406,7 +498,7 @@ pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -
         };
         status.limit = Some(CurrentLimit {
             requests_per_unit: quota.limit,
-            unit: Unit::Month,
+            window: Window::of(Unit::Month),
             name: Some(Arc::from(MONTHLY_QUOTA)),
         });
         status.remaining = remaining;
@@ -415,7 +507,20 @@ pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -
         status.near_limit = outcome.admitted && outcome.used * 10 >= u64::from(quota.limit) * 8;
         status.tenant_quota = true;
     }
-    let over = statuses.iter().any(|s| s.code == Code::OverLimit);
+    // envoyproxy/ratelimit's rule: the request is over when a descriptor
+    // that is not a quota is over, or when every quota is; a quota that is
+    // over while another is not leaves its own status OVER_LIMIT only.
+    let (mut quotas, mut quotas_over, mut others_over) = (0, 0, false);
+    for (item, status) in plan.items.iter().zip(&statuses) {
+        // A tenant's monthly quota is a hard limit, whatever the rule says.
+        let quota =
+            item.is_quota(options) && !(status.tenant_quota && status.code == Code::OverLimit);
+        let is_over = status.code == Code::OverLimit;
+        quotas += usize::from(quota);
+        quotas_over += usize::from(quota && is_over);
+        others_over |= !quota && is_over;
+    }
+    let over = others_over || (quotas > 0 && quotas == quotas_over);
     let global_shadowed = over && options.global_shadow;
     Decision {
         overall: if over && !global_shadowed {
@@ -425,6 +530,51 @@ pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -
         },
         statuses,
         global_shadowed,
+    }
+}
+
+/// How much a limit's outcome bounds the caller, as an order: a denial
+/// before an admission; among denials the longest wait; among admissions the
+/// fewest hits remaining (what Envoy's `x-ratelimit-remaining` compares),
+/// then the latest reset.
+fn constraint(outcome: &Outcome) -> (bool, u64, u64) {
+    if outcome.admitted {
+        (false, u64::MAX - outcome.remaining, outcome.reset_us)
+    } else {
+        (true, outcome.reset_us, 0)
+    }
+}
+
+/// The status of a descriptor answered by one of its limits.
+fn limited_status<'r>(
+    plan: &Plan<'r>,
+    rule: Option<&'r Rule>,
+    limit: &PlannedLimit<'r>,
+    outcome: &Outcome,
+) -> DescriptorDecision<'r> {
+    let shadow = rule.is_some_and(|r| r.shadow_mode);
+    let remaining = u32::try_from(outcome.remaining).unwrap_or(u32::MAX);
+    DescriptorDecision {
+        code: if outcome.admitted || shadow {
+            Code::Ok
+        } else {
+            Code::OverLimit
+        },
+        limit: Some(CurrentLimit {
+            requests_per_unit: limit.requests_per_unit,
+            window: limit.window,
+            name: limit.name.cloned(),
+        }),
+        remaining,
+        reset_us: Some(outcome.reset_us),
+        quota: rule
+            .filter(|r| r.quota_mode)
+            .map(|_| (remaining, outcome.reset_us)),
+        rule,
+        shadowed: shadow && !outcome.admitted,
+        near_limit: outcome.admitted && outcome.used * 10 >= capacity(&plan.ops[limit.op].spec) * 8,
+        refused: false,
+        tenant_quota: false,
     }
 }
 
@@ -456,3 +606,5 @@ fn unlimited_status(rule: Option<&Rule>, remaining: u32) -> DescriptorDecision<'
 mod tenant_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod window_tests;

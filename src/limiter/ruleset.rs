@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{bounds, Algorithm, Entry, Unit};
+use super::wildcard::{Pattern, PatternSet};
+use super::{bounds, Entry, Limit, Metadata};
 
 /// One configured limit, at the end of a descriptor path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,21 +24,16 @@ pub struct Rule {
     pub replaces: Vec<Arc<str>>,
     pub shadow_mode: bool,
     pub quota_mode: bool,
-    /// Extra key/values returned as dynamic metadata when this rule matches.
-    pub metadata: Vec<(String, String)>,
+    /// Returned in Envoy's dynamic metadata when this rule admits a hit.
+    pub metadata: Metadata,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleLimit {
     Unlimited,
-    Limited {
-        requests_per_unit: u32,
-        unit: Unit,
-        /// `None`: the server's default algorithm.
-        algorithm: Option<Algorithm>,
-        /// GCRA bucket size; `None`: `requests_per_unit`.
-        burst: Option<u32>,
-    },
+    /// Every one of these must admit a hit: one from `rate_limit`, or
+    /// several from sluice's `rate_limits` (a burst and a daily limit).
+    Limited(Vec<Limit>),
 }
 
 /// A node of the descriptor tree.
@@ -59,9 +55,8 @@ pub struct Level {
 #[derive(Clone, Debug, Default)]
 struct KeyNodes {
     exact: HashMap<Box<str>, Node>,
-    /// `value: prefix*` entries as written, `*` included, in file order; the
-    /// first match wins.
-    wildcards: Vec<(Box<str>, Node)>,
+    /// Values with a `*`, in file order; the first match wins.
+    wildcards: PatternSet<Node>,
     any: Option<Node>,
 }
 
@@ -80,7 +75,8 @@ pub enum Matched<'r> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ValueMatch {
     Exact(String),
-    Prefix(String),
+    /// A value with `*` anywhere in it, any number of times.
+    Wildcard(Pattern),
     Any,
 }
 
@@ -88,8 +84,8 @@ impl ValueMatch {
     pub fn parse(value: Option<&str>) -> ValueMatch {
         match value {
             None | Some("") => ValueMatch::Any,
-            Some(v) => match v.strip_suffix('*') {
-                Some(prefix) => ValueMatch::Prefix(prefix.to_owned()),
+            Some(v) => match Pattern::new(v) {
+                Some(pattern) => ValueMatch::Wildcard(pattern),
                 None => ValueMatch::Exact(v.to_owned()),
             },
         }
@@ -111,13 +107,7 @@ impl Level {
                 }
                 slot.exact.insert(v.into(), node);
             }
-            ValueMatch::Prefix(p) => {
-                let pattern = format!("{p}*");
-                if slot.wildcards.iter().any(|(q, _)| **q == *pattern) {
-                    return Err(node);
-                }
-                slot.wildcards.push((pattern.into(), node));
-            }
+            ValueMatch::Wildcard(p) => slot.wildcards.insert(p, node)?,
             ValueMatch::Any => {
                 if slot.any.is_some() {
                     return Err(node);
@@ -134,10 +124,13 @@ impl Level {
     }
 
     /// Every entry that matches `entry`, in envoyproxy/ratelimit's order of
-    /// precedence: the exact value, then the wildcards that match in file
-    /// order, then the key-only entry. The first is the match ([`find`]);
-    /// explaining a lookup lists the others as passed over. Lazy: `find`
-    /// looks no further than the match.
+    /// precedence: the exact value (one hash lookup, however many exact
+    /// values there are), then the wildcards that match in file order, then
+    /// the key-only entry. The first is the match ([`find`]); explaining a
+    /// lookup lists the others as passed over. Lazy: `find` looks no further
+    /// than the match, and finds the first wildcard through the
+    /// [`PatternSet`]'s own lookup; only explaining goes on to try the other
+    /// patterns in turn.
     ///
     /// [`find`]: Level::find
     pub(super) fn candidates<'l, 'v>(
@@ -145,18 +138,26 @@ impl Level {
         entry: &Entry<'v>,
     ) -> impl Iterator<Item = (Matched<'l>, &'l Node)> + use<'l, 'v> {
         let slot = self.keys.get(entry.key);
-        let exact = slot.and_then(|s| s.exact.get(entry.value));
-        let wildcards = slot.into_iter().flat_map(|s| &s.wildcards);
         let value = entry.value;
+        let exact = slot.and_then(|s| s.exact.get(value));
+        let wildcard =
+            |(pattern, n): (&'l Pattern, &'l Node)| (Matched::Wildcard(pattern.as_str()), n);
+        // The set's first match is the first in file order that matches, so
+        // the patterns after it are the matching ones but that first.
+        let first = std::iter::once_with(move || slot.and_then(|s| s.wildcards.find(value)))
+            .flatten()
+            .map(wildcard);
+        let others = slot
+            .into_iter()
+            .flat_map(|s| s.wildcards.iter())
+            .filter(move |(pattern, _)| pattern.matches(value))
+            .skip(1)
+            .map(wildcard);
         exact
             .map(|n| (Matched::Exact, n))
             .into_iter()
-            .chain(wildcards.filter_map(move |(pattern, n)| {
-                let prefix = &pattern[..pattern.len() - 1];
-                value
-                    .starts_with(prefix)
-                    .then_some((Matched::Wildcard(pattern), n))
-            }))
+            .chain(first)
+            .chain(others)
             .chain(
                 slot.and_then(|s| s.any.as_ref())
                     .map(|n| (Matched::KeyOnly, n)),
@@ -258,6 +259,11 @@ impl RuleSet {
 
     pub fn api_key_count(&self) -> usize {
         self.api_keys.len()
+    }
+
+    /// Every live key, in no particular order.
+    pub fn api_keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.api_keys.values()
     }
 
     pub fn has_domain(&self, domain: &str) -> bool {
@@ -372,22 +378,24 @@ pub(super) fn walk<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::{Unit, Window};
 
     fn limited(path: &str, n: u32) -> Node {
         Node {
             rule: Some(Arc::new(Rule {
                 path: path.into(),
-                limit: RuleLimit::Limited {
+                limit: RuleLimit::Limited(vec![Limit {
                     requests_per_unit: n,
-                    unit: Unit::Minute,
+                    window: Window::of(Unit::Minute),
                     algorithm: None,
                     burst: None,
-                },
+                    name: None,
+                }]),
                 name: None,
                 replaces: vec![],
                 shadow_mode: false,
                 quota_mode: false,
-                metadata: vec![],
+                metadata: Metadata::default(),
             })),
             ..Node::default()
         }
@@ -406,9 +414,11 @@ mod tests {
         let mut root = Level::default();
         root.insert("k", ValueMatch::Any, limited("any", 1))
             .unwrap();
-        root.insert("k", ValueMatch::Prefix("ab".into()), limited("ab*", 2))
+        root.insert("k", ValueMatch::parse(Some("ab*")), limited("ab*", 2))
             .unwrap();
-        root.insert("k", ValueMatch::Prefix("a".into()), limited("a*", 3))
+        root.insert("k", ValueMatch::parse(Some("a*")), limited("a*", 3))
+            .unwrap();
+        root.insert("k", ValueMatch::parse(Some("x*y*z")), limited("x*y*z", 5))
             .unwrap();
         root.insert("k", ValueMatch::Exact("abc".into()), limited("abc", 4))
             .unwrap();
@@ -418,6 +428,8 @@ mod tests {
         assert_eq!(path_of(&rs, &[e("k", "abd")]).as_deref(), Some("ab*"));
         assert_eq!(path_of(&rs, &[e("k", "axe")]).as_deref(), Some("a*"));
         assert_eq!(path_of(&rs, &[e("k", "zzz")]).as_deref(), Some("any"));
+        assert_eq!(path_of(&rs, &[e("k", "x-y-z")]).as_deref(), Some("x*y*z"));
+        assert_eq!(path_of(&rs, &[e("k", "x-z-y")]).as_deref(), Some("any"));
         assert_eq!(path_of(&rs, &[e("other", "zzz")]), None);
         assert!(rs.lookup("unknown", &[e("k", "abc")]).is_none());
     }

@@ -1,4 +1,6 @@
-//! Window math for the three algorithms, on integer microseconds.
+//! Window math for the three algorithms, on integer microseconds, and for
+//! calendar windows, which count as fixed windows between the boundaries
+//! `limit.rs` finds in the tz database.
 //!
 //! The in-process store calls [`check`] under a lock; the Redis scripts in
 //! `storage/scripts/` compute the same thing in Lua. Both must agree, which
@@ -7,7 +9,7 @@
 //! Every function here decides *and* updates in one step, and a denied hit
 //! never changes the state: a blocked request does not consume budget.
 
-use super::Algorithm;
+use super::{Algorithm, Calendar};
 
 /// What a counter enforces: `limit` hits per `period_us` (GCRA: at a steady
 /// rate of `limit` per period, with a bucket of `burst`).
@@ -17,6 +19,9 @@ pub struct CounterSpec {
     pub limit: u64,
     pub period_us: u64,
     pub burst: u64,
+    /// A calendar window instead of `period_us` (which then holds its
+    /// nominal length): counted as a fixed window, whatever `algorithm` says.
+    pub calendar: Option<Calendar>,
 }
 
 /// The state a store keeps per counter key.
@@ -59,6 +64,11 @@ pub struct Checked {
 
 /// Checks `hits` against a counter at `now_us`. `hits == 0` only reads.
 pub fn check(spec: &CounterSpec, state: Option<CounterState>, now_us: u64, hits: u64) -> Checked {
+    if let Some(calendar) = spec.calendar {
+        let (start, end) = calendar.window_at(now_us);
+        // The window's start names it: calendar windows have no index.
+        return fixed_in(spec.limit, start, end, state, now_us, hits);
+    }
     let period = spec.period_us.max(1);
     match spec.algorithm {
         Algorithm::SlidingWindow => sliding(spec.limit, period, state, now_us, hits),
@@ -135,6 +145,19 @@ fn sliding(limit: u64, period: u64, state: Option<CounterState>, now: u64, hits:
 
 fn fixed(limit: u64, period: u64, state: Option<CounterState>, now: u64, hits: u64) -> Checked {
     let window = now / period;
+    fixed_in(limit, window, (window + 1) * period, state, now, hits)
+}
+
+/// The fixed window `window` (an index, or a calendar window's start),
+/// which ends at `end` (µs since the epoch, after `now`).
+fn fixed_in(
+    limit: u64,
+    window: u64,
+    end: u64,
+    state: Option<CounterState>,
+    now: u64,
+    hits: u64,
+) -> Checked {
     let current = match state {
         Some(CounterState::Window {
             window: w, count, ..
@@ -152,11 +175,11 @@ fn fixed(limit: u64, period: u64, state: Option<CounterState>, now: u64, hits: u
         outcome: Outcome {
             admitted,
             remaining: limit.saturating_sub(count),
-            reset_us: period - now % period,
+            reset_us: end - now,
             used: count,
         },
         state,
-        expires_at_us: (window + 1) * period,
+        expires_at_us: end,
     }
 }
 

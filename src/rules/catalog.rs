@@ -3,16 +3,17 @@
 //! through the YAML validator, so a rule row means exactly what the same
 //! descriptor means in a YAML file, with the same error messages.
 //!
-//! No I/O here: `rules::postgres` fills a catalog from the database, and the
-//! local snapshot file is a catalog serialized as JSON.
+//! No I/O here: `rules::postgres` fills a catalog from the database (the
+//! rows derive `sqlx::FromRow` for it), and the local snapshot file is a
+//! catalog serialized as JSON.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::yaml::{self, Scalar, YamlDescriptor, YamlRateLimit, YamlReplaces, YamlRoot};
+use super::yaml::{self, YamlDescriptor, YamlRateLimit, YamlReplaces, YamlRoot};
 use super::{RuleError, RuleErrors};
-use crate::limiter::{ApiKey, RuleSet, Scope};
+use crate::limiter::{ApiKey, Metadata, RuleSet, Scope};
 
 /// Everything a running sluice needs from PostgreSQL, read in one
 /// consistent snapshot.
@@ -26,20 +27,20 @@ pub struct Catalog {
     pub rules: Vec<RuleRow>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct PlanRow {
     pub name: String,
     pub monthly_quota: Option<i64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct TenantRow {
     pub id: String,
     pub name: String,
     pub plan: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct KeyRow {
     /// Keyed BLAKE3 hex of the raw key.
     pub hash: String,
@@ -71,14 +72,17 @@ impl RuleScope {
     }
 }
 
-/// One node of a descriptor tree (one YAML descriptor), flattened.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One node of a descriptor tree (one YAML descriptor), flattened. The
+/// skipped fields are stored in another shape; `rules::postgres` maps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct RuleRow {
     pub domain: String,
+    #[sqlx(skip)]
     pub scope: RuleScope,
     /// Pre-order index within (domain, scope): the file order.
     pub position: i32,
     /// (key, value) from the root; an empty value matches any value.
+    #[sqlx(skip)]
     pub path: Vec<(String, String)>,
     pub unit: Option<String>,
     pub requests_per_unit: Option<i64>,
@@ -92,10 +96,60 @@ pub struct RuleRow {
     pub detailed_metric: bool,
     pub value_to_metric: bool,
     pub share_threshold: bool,
-    pub metadata: BTreeMap<String, String>,
+    #[sqlx(skip)]
+    pub metadata: Metadata,
 }
 
 // === YAML -> rows ===
+
+/// Refuses what rule rows cannot hold yet: sluice's window extensions
+/// (`rate_limits`, `unit_multiplier`, `calendar`, `time_zone`), which
+/// [`rows_from_yaml`] would otherwise drop without a word. Such rules are
+/// served from YAML files.
+pub fn check_storable(file: &str, root: &YamlRoot) -> Result<(), RuleErrors> {
+    fn walk(file: &str, descriptors: &[YamlDescriptor], parent: &str, errors: &mut Vec<RuleError>) {
+        for (i, d) in descriptors.iter().enumerate() {
+            let path = if parent.is_empty() {
+                format!("descriptors[{i}]")
+            } else {
+                format!("{parent}.descriptors[{i}]")
+            };
+            let mut fields = Vec::new();
+            if d.rate_limits.is_some() {
+                fields.push("rate_limits");
+            }
+            if let Some(rl) = &d.rate_limit {
+                if rl.unit_multiplier.is_some() {
+                    fields.push("unit_multiplier");
+                }
+                if rl.calendar.is_some() {
+                    fields.push("calendar");
+                }
+                if rl.time_zone.is_some() {
+                    fields.push("time_zone");
+                }
+            }
+            if !fields.is_empty() {
+                errors.push(RuleError {
+                    file: file.to_owned(),
+                    path: path.clone(),
+                    message: format!(
+                        "{} cannot be stored in PostgreSQL rules yet; serve this rule from a YAML file",
+                        fields.join(", ")
+                    ),
+                });
+            }
+            walk(file, &d.descriptors, &path, errors);
+        }
+    }
+    let mut errors = Vec::new();
+    walk(file, &root.descriptors, "", &mut errors);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RuleErrors(errors))
+    }
+}
 
 /// Flattens a parsed (and validated) YAML file into rows, in file order.
 /// Units are stored in lower case, as the schema requires.
@@ -142,11 +196,7 @@ fn flatten(
             detailed_metric: d.detailed_metric,
             value_to_metric: d.value_to_metric,
             share_threshold: d.share_threshold,
-            metadata: d
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect(),
+            metadata: d.metadata.clone(),
         });
         flatten(&d.descriptors, domain, scope, path, rows);
         path.pop();
@@ -237,18 +287,18 @@ fn descriptor_from_row(key: &str, value: &str, row: &RuleRow) -> YamlDescriptor 
                 .collect(),
             algorithm: row.algorithm.clone(),
             burst: row.burst.map(|n| u64::try_from(n).unwrap_or(0)),
+            unit_multiplier: None,
+            calendar: None,
+            time_zone: None,
         }),
+        rate_limits: None,
         descriptors: Vec::new(),
         shadow_mode: row.shadow_mode,
         quota_mode: row.quota_mode,
         detailed_metric: row.detailed_metric,
         value_to_metric: row.value_to_metric,
         share_threshold: row.share_threshold,
-        metadata: row
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Scalar(v.clone())))
-            .collect(),
+        metadata: row.metadata.clone(),
     }
 }
 

@@ -1,20 +1,25 @@
 //! envoyproxy/ratelimit's YAML rules format, read unchanged, plus sluice's
-//! optional `algorithm` and `burst` in `rate_limit`.
+//! extensions, each off unless written: `algorithm` and `burst` in
+//! `rate_limit`, windows of several units (`unit_multiplier`) or of the
+//! calendar (`calendar`, `time_zone`), and several limits on one descriptor
+//! (`rate_limits`). docs/rules.md describes them.
 //!
 //! Parsing is two passes: serde reads the structure (unknown fields, bad
 //! types and duplicate keys fail with their path), then a walk checks the
 //! meaning and builds the lookup tree, collecting every error it finds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::de::{self, MapAccess, Visitor};
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{RuleError, RuleErrors};
-use crate::limiter::{Algorithm, Unit};
+use crate::limiter::{
+    Algorithm, Calendar, CalendarUnit, Limit, Metadata, Unit, Window, MAX_WINDOW_SECONDS,
+};
 use crate::limiter::{Level, Node, Rule, RuleLimit, RuleSet, ValueMatch};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -39,31 +44,52 @@ pub struct YamlDescriptor {
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<YamlRateLimit>,
+    /// sluice extension: several limits, all of which must admit a hit (a
+    /// burst and a daily limit); instead of `rate_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<Vec<YamlRateLimit>>,
     #[serde(
         default,
         deserialize_with = "opt_list",
         skip_serializing_if = "Vec::is_empty"
     )]
     pub descriptors: Vec<YamlDescriptor>,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
     pub shadow_mode: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
     pub quota_mode: bool,
     /// Accepted for compatibility. sluice's metric labels carry the rule path
     /// from the configuration, never request values, so these add nothing.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub detailed_metric: bool,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub value_to_metric: bool,
-    /// On a wildcard value: every matching value shares one counter.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub share_threshold: bool,
     #[serde(
         default,
-        deserialize_with = "unique_map",
-        skip_serializing_if = "BTreeMap::is_empty"
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
     )]
-    pub metadata: BTreeMap<String, Scalar>,
+    pub detailed_metric: bool,
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
+    pub value_to_metric: bool,
+    /// On a wildcard value: every matching value shares one counter.
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
+    pub share_threshold: bool,
+    /// Free-form: strings, numbers, booleans, null, lists and maps.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -77,7 +103,11 @@ pub struct YamlRateLimit {
     pub unit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_unit: Option<u64>,
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "yaml11_bool",
+        skip_serializing_if = "is_false"
+    )]
     pub unlimited: bool,
     #[serde(
         default,
@@ -101,6 +131,24 @@ pub struct YamlRateLimit {
     /// sluice extension: the GCRA bucket size (default: `requests_per_unit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
+    /// sluice extension: a window of this many `unit`s (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_multiplier: Option<u64>,
+    /// sluice extension: a calendar window (`day`, `week`, `month`) instead
+    /// of `unit`, starting at midnight in `time_zone`.
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub calendar: Option<String>,
+    /// sluice extension: the tz database zone of a calendar window (default UTC).
+    #[serde(
+        default,
+        deserialize_with = "opt_scalar",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -108,18 +156,6 @@ pub struct YamlRateLimit {
 pub struct YamlReplaces {
     #[serde(default, deserialize_with = "opt_scalar")]
     pub name: Option<String>,
-}
-
-/// A scalar read as text: YAML `value: 200` is the string "200", as the
-/// Go YAML library envoyproxy/ratelimit uses reads it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct Scalar(pub String);
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Scalar)
-    }
 }
 
 /// A scalar's text exactly as written. serde_yaml_ng hands a plain scalar to
@@ -131,37 +167,37 @@ fn opt_scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Erro
     Option::<String>::deserialize(d)
 }
 
-/// A mapping whose keys must be unique. serde's `BTreeMap` keeps the last of
-/// two equal keys silently; a rules file with `team` twice is a mistake.
-fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Scalar>, D::Error> {
-    struct UniqueMap;
+/// A boolean as Go's yaml (YAML 1.1) reads one, which envoyproxy/ratelimit
+/// uses: `true`/`false`, and also `yes`/`no`, `on`/`off`, `y`/`n` in their
+/// lower, capitalised and upper case spellings.
+fn yaml11_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct Yaml11Bool;
 
-    impl<'de> Visitor<'de> for UniqueMap {
-        type Value = BTreeMap<String, Scalar>;
+    impl Visitor<'_> for Yaml11Bool {
+        type Value = bool;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a mapping of strings")
+            f.write_str("a boolean")
         }
 
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(BTreeMap::new())
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some((key, value)) = map.next_entry::<String, Scalar>()? {
-                if out.contains_key(&key) {
-                    return Err(de::Error::custom(format!(
-                        "duplicate entry with key \"{key}\""
-                    )));
-                }
-                out.insert(key, value);
+        fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v {
+                "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Ok(true),
+                "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Ok(false),
+                _ => Err(de::Error::invalid_type(de::Unexpected::Str(v), &self)),
             }
-            Ok(out)
         }
     }
 
-    d.deserialize_map(UniqueMap)
+    d.deserialize_any(Yaml11Bool)
 }
 
 fn opt_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
@@ -194,7 +230,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
     // serde_yaml_ng reports the path itself: "descriptors[1]: unknown field
     // `bogus`, expected ... at line 6 column 5". Split it off so errors read
     // `FILE: PATH: message` like the semantic ones.
-    serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
+    let root = serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
         let text = e.to_string();
         match text.split_once(": ") {
             Some((path, message)) if !path.contains(' ') => {
@@ -202,7 +238,64 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
             }
             _ => err(String::new(), text),
         }
-    })
+    })?;
+    // The structure is right; now the one kind of scalar Go's yaml reads and
+    // envoyproxy/ratelimit then refuses ("error checking config"), which a
+    // text field here would otherwise take as written.
+    let tree: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| err(String::new(), e.to_string()))?;
+    let mut refused = Vec::new();
+    numbers_go_refuses(&tree, "", &mut refused);
+    if refused.is_empty() {
+        Ok(root)
+    } else {
+        Err(RuleErrors(
+            refused
+                .into_iter()
+                .map(|(path, number)| RuleError {
+                    file: file.to_owned(),
+                    path,
+                    message: format!(
+                        "the number {number} (a fraction, an exponent, or beyond 64 bits) is \
+                         refused here, as envoyproxy/ratelimit refuses it; quote it to mean the text"
+                    ),
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Where a plain scalar outside `metadata` is a number Go's yaml reads as a
+/// float or an unsigned 64-bit integer: envoyproxy/ratelimit's key check
+/// takes strings, ints, booleans and nulls only.
+fn numbers_go_refuses(value: &serde_yaml_ng::Value, path: &str, out: &mut Vec<(String, String)>) {
+    use serde_yaml_ng::Value;
+    match value {
+        Value::Mapping(map) => {
+            for (key, value) in map {
+                let Some(key) = key.as_str() else {
+                    continue;
+                };
+                if key == "metadata" {
+                    continue;
+                }
+                let path = if path.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{path}.{key}")
+                };
+                numbers_go_refuses(value, &path, out);
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                numbers_go_refuses(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Number(n) if n.as_i64().is_none() => out.push((path.to_owned(), n.to_string())),
+        Value::Tagged(tagged) => numbers_go_refuses(&tagged.value, path, out),
+        _ => {}
+    }
 }
 
 /// Checks one parsed file and compiles its tree.
@@ -244,6 +337,11 @@ impl Walker<'_> {
 
     fn level(&mut self, descriptors: &[YamlDescriptor], parent: &str, rule_path: &str) -> Level {
         let mut level = Level::default();
+        // envoyproxy/ratelimit keys a level by `key_value`, so `{key: a,
+        // value: b_c}` and `{key: a_b, value: c}` are one entry there and a
+        // file with both is refused; sluice matches keys and values apart,
+        // but refuses the same files.
+        let mut composite = HashSet::new();
         for (i, d) in descriptors.iter().enumerate() {
             let path = if parent.is_empty() {
                 format!("descriptors[{i}]")
@@ -262,22 +360,20 @@ impl Walker<'_> {
             };
             let full = format!("{rule_path}.{segment}");
             let matcher = ValueMatch::parse(value);
-            if d.share_threshold && !matches!(matcher, ValueMatch::Prefix(_)) {
+            let wildcard = matches!(matcher, ValueMatch::Wildcard(_));
+            if d.share_threshold && !wildcard {
                 self.error(
                     &path,
-                    "share_threshold needs a wildcard value (one ending in '*')".into(),
+                    "share_threshold needs a wildcard value (one containing '*')".into(),
                 );
             }
             let node = Node {
-                rule: d
-                    .rate_limit
-                    .as_ref()
-                    .and_then(|rl| self.rule(&path, &full, d, rl)),
+                rule: self.rule(&path, &full, d),
                 children: self.level(&d.descriptors, &path, &full),
-                shared_pattern: (d.share_threshold && matches!(matcher, ValueMatch::Prefix(_)))
+                shared_pattern: (d.share_threshold && wildcard)
                     .then(|| Arc::from(value.unwrap_or_default())),
             };
-            if level.insert(key, matcher, node).is_err() {
+            if !composite.insert(segment) || level.insert(key, matcher, node).is_err() {
                 self.error(
                     &path,
                     format!("duplicate descriptor composite key '{full}'"),
@@ -287,106 +383,46 @@ impl Walker<'_> {
         level
     }
 
-    fn rule(
-        &mut self,
-        path: &str,
-        full: &str,
-        d: &YamlDescriptor,
-        rl: &YamlRateLimit,
-    ) -> Option<Arc<Rule>> {
+    /// The descriptor's rule, from `rate_limit` or `rate_limits`; `None`
+    /// when it has neither (a whitelisted value) or on errors.
+    fn rule(&mut self, path: &str, full: &str, d: &YamlDescriptor) -> Option<Arc<Rule>> {
         let before = self.errors.len();
-        let unit = rl.unit.as_deref().filter(|u| !u.is_empty());
-        let limit = if rl.unlimited {
-            if unit.is_some() {
+        let (limit, name, replaces) = match (&d.rate_limit, &d.rate_limits) {
+            (None, None) => return None,
+            (Some(_), Some(_)) => {
                 self.error(
                     path,
-                    "should not specify rate limit unit when unlimited".into(),
+                    "rate_limit and rate_limits are both set: use rate_limit for one limit, \
+                     rate_limits for several"
+                        .into(),
                 );
+                return None;
             }
-            if rl.algorithm.is_some() || rl.burst.is_some() {
-                self.error(
-                    path,
-                    "should not specify algorithm or burst when unlimited".into(),
-                );
-            }
-            RuleLimit::Unlimited
-        } else {
-            let unit = match unit.map(|u| (u, Unit::parse(u))) {
-                Some((_, Some(unit))) => unit,
-                Some((raw, None)) => {
-                    self.error(path, format!("invalid rate limit unit '{raw}'"));
-                    Unit::Second
-                }
-                None => {
-                    self.error(path, "invalid rate limit unit ''".into());
-                    Unit::Second
-                }
-            };
-            let requests_per_unit = match rl.requests_per_unit {
-                None => {
-                    self.error(
-                        path,
-                        "requests_per_unit is required (without it every request would be blocked)"
-                            .into(),
-                    );
-                    0
-                }
-                Some(0) => {
-                    self.error(
-                        path,
-                        "requests_per_unit must be at least 1 (0 would block every request)".into(),
-                    );
-                    0
-                }
-                Some(n) => u32::try_from(n).unwrap_or_else(|_| {
-                    self.error(
-                        path,
-                        format!("requests_per_unit {n} is larger than {}", u32::MAX),
-                    );
-                    0
-                }),
-            };
-            let algorithm = rl.algorithm.as_deref().and_then(|a| {
-                let parsed = Algorithm::parse(a);
-                if parsed.is_none() {
-                    self.error(
-                        path,
-                        format!(
-                            "unknown algorithm '{a}' (expected sliding_window, fixed_window or gcra)"
-                        ),
-                    );
-                }
-                parsed
-            });
-            let burst = rl.burst.and_then(|b| {
-                if algorithm != Some(Algorithm::Gcra) {
-                    self.error(path, "burst applies only to algorithm gcra".into());
-                    None
-                } else if b == 0 || b > u64::from(u32::MAX) {
-                    self.error(path, format!("burst must be between 1 and {}", u32::MAX));
-                    None
+            (Some(rl), None) => {
+                let name: Option<Arc<str>> =
+                    rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
+                let limit = if rl.unlimited {
+                    self.unlimited(path, rl);
+                    RuleLimit::Unlimited
                 } else {
-                    Some(b as u32)
-                }
-            });
-            RuleLimit::Limited {
-                requests_per_unit,
-                unit,
-                algorithm,
-                burst,
+                    RuleLimit::Limited(vec![self.limit(path, rl, name.clone())])
+                };
+                (limit, name, self.replaces(path, &rl.replaces))
+            }
+            (None, Some(list)) => {
+                let (limits, replaces) = self.limits(path, list);
+                (RuleLimit::Limited(limits), None, replaces)
             }
         };
-        let name = rl.name.as_deref().filter(|n| !n.is_empty());
-        let mut replaces = Vec::with_capacity(rl.replaces.len());
-        for r in &rl.replaces {
-            match r.name.as_deref().unwrap_or("") {
-                "" => self.error(path, "should not have an empty replaces entry".into()),
-                n if Some(n) == name => self.error(
-                    path,
-                    "replaces should not contain name of same descriptor".into(),
-                ),
-                n => replaces.push(Arc::from(n)),
-            }
+        let own: Vec<&Arc<str>> = match &limit {
+            RuleLimit::Limited(limits) => limits.iter().filter_map(|l| l.name.as_ref()).collect(),
+            RuleLimit::Unlimited => name.iter().collect(),
+        };
+        if replaces.iter().any(|r| own.contains(&r)) {
+            self.error(
+                path,
+                "replaces should not contain name of same descriptor".into(),
+            );
         }
         if self.errors.len() > before {
             return None;
@@ -394,16 +430,247 @@ impl Walker<'_> {
         Some(Arc::new(Rule {
             path: full.into(),
             limit,
-            name: name.map(Arc::from),
+            name,
             replaces,
             shadow_mode: d.shadow_mode,
             quota_mode: d.quota_mode,
-            metadata: d
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect(),
+            metadata: d.metadata.clone(),
         }))
+    }
+
+    /// Checks that an `unlimited` limit says nothing else about a limit.
+    fn unlimited(&mut self, path: &str, rl: &YamlRateLimit) {
+        if rl.unit.as_deref().is_some_and(|u| !u.is_empty()) {
+            self.error(
+                path,
+                "should not specify rate limit unit when unlimited".into(),
+            );
+        }
+        if rl.algorithm.is_some() || rl.burst.is_some() {
+            self.error(
+                path,
+                "should not specify algorithm or burst when unlimited".into(),
+            );
+        }
+        if rl.unit_multiplier.is_some() || rl.calendar.is_some() || rl.time_zone.is_some() {
+            self.error(
+                path,
+                "should not specify unit_multiplier, calendar or time_zone when unlimited".into(),
+            );
+        }
+    }
+
+    /// The limits of `rate_limits` (at least one; none unlimited; no two over
+    /// one window, which would be one counter) and all their `replaces`.
+    fn limits(&mut self, path: &str, list: &[YamlRateLimit]) -> (Vec<Limit>, Vec<Arc<str>>) {
+        if list.is_empty() {
+            self.error(
+                path,
+                "rate_limits is empty: give at least one limit (or no rate_limits at all)".into(),
+            );
+        }
+        let mut limits: Vec<Limit> = Vec::with_capacity(list.len());
+        let mut replaces = Vec::new();
+        for (i, rl) in list.iter().enumerate() {
+            let item = format!("{path}.rate_limits[{i}]");
+            if rl.unlimited {
+                self.error(
+                    &item,
+                    "a limit in rate_limits cannot be unlimited (use rate_limit: {unlimited: true})"
+                        .into(),
+                );
+                continue;
+            }
+            let name: Option<Arc<str>> =
+                rl.name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
+            if let Some(n) = &name {
+                if limits.iter().any(|l| l.name.as_ref() == Some(n)) {
+                    self.error(&item, format!("duplicate name '{n}' in rate_limits"));
+                }
+            }
+            let limit = self.limit(&item, rl, name);
+            let same_window = limits.iter().position(|l| match (l.window, limit.window) {
+                (Window::Calendar(a), Window::Calendar(b)) => a == b,
+                (Window::Units { .. }, Window::Units { .. }) => {
+                    l.window.seconds() == limit.window.seconds()
+                }
+                _ => false,
+            });
+            if let Some(j) = same_window {
+                self.error(
+                    &item,
+                    format!(
+                        "the same window as rate_limits[{j}] ({}): a descriptor has one counter \
+                         per window, so give each limit its own window",
+                        limit.window
+                    ),
+                );
+            }
+            replaces.extend(self.replaces(&item, &rl.replaces));
+            limits.push(limit);
+        }
+        (limits, replaces)
+    }
+
+    fn replaces(&mut self, path: &str, list: &[YamlReplaces]) -> Vec<Arc<str>> {
+        let mut replaces = Vec::with_capacity(list.len());
+        for r in list {
+            match r.name.as_deref().unwrap_or("") {
+                "" => self.error(path, "should not have an empty replaces entry".into()),
+                n => replaces.push(Arc::from(n)),
+            }
+        }
+        replaces
+    }
+
+    /// One limit (not `unlimited`); errors are recorded, and the limit
+    /// returned then is a placeholder the caller drops.
+    fn limit(&mut self, path: &str, rl: &YamlRateLimit, name: Option<Arc<str>>) -> Limit {
+        let window = match rl.calendar.as_deref().filter(|c| !c.is_empty()) {
+            Some(calendar) => self.calendar(path, rl, calendar),
+            None => self.units(path, rl),
+        };
+        let requests_per_unit = match rl.requests_per_unit {
+            None => {
+                self.error(
+                    path,
+                    "requests_per_unit is required (without it every request would be blocked)"
+                        .into(),
+                );
+                0
+            }
+            Some(0) => {
+                self.error(
+                    path,
+                    "requests_per_unit must be at least 1 (0 would block every request)".into(),
+                );
+                0
+            }
+            Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+                self.error(
+                    path,
+                    format!("requests_per_unit {n} is larger than {}", u32::MAX),
+                );
+                0
+            }),
+        };
+        let algorithm = rl.algorithm.as_deref().and_then(|a| {
+            let parsed = Algorithm::parse(a);
+            if parsed.is_none() {
+                self.error(
+                    path,
+                    format!(
+                        "unknown algorithm '{a}' (expected sliding_window, fixed_window or gcra)"
+                    ),
+                );
+            }
+            parsed
+        });
+        let calendar = matches!(window, Window::Calendar(_));
+        if calendar && algorithm.is_some_and(|a| a != Algorithm::FixedWindow) {
+            self.error(
+                path,
+                "calendar windows count as fixed windows: algorithm must be fixed_window or left \
+                 out"
+                .into(),
+            );
+        }
+        let burst = rl.burst.and_then(|b| {
+            if algorithm != Some(Algorithm::Gcra) {
+                self.error(path, "burst applies only to algorithm gcra".into());
+                None
+            } else if b == 0 || b > u64::from(u32::MAX) {
+                self.error(path, format!("burst must be between 1 and {}", u32::MAX));
+                None
+            } else {
+                Some(b as u32)
+            }
+        });
+        Limit {
+            requests_per_unit,
+            window,
+            algorithm,
+            burst,
+            name,
+        }
+    }
+
+    /// `unit` times `unit_multiplier`, at most a year.
+    fn units(&mut self, path: &str, rl: &YamlRateLimit) -> Window {
+        if rl.time_zone.is_some() {
+            self.error(
+                path,
+                "time_zone applies only to calendar windows (calendar: day, week or month)".into(),
+            );
+        }
+        let unit = match rl.unit.as_deref().filter(|u| !u.is_empty()) {
+            Some(raw) => Unit::parse(raw).unwrap_or_else(|| {
+                self.error(path, format!("invalid rate limit unit '{raw}'"));
+                Unit::Second
+            }),
+            None => {
+                self.error(path, "invalid rate limit unit ''".into());
+                Unit::Second
+            }
+        };
+        let multiplier = match rl.unit_multiplier {
+            None => 1,
+            Some(0) => {
+                self.error(path, "unit_multiplier must be at least 1".into());
+                1
+            }
+            Some(m) => match u32::try_from(m) {
+                Ok(m) if unit.seconds() * u64::from(m) <= MAX_WINDOW_SECONDS => m,
+                _ => {
+                    self.error(
+                        path,
+                        format!(
+                            "unit_multiplier {m} makes a window longer than a year \
+                             ({MAX_WINDOW_SECONDS} seconds)"
+                        ),
+                    );
+                    1
+                }
+            },
+        };
+        Window::Units { unit, multiplier }
+    }
+
+    /// A calendar window; it counts as a fixed window.
+    fn calendar(&mut self, path: &str, rl: &YamlRateLimit, raw: &str) -> Window {
+        if rl.unit.is_some() {
+            self.error(
+                path,
+                "calendar and unit are both set: a calendar window replaces the unit".into(),
+            );
+        }
+        if rl.unit_multiplier.is_some() {
+            self.error(
+                path,
+                "unit_multiplier does not apply to calendar windows".into(),
+            );
+        }
+        let unit = CalendarUnit::parse(raw).unwrap_or_else(|| {
+            self.error(
+                path,
+                format!("invalid calendar '{raw}' (expected day, week or month)"),
+            );
+            CalendarUnit::Day
+        });
+        let time_zone = match rl.time_zone.as_deref() {
+            None => chrono_tz::UTC,
+            Some(zone) => zone.parse().unwrap_or_else(|_| {
+                self.error(
+                    path,
+                    format!(
+                        "unknown time_zone '{zone}' (a tz database name such as Europe/Berlin, \
+                         or UTC)"
+                    ),
+                );
+                chrono_tz::UTC
+            }),
+        };
+        Window::Calendar(Calendar { unit, time_zone })
     }
 }
 
@@ -511,5 +778,7 @@ fn display_name(root: &Path, file: &Path) -> String {
         .to_string()
 }
 
+#[cfg(test)]
+mod extension_tests;
 #[cfg(test)]
 mod tests;

@@ -11,14 +11,19 @@
 //! Handles register lazily (`OnceLock`), so a series appears in `/metrics`
 //! once it has been counted, as with the plain macros, and only after the
 //! recorder is installed (which happens after the limiter is built).
+//!
+//! With rules from PostgreSQL, decisions also carry a `tenant` label
+//! ([`TenantLabels`]): the tenant of the request's API key if it is one of
+//! the first `--metrics-tenants` tenants of the rules snapshot (by name),
+//! else `other`, so the label has at most that many values plus one.
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock, Weak};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use metrics::{counter, histogram, Counter, Histogram};
 
-use crate::limiter::{Code, Decision};
+use crate::limiter::{Code, Decision, RuleSet};
 use crate::telemetry::names;
 
 /// Decision counters by domain label, then by rule path; the store's
@@ -32,9 +37,14 @@ pub(super) struct DecisionMetrics {
 struct DomainMetrics {
     label: Box<str>,
     decisions: [OnceLock<Counter>; 2],
+    /// Decisions by tenant label, when decisions carry one.
+    tenants: ArcSwap<HashMap<Box<str>, Arc<ByCode>>>,
     global_shadow: OnceLock<Counter>,
     rules: ArcSwap<HashMap<Arc<str>, Arc<RuleMetrics>>>,
 }
+
+/// One counter per decision code (see `code_index`).
+type ByCode = [OnceLock<Counter>; 2];
 
 #[derive(Default)]
 struct RuleMetrics {
@@ -52,9 +62,10 @@ fn code_index(code: Code) -> usize {
 
 impl DecisionMetrics {
     /// Counts one decision: per limited descriptor by rule (and shadow-mode
-    /// and near-limit hits), then the request by domain and overall code.
-    /// `domain` is a domain of the rules or [`names::UNKNOWN_DOMAIN_LABEL`].
-    pub(super) fn record(&self, domain: &str, decision: &Decision<'_>) {
+    /// and near-limit hits), then the request by domain (and tenant, when
+    /// given) and overall code. `domain` is a domain of the rules or
+    /// [`names::UNKNOWN_DOMAIN_LABEL`].
+    pub(super) fn record(&self, domain: &str, tenant: Option<&str>, decision: &Decision<'_>) {
         let domains = self.domains.load();
         let d = match domains.get(domain) {
             Some(d) => d,
@@ -97,10 +108,36 @@ impl DecisionMetrics {
                 .get_or_init(|| counter!(names::GLOBAL_SHADOW, "domain" => d.label.to_string()))
                 .increment(1);
         }
-        let code = decision.overall;
-        d.decisions[code_index(code)]
+        self.count(d, tenant, decision.overall);
+    }
+
+    /// Counts a decision the failure mode made (allow): no rule decided it.
+    pub(super) fn record_failure_mode(&self, domain: &str, tenant: Option<&str>) {
+        let domains = self.domains.load();
+        let d = match domains.get(domain) {
+            Some(d) => d,
+            None => &self.insert_domain(domain),
+        };
+        self.count(d, tenant, Code::Ok);
+    }
+
+    fn count(&self, d: &DomainMetrics, tenant: Option<&str>, code: Code) {
+        let Some(tenant) = tenant else {
+            d.decisions[code_index(code)]
+                .get_or_init(|| {
+                    counter!(names::DECISIONS, "domain" => d.label.to_string(), "code" => code.as_str())
+                })
+                .increment(1);
+            return;
+        };
+        let tenants = d.tenants.load();
+        let counters = match tenants.get(tenant) {
+            Some(c) => c,
+            None => &d.insert_tenant(tenant),
+        };
+        counters[code_index(code)]
             .get_or_init(|| {
-                counter!(names::DECISIONS, "domain" => d.label.to_string(), "code" => code.as_str())
+                counter!(names::DECISIONS, "domain" => d.label.to_string(), "tenant" => tenant.to_owned(), "code" => code.as_str())
             })
             .increment(1);
     }
@@ -117,6 +154,7 @@ impl DecisionMetrics {
         let made = Arc::new(DomainMetrics {
             label: label.into(),
             decisions: Default::default(),
+            tenants: ArcSwap::default(),
             global_shadow: OnceLock::new(),
             rules: ArcSwap::default(),
         });
@@ -135,6 +173,16 @@ impl DecisionMetrics {
 }
 
 impl DomainMetrics {
+    fn insert_tenant(&self, label: &str) -> Arc<ByCode> {
+        let mut entry = None;
+        self.tenants.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            entry = Some(next.entry(label.into()).or_default().clone());
+            next
+        });
+        entry.unwrap_or_default()
+    }
+
     fn insert_rule(&self, path: &Arc<str>) -> Arc<RuleMetrics> {
         let mut entry = None;
         self.rules.rcu(|current| {
@@ -143,5 +191,102 @@ impl DomainMetrics {
             next
         });
         entry.unwrap_or_default()
+    }
+}
+
+// === TenantLabels ===
+
+/// Which tenants get a `tenant` label of their own: the first `cap` tenant
+/// names (sorted) among the live API keys of the rules in force, computed
+/// once per rules snapshot. Every pod that loads the same rules picks the
+/// same tenants, so their series add up.
+pub(super) struct TenantLabels {
+    cap: usize,
+    /// The snapshot the set was computed for (held weakly: a dropped
+    /// snapshot's address cannot be reused while this points at it).
+    cached: ArcSwapOption<(Weak<RuleSet>, HashSet<Arc<str>>)>,
+}
+
+impl TenantLabels {
+    pub(super) fn new(cap: usize) -> TenantLabels {
+        TenantLabels {
+            cap,
+            cached: ArcSwapOption::empty(),
+        }
+    }
+
+    /// `tenant` itself if it is labelled under `rules`, else `other`.
+    pub(super) fn label<'t>(&self, rules: &Arc<RuleSet>, tenant: Option<&'t str>) -> &'t str {
+        let Some(tenant) = tenant else {
+            return names::OTHER_TENANT_LABEL;
+        };
+        let cached = self.cached.load();
+        let labelled = match &*cached {
+            Some(c) if std::ptr::eq(c.0.as_ptr(), Arc::as_ptr(rules)) => c.1.contains(tenant),
+            _ => {
+                let set = self.labelled(rules);
+                let found = set.contains(tenant);
+                self.cached
+                    .store(Some(Arc::new((Arc::downgrade(rules), set))));
+                found
+            }
+        };
+        if labelled {
+            tenant
+        } else {
+            names::OTHER_TENANT_LABEL
+        }
+    }
+
+    fn labelled(&self, rules: &RuleSet) -> HashSet<Arc<str>> {
+        let mut tenants: Vec<&Arc<str>> = rules.api_keys().map(|k| &k.tenant).collect();
+        tenants.sort();
+        tenants.dedup();
+        if tenants.len() > self.cap {
+            tracing::info!(
+                tenants = tenants.len(),
+                labelled = self.cap,
+                "more tenants than --metrics-tenants: the rest count as tenant=\"other\""
+            );
+        }
+        tenants.into_iter().take(self.cap).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::ApiKey;
+
+    fn rules(tenants: &[&str]) -> Arc<RuleSet> {
+        let mut rules = RuleSet::new();
+        for (i, t) in tenants.iter().enumerate() {
+            rules.insert_api_key(
+                &format!("hash{i}"),
+                ApiKey {
+                    tenant_id: format!("id-{t}").into(),
+                    tenant: (*t).into(),
+                    plan: "free".into(),
+                    monthly_quota: None,
+                },
+            );
+        }
+        Arc::new(rules)
+    }
+
+    #[test]
+    fn the_first_tenants_by_name_are_labelled_the_rest_are_other() {
+        let labels = TenantLabels::new(2);
+        let r = rules(&["zeta", "acme", "beta", "acme"]);
+        assert_eq!(labels.label(&r, Some("acme")), "acme");
+        assert_eq!(labels.label(&r, Some("beta")), "beta");
+        assert_eq!(labels.label(&r, Some("zeta")), "other", "beyond the cap");
+        assert_eq!(labels.label(&r, Some("ghost")), "other", "no such tenant");
+        assert_eq!(labels.label(&r, None), "other", "no key");
+        // A new snapshot is seen at once.
+        let r = rules(&["zeta"]);
+        assert_eq!(labels.label(&r, Some("zeta")), "zeta");
+        assert_eq!(labels.label(&r, Some("acme")), "other", "gone");
+        assert_eq!(TenantLabels::new(0).label(&r, Some("zeta")), "other");
     }
 }

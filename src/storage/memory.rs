@@ -398,6 +398,7 @@ mod tests {
                 limit,
                 period_us: 60_000_000,
                 burst: limit,
+                calendar: None,
             },
             hits,
         }
@@ -515,6 +516,7 @@ mod tests {
                         limit: 1,
                         period_us: period_s * 1_000_000,
                         burst: 1,
+                        calendar: None,
                     },
                     hits: 1,
                 };

@@ -168,3 +168,113 @@ fn the_example_config_validates() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// === sluice's window extensions, as Envoy's headers show them ===
+
+/// Envoy sends ("client_id", <x-client-id>): one rule per test client.
+const WINDOW_RULES: &str = r#"
+domain: weather
+descriptors:
+  - key: client_id
+    value: every-five-minutes
+    rate_limit: {name: per_5m, unit: minute, unit_multiplier: 5, requests_per_unit: 3, algorithm: fixed_window}
+  - key: client_id
+    value: burst-and-daily
+    rate_limits:
+      - {name: burst, unit: second, requests_per_unit: 2, algorithm: fixed_window}
+      - {name: daily, unit: day, requests_per_unit: 5, algorithm: fixed_window}
+"#;
+
+async fn start_window_sluice() -> (TestServer, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(START_US));
+    let mut config = TestConfig::new(support::rules_from_yaml(&[WINDOW_RULES]));
+    config.clock = clock.clone();
+    (TestServer::start(config).await, clock)
+}
+
+/// (status, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset).
+fn limit_headers(r: &HttpResponse) -> (u16, String, String, String) {
+    (
+        r.status,
+        header(r, "x-ratelimit-limit").to_owned(),
+        header(r, "x-ratelimit-remaining").to_owned(),
+        header(r, "x-ratelimit-reset").to_owned(),
+    )
+}
+
+fn expect(status: u16, limit: &str, remaining: u32, reset: u64) -> (u16, String, String, String) {
+    (
+        status,
+        limit.to_owned(),
+        remaining.to_string(),
+        reset.to_string(),
+    )
+}
+
+/// A 5-minute window: `x-ratelimit-reset` counts to its end (100 s from 200 s
+/// into it), not a minute's (40 s). No `RateLimit.Unit` is 5 minutes long,
+/// so sluice reports none and Envoy lists no `w=` rather than a wrong one.
+#[tokio::test]
+async fn a_five_minute_window_in_envoys_headers() {
+    let backend = Backend::start().await;
+    let (sluice, _clock) = start_window_sluice().await;
+    let envoy = start_envoy(sluice.grpc_addr, backend.addr).await;
+    let client = [("x-client-id", "every-five-minutes")];
+    for remaining in [2, 1, 0] {
+        let r = envoy.get(&client).await;
+        assert_eq!(
+            limit_headers(&r),
+            expect(200, "3", remaining, 100),
+            "{r:?}\n{}",
+            envoy.log_text()
+        );
+    }
+    let r = envoy.get(&client).await;
+    assert_eq!(limit_headers(&r), expect(429, "3", 0, 100));
+    assert_eq!(backend.hits(), 3);
+}
+
+/// A burst and a daily limit on one descriptor: the headers follow the
+/// most constrained, the burst while it has fewer left, then the day.
+#[tokio::test]
+async fn the_most_constrained_of_several_limits_in_envoys_headers() {
+    let backend = Backend::start().await;
+    let (sluice, clock) = start_window_sluice().await;
+    let envoy = start_envoy(sluice.grpc_addr, backend.addr).await;
+    let client = [("x-client-id", "burst-and-daily")];
+    let burst = "2, 2;w=1;name=\"burst\"";
+    let daily = "5, 5;w=86400;name=\"daily\"";
+    // START_US is on a whole second, 80 000 s into a UTC day.
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 1, 1)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 0, 1)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(429, burst, 0, 1)
+    );
+    clock.advance(1_000_000);
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 1, 1)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, burst, 0, 1)
+    );
+    clock.advance(1_000_000);
+    let day_left = 86_400 - 80_000 - 2;
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(200, daily, 0, day_left)
+    );
+    assert_eq!(
+        limit_headers(&envoy.get(&client).await),
+        expect(429, daily, 0, day_left)
+    );
+    assert_eq!(backend.hits(), 5, "the daily limit admitted five");
+}

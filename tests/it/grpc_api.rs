@@ -715,3 +715,174 @@ async fn metrics_count_decisions_by_domain_and_code_never_by_value() {
         );
     }
 }
+
+// === sluice's window extensions ===
+
+const WINDOW_RULES: &str = r#"
+domain: windows
+descriptors:
+  - key: client
+    rate_limits:
+      - {name: burst, unit: second, requests_per_unit: 2, algorithm: fixed_window}
+      - {name: daily, unit: day, requests_per_unit: 5, algorithm: fixed_window}
+  - key: five
+    rate_limit: {name: per_5m, unit: minute, unit_multiplier: 5, requests_per_unit: 2}
+  - key: sixty
+    rate_limit: {name: per_60s, unit: second, unit_multiplier: 60, requests_per_unit: 2}
+  - key: tenant
+    quota_mode: true
+    rate_limit: {name: monthly, calendar: month, time_zone: Europe/Berlin, requests_per_unit: 2}
+"#;
+
+async fn start_windows() -> (TestServer, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(START_US));
+    let mut config = TestConfig::new(rules_from_yaml(&[WINDOW_RULES]));
+    config.clock = clock.clone();
+    (TestServer::start(config).await, clock)
+}
+
+/// code, current_limit (name, requests_per_unit, unit), limit_remaining and
+/// duration_until_reset (seconds) of the only status.
+fn status_of(r: &RateLimitResponse) -> (Code, String, u32, Unit, u32, f64) {
+    assert_eq!(r.statuses.len(), 1, "{r:?}");
+    let s = &r.statuses[0];
+    let limit = s.current_limit.as_ref().expect("current_limit");
+    (
+        s.code(),
+        limit.name.clone(),
+        limit.requests_per_unit,
+        limit.unit(),
+        s.limit_remaining,
+        secs(&s.duration_until_reset),
+    )
+}
+
+#[tokio::test]
+async fn several_limits_report_the_most_constrained() {
+    let (server, clock) = start_windows().await;
+    let mut client = server.client().await;
+    let hit = || request("windows", &[&[("client", "c-1")]]);
+    // START_US is on a whole second, 80 000 s into a UTC day.
+    let day_left = 6_400.0;
+    let burst =
+        |code, remaining, reset| (code, "burst".to_owned(), 2, Unit::Second, remaining, reset);
+    let daily = |code, remaining, reset| (code, "daily".to_owned(), 5, Unit::Day, remaining, reset);
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 1, 1.0)
+    );
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 0, 1.0)
+    );
+    let r = call(&mut client, hit()).await;
+    assert_eq!(r.overall_code(), Code::OverLimit);
+    assert_eq!(status_of(&r), burst(Code::OverLimit, 0, 1.0));
+    clock.advance(1_000_000);
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 1, 1.0)
+    );
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        burst(Code::Ok, 0, 1.0)
+    );
+    clock.advance(1_000_000);
+    // One left of the burst, none of the day: the day is reported.
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        daily(Code::Ok, 0, day_left - 2.0)
+    );
+    let r = call(&mut client, hit()).await;
+    assert_eq!(r.overall_code(), Code::OverLimit);
+    assert_eq!(status_of(&r), daily(Code::OverLimit, 0, day_left - 2.0));
+}
+
+#[tokio::test]
+async fn a_five_minute_window_reports_no_unit_and_its_own_reset() {
+    let (server, _clock) = start_windows().await;
+    let mut client = server.client().await;
+    // START_US is 200 s into a 5-minute window. No RateLimit.Unit is 5
+    // minutes long: UNKNOWN, so Envoy states no window rather than a wrong one.
+    let hit = || request("windows", &[&[("five", "f-1")]]);
+    let five = |code, remaining, reset| {
+        (
+            code,
+            "per_5m".to_owned(),
+            2,
+            Unit::Unknown,
+            remaining,
+            reset,
+        )
+    };
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        five(Code::Ok, 1, 100.0)
+    );
+    assert_eq!(
+        status_of(&call(&mut client, hit()).await),
+        five(Code::Ok, 0, 100.0)
+    );
+    let r = call(&mut client, hit()).await;
+    assert_eq!(r.overall_code(), Code::OverLimit);
+    let (code, _, _, unit, remaining, reset) = status_of(&r);
+    assert_eq!((code, unit, remaining), (Code::OverLimit, Unit::Unknown, 0));
+    // Sliding window: until this window's 2 weigh 1 in the next, 150 s in.
+    assert_eq!(reset, 250.0);
+
+    // 60 seconds is a minute: reported as one.
+    let r = call(&mut client, request("windows", &[&[("sixty", "s-1")]])).await;
+    assert_eq!(
+        status_of(&r),
+        (Code::Ok, "per_60s".to_owned(), 2, Unit::Minute, 1, 40.0)
+    );
+}
+
+#[tokio::test]
+async fn a_calendar_month_reports_its_unit_and_the_time_to_local_midnight_on_the_first() {
+    let (server, clock) = start_windows().await;
+    let mut client = server.client().await;
+    let hit = || request("windows", &[&[("tenant", "acme")]]);
+    // 2023-11-14T22:13:20Z; December starts in Berlin at 2023-11-30T23:00Z.
+    let month_left = 1_385_200.0;
+    let r = call(&mut client, hit()).await;
+    assert_eq!(
+        status_of(&r),
+        (
+            Code::Ok,
+            "monthly".to_owned(),
+            2,
+            Unit::Month,
+            1,
+            month_left
+        )
+    );
+    let quota = r.statuses[0].quota.as_ref().expect("quota_mode: quota");
+    assert_eq!(quota.requests, 1);
+    let valid_until = match &quota.expiration_specifier {
+        Some(sluice::proto::rls::rate_limit_response::quota::ExpirationSpecifier::ValidUntil(
+            t,
+        )) => t.seconds,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(valid_until, 1_701_385_200, "2023-11-30T23:00:00Z");
+    call(&mut client, hit()).await;
+    assert_eq!(
+        call(&mut client, hit()).await.overall_code(),
+        Code::OverLimit
+    );
+    // Midnight on 1 December in Berlin: a new month of 31 days.
+    clock.set(1_701_385_200_000_000);
+    let r = call(&mut client, hit()).await;
+    assert_eq!(
+        status_of(&r),
+        (
+            Code::Ok,
+            "monthly".to_owned(),
+            2,
+            Unit::Month,
+            1,
+            31.0 * 86_400.0
+        )
+    );
+}

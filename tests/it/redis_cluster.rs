@@ -422,6 +422,7 @@ async fn tls_and_a_password_on_every_node() {
                     limit: 2,
                     period_us: 3_600_000_000,
                     burst: 2,
+                    calendar: None,
                 },
                 hits: 1,
             }

@@ -14,7 +14,10 @@ use clap::Parser as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice::limiter::{Algorithm, CounterOp, CounterSpec, Entry, KeyHasher};
+use sluice::clock::{SkewedClock, SystemClock};
+use sluice::limiter::{
+    Algorithm, Calendar, CalendarUnit, CounterOp, CounterSpec, Entry, KeyHasher,
+};
 use sluice::proto::rls::rate_limit_response::Code;
 use sluice::service::FailureMode;
 use sluice::storage::redis::{RedisOptions, RedisStore, RedisTarget};
@@ -55,6 +58,7 @@ fn fixed_op(value: &str, limit: u64, period_us: u64) -> CounterOp {
             limit,
             period_us,
             burst: limit,
+            calendar: None,
         },
         hits: 1,
     }
@@ -158,6 +162,86 @@ async fn windows_follow_redis_time() {
         (latest..=earliest).contains(&outcome.reset_us),
         "reset {} not between {latest} and {earliest} (Redis TIME)",
         outcome.reset_us
+    );
+}
+
+/// A calendar window's boundaries come from sluice's clock (Lua has no tz
+/// database), but the script picks the window by Redis' `TIME`: instances
+/// whose clocks are 20 hours behind and ahead count in the same calendar day
+/// as one whose clock is right, and all name the same end.
+#[tokio::test]
+async fn calendar_windows_follow_redis_time_whatever_sluices_clock_says() {
+    let server = RedisServer::start();
+    let hour = 3_600_000_000u64;
+    // A zone where it is about noon now, so no midnight falls in the test.
+    let offset = 12 - (server.time_us() / hour % 24) as i64;
+    let zone = match offset {
+        0 => "Etc/GMT".to_owned(),
+        // tz database names have the sign the other way round.
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    };
+    let calendar = Calendar {
+        unit: CalendarUnit::Day,
+        time_zone: zone.parse().unwrap(),
+    };
+    let day_of = |offset_us: i64| {
+        let mut options = options(1_000);
+        options.local_clock = Arc::new(SkewedClock {
+            inner: SystemClock,
+            offset_us,
+        });
+        RedisStore::new(&RedisTarget::Standalone(server.url()), options).unwrap()
+    };
+    let stores = [
+        day_of(0),
+        day_of(-20 * hour as i64),
+        day_of(20 * hour as i64),
+    ];
+    for store in &stores {
+        up(store).await;
+    }
+    let h = KeyHasher::from_secret(b"redis tests");
+    let op = CounterOp {
+        key: h.calendar_key(
+            "t",
+            &[Entry {
+                key: "k",
+                value: "cal",
+            }],
+            &[],
+            calendar,
+        ),
+        spec: CounterSpec {
+            algorithm: Algorithm::FixedWindow,
+            limit: 3,
+            period_us: 24 * hour,
+            burst: 3,
+            calendar: Some(calendar),
+        },
+        hits: 1,
+    };
+    let mut resets = Vec::new();
+    for (store, remaining) in stores.iter().zip([2, 1, 0]) {
+        let outcome = store.apply(&[op]).await.unwrap()[0];
+        assert!(outcome.admitted, "{zone}: {outcome:?}");
+        assert_eq!(
+            outcome.remaining, remaining,
+            "{zone}: one counter for all three"
+        );
+        resets.push(outcome.reset_us);
+    }
+    for store in &stores {
+        assert!(!store.apply(&[op]).await.unwrap()[0].admitted, "{zone}");
+    }
+    let (low, high) = (resets.iter().min().unwrap(), resets.iter().max().unwrap());
+    assert!(
+        high - low < 2_000_000,
+        "{zone}: resets disagree: {resets:?}"
+    );
+    assert!(
+        (10 * hour..14 * hour).contains(low),
+        "{zone}: about noon, reset {low}"
     );
 }
 

@@ -11,7 +11,9 @@
 //! `redis_cluster.rs`.
 //!
 //! Two parts: hand-worked sequences per algorithm (admit/deny, remaining,
-//! reset, `hits_addend`, check-only hits), then thousands of random
+//! reset, `hits_addend`, check-only hits), for windows of several units
+//! (5 minutes), calendar windows, and several limits on one descriptor (a
+//! burst and a daily limit in one request); then thousands of random
 //! operations compared with the pure core (`limiter::check` over a model of
 //! the state), which is what `window.rs` defines; and finally key expiry.
 
@@ -24,7 +26,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use sluice::clock::{Clock, ManualClock, SystemClock};
 use sluice::limiter::{
-    check, Algorithm, CounterKey, CounterOp, CounterSpec, CounterState, Entry, KeyHasher, Outcome,
+    check, Algorithm, Calendar, CalendarUnit, CounterKey, CounterOp, CounterSpec, CounterState,
+    Entry, KeyHasher, Outcome,
 };
 use sluice::storage::memory::MemoryStore;
 use sluice::storage::redis::scripts::KEY_PREFIX;
@@ -170,6 +173,36 @@ fn key(name: &str, algorithm: Algorithm, period_us: u64) -> CounterKey {
     )
 }
 
+fn calendar_key(name: &str, calendar: Calendar) -> CounterKey {
+    let entries = [Entry {
+        key: "k",
+        value: name,
+    }];
+    KeyHasher::from_secret(b"contract").calendar_key("contract", &entries, &[], calendar)
+}
+
+fn calendar(unit: CalendarUnit, zone: &str) -> Calendar {
+    Calendar {
+        unit,
+        time_zone: zone.parse().unwrap(),
+    }
+}
+
+/// A hit on a calendar window's counter.
+fn calendar_op(key: CounterKey, calendar: Calendar, limit: u64, hits: u64) -> CounterOp {
+    CounterOp {
+        key,
+        spec: CounterSpec {
+            algorithm: Algorithm::FixedWindow,
+            limit,
+            period_us: calendar.unit.nominal().period_us(),
+            burst: limit,
+            calendar: Some(calendar),
+        },
+        hits,
+    }
+}
+
 fn op(
     key: CounterKey,
     algorithm: Algorithm,
@@ -185,6 +218,7 @@ fn op(
             limit,
             period_us,
             burst,
+            calendar: None,
         },
         hits,
     }
@@ -212,6 +246,9 @@ async fn suite(s: &Subject) {
     fixed_window_sequence(s).await;
     sliding_window_sequence(s).await;
     gcra_sequence(s).await;
+    five_minute_windows(s).await;
+    several_limits_in_one_request(s).await;
+    calendar_windows(s).await;
     random_operations_match_the_core(s, 0x5eed_0001, 5_000, Calls::Apply).await;
     random_operations_match_the_core(s, 0x5eed_0002, 3_000, Calls::Requests).await;
 }
@@ -344,6 +381,170 @@ async fn gcra_sequence(s: &Subject) {
     );
 }
 
+/// `unit: minute, unit_multiplier: 5` on every algorithm: epoch-aligned
+/// 5-minute windows, and each algorithm's reset measured in them.
+async fn five_minute_windows(s: &Subject) {
+    let n = s.name;
+    let period = 300 * S;
+    // 200 s into a 5-minute window.
+    s.clock
+        .set((s.clock.now_us() / period + 1) * period + 200 * S);
+    let until_end = 100 * S;
+
+    let k = key("five-fixed", Algorithm::FixedWindow, period);
+    let hit = |hits| op(k, Algorithm::FixedWindow, 2, period, 2, hits);
+    assert_eq!(one(s, &hit(1)).await, outcome(true, 1, until_end, 1), "{n}");
+    assert_eq!(one(s, &hit(1)).await, outcome(true, 0, until_end, 2), "{n}");
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(false, 0, until_end, 2),
+        "{n}"
+    );
+
+    let k = key("five-sliding", Algorithm::SlidingWindow, period);
+    let hit = |hits| op(k, Algorithm::SlidingWindow, 3, period, 3, hits);
+    for remaining in [2, 1, 0] {
+        assert_eq!(
+            one(s, &hit(1)).await,
+            outcome(true, remaining, until_end, 3 - remaining),
+            "{n}"
+        );
+    }
+    // Into the next window, until this window's 3 weigh 2: 100 s in.
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(false, 0, until_end + 100 * S, 3),
+        "{n}"
+    );
+
+    // GCRA: 5 per 5 minutes is one per minute, with a bucket of 2.
+    let k = key("five-gcra", Algorithm::Gcra, period);
+    let hit = |hits| op(k, Algorithm::Gcra, 5, period, 2, hits);
+    assert_eq!(one(s, &hit(1)).await, outcome(true, 1, 60 * S, 1), "{n}");
+    assert_eq!(one(s, &hit(1)).await, outcome(true, 0, 120 * S, 2), "{n}");
+    assert_eq!(one(s, &hit(1)).await, outcome(false, 0, 60 * S, 2), "{n}");
+
+    // The window ends on the 5-minute boundary, where the fixed count resets.
+    s.clock.advance(until_end);
+    let k = key("five-fixed", Algorithm::FixedWindow, period);
+    let hit = op(k, Algorithm::FixedWindow, 2, period, 2, 1);
+    assert_eq!(one(s, &hit).await, outcome(true, 1, period, 1), "{n}");
+}
+
+/// A burst (2 a second) and a daily limit (5) on one descriptor, applied
+/// as one request: all must admit a hit, and a request the burst denies
+/// takes nothing from the day.
+async fn several_limits_in_one_request(s: &Subject) {
+    let n = s.name;
+    s.clock.set((s.clock.now_us() / DAY + 1) * DAY);
+    let burst = key("several", Algorithm::FixedWindow, S);
+    let daily = key("several", Algorithm::FixedWindow, DAY);
+    let request = |hits| {
+        [
+            op(burst, Algorithm::FixedWindow, 2, S, 2, hits),
+            op(daily, Algorithm::FixedWindow, 5, DAY, 5, hits),
+        ]
+    };
+    let apply = |hits| async move {
+        s.store
+            .apply_request(&request(hits), &[true, true])
+            .await
+            .unwrap_or_else(|e| panic!("{n}: {e}"))
+    };
+    assert_eq!(
+        apply(1).await,
+        [outcome(true, 1, S, 1), outcome(true, 4, DAY, 1)],
+        "{n}"
+    );
+    assert_eq!(
+        apply(1).await,
+        [outcome(true, 0, S, 2), outcome(true, 3, DAY, 2)],
+        "{n}"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            apply(1).await,
+            [outcome(false, 0, S, 2), outcome(true, 3, DAY, 2)],
+            "{n}: denied by the burst, the day only checked"
+        );
+    }
+    s.clock.advance(S);
+    assert_eq!(
+        apply(2).await,
+        [outcome(true, 0, S, 2), outcome(true, 1, DAY - S, 4)],
+        "{n}"
+    );
+    s.clock.advance(S);
+    assert_eq!(
+        apply(2).await,
+        [outcome(true, 2, S, 0), outcome(false, 1, DAY - 2 * S, 4)],
+        "{n}: the day denies 2; the burst only checked"
+    );
+    assert_eq!(
+        apply(1).await,
+        [outcome(true, 1, S, 1), outcome(true, 0, DAY - 2 * S, 5)],
+        "{n}: the burst kept nothing of the denied request"
+    );
+}
+
+/// Calendar windows: a month in Berlin across its last half hour, and a
+/// day in Berlin that is 23 hours long.
+async fn calendar_windows(s: &Subject) {
+    let n = s.name;
+    let month = calendar(CalendarUnit::Month, "Europe/Berlin");
+    // Half an hour before the first month boundary at least three days out.
+    let (_, boundary) = month.window_at(s.clock.now_us() + 3 * DAY);
+    let half_hour = 1_800 * S;
+    s.clock.set(boundary - half_hour);
+    let k = calendar_key("month", month);
+    let hit = |hits| calendar_op(k, month, 2, hits);
+    assert_eq!(one(s, &hit(1)).await, outcome(true, 1, half_hour, 1), "{n}");
+    assert_eq!(one(s, &hit(1)).await, outcome(true, 0, half_hour, 2), "{n}");
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(false, 0, half_hour, 2),
+        "{n}"
+    );
+    assert_eq!(
+        (s.expires_at)(k).await,
+        Some(boundary),
+        "{n}: the key expires when the month ends"
+    );
+    // Local midnight on the 1st: a new month, as long as the calendar says.
+    s.clock.set(boundary);
+    let (start, end) = month.window_at(boundary);
+    assert_eq!(start, boundary);
+    assert_eq!(
+        one(s, &hit(1)).await,
+        outcome(true, 1, end - start, 1),
+        "{n}"
+    );
+
+    // The next day Berlin's clocks change: 23 or 25 hours, not 24.
+    let day = calendar(CalendarUnit::Day, "Europe/Berlin");
+    let mut probe = s.clock.now_us();
+    let (start, end) = loop {
+        let (start, end) = day.window_at(probe);
+        if end - start != DAY {
+            break (start, end);
+        }
+        probe = end;
+    };
+    s.clock.set(start);
+    let k = calendar_key("dst-day", day);
+    let hit = calendar_op(k, day, 1, 1);
+    assert_eq!(one(s, &hit).await, outcome(true, 0, end - start, 1), "{n}");
+    assert_eq!(one(s, &hit).await, outcome(false, 0, end - start, 1), "{n}");
+    s.clock.set(end - 1);
+    assert!(!one(s, &hit).await.admitted, "{n}: still that day");
+    s.clock.set(end);
+    assert_eq!(
+        one(s, &hit).await,
+        outcome(true, 0, DAY, 1),
+        "{n}: the next day"
+    );
+}
+
 /// What the store should hold, by the pure core's rules.
 #[derive(Default, Clone)]
 struct Model {
@@ -426,8 +627,22 @@ async fn random_operations_match_the_core(s: &Subject, seed: u64, count: usize, 
     let mut rng = Rng(seed);
     let mut model = Model::default();
     // (algorithm, limit, period, burst): small and large, including a
-    // sliding window whose count x period is far beyond 2^53.
+    // sliding window whose count x period is far beyond 2^53, windows of
+    // several units (5 and 7 minutes), and calendar windows (the period
+    // then names the calendar below).
+    let calendars = |period: u64| match period {
+        p if p == DAY + 1 => Some(calendar(CalendarUnit::Day, "Europe/Berlin")),
+        p if p == 7 * DAY + 1 => Some(calendar(CalendarUnit::Week, "America/New_York")),
+        p if p == 30 * DAY + 1 => Some(calendar(CalendarUnit::Month, "Asia/Kathmandu")),
+        _ => None,
+    };
     let specs: &[(Algorithm, u64, u64, u64)] = &[
+        (Algorithm::FixedWindow, 4, 300 * S, 4),
+        (Algorithm::SlidingWindow, 6, 420 * S, 6),
+        (Algorithm::Gcra, 5, 300 * S, 2),
+        (Algorithm::FixedWindow, 3, DAY + 1, 3),
+        (Algorithm::FixedWindow, 5, 7 * DAY + 1, 5),
+        (Algorithm::FixedWindow, 2, 30 * DAY + 1, 2),
         (Algorithm::FixedWindow, 3, S, 3),
         (Algorithm::FixedWindow, 1_000, 3_600 * S, 1_000),
         (Algorithm::SlidingWindow, 1, S, 1),
@@ -450,25 +665,23 @@ async fn random_operations_match_the_core(s: &Subject, seed: u64, count: usize, 
         for _ in 0..batch {
             let (algorithm, limit, period, burst) = rng.pick(specs);
             let name = format!("{seed:x}-r{}-{period}", rng.below(3));
+            let (counter, calendar) = match calendars(period) {
+                Some(c) => (calendar_key(&name, c), Some(c)),
+                None => (key(&name, algorithm, period), None),
+            };
             if calls == Calls::Requests
                 && !s.atomic_requests
-                && ops
-                    .iter()
-                    .any(|o: &CounterOp| o.key == key(&name, algorithm, period))
+                && ops.iter().any(|o: &CounterOp| o.key == counter)
             {
                 // Taken in two steps, one counter twice in a request is not
                 // exact (see `apply_in_two_steps`).
                 continue;
             }
             let hits = rng.pick(&[1, 1, 1, 1, 1, 0, 2, 3, limit, limit + 1]);
-            ops.push(op(
-                key(&name, algorithm, period),
-                algorithm,
-                limit,
-                period,
-                burst,
-                hits,
-            ));
+            ops.push(match calendar {
+                Some(c) => calendar_op(counter, c, limit, hits),
+                None => op(counter, algorithm, limit, period, burst, hits),
+            });
         }
         // Steps on the scale of the first operation's period: mostly small,
         // sometimes into the next window (for year-long windows too, whose

@@ -57,13 +57,82 @@ app.kubernetes.io/part-of: sluice
 
 {{/* Settings -------------------------------------------------------------- */}}
 
+{{/* Whether the chart runs its own Redis (store.type=redis without a host). */}}
+{{- define "sluice.bundledRedis" -}}
+{{- if and (eq .Values.store.type "redis") (not .Values.store.redis.host) }}true{{ end }}
+{{- end }}
+
+{{/* The chart's own Redis: a name of its own, so that no selector of
+sluice's (Services, PDB, NetworkPolicy) picks its pod. */}}
+{{- define "sluice.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "sluice.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "sluice.redisLabels" -}}
+helm.sh/chart: {{ include "sluice.chart" . }}
+{{ include "sluice.redisSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.redis.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: sluice
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "sluice.redisName" -}}
+{{- printf "%s-redis" (include "sluice.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret and key holding the Redis password, if any. */}}
+{{- define "sluice.redisPasswordSecret" -}}
+{{- if .Values.store.passwordSecret.name }}
+{{- .Values.store.passwordSecret.name }}
+{{- else if include "sluice.bundledRedis" . }}
+{{- include "sluice.redisName" . }}
+{{- end }}
+{{- end }}
+
+{{- define "sluice.redisPasswordKey" -}}
+{{- ternary .Values.store.passwordSecret.key "password" (not (empty .Values.store.passwordSecret.name)) }}
+{{- end }}
+
+{{/* The Secret holding the key secret: the one named, or the generated one. */}}
+{{- define "sluice.keySecretName" -}}
+{{- if .Values.keySecret.existingSecret }}
+{{- .Values.keySecret.existingSecret }}
+{{- else if include "sluice.needsKeySecret" . }}
+{{- printf "%s-key" (include "sluice.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "sluice.keySecretKey" -}}
+{{- ternary .Values.keySecret.key "key-secret" (not (empty .Values.keySecret.existingSecret)) }}
+{{- end }}
+
+{{/*
+A random value that stays what it was: the one in the release's existing
+Secret NAME under KEY (helm upgrade), else a new one (helm install, helm
+template). dict "context" . "name" NAME "key" KEY.
+*/}}
+{{- define "sluice.keptRandom" -}}
+{{- $existing := lookup "v1" "Secret" .context.Release.Namespace .name }}
+{{- if and $existing $existing.data (hasKey $existing.data .key) }}
+{{- index $existing.data .key }}
+{{- else }}
+{{- randAlphaNum 40 | b64enc }}
+{{- end }}
+{{- end }}
+
 {{/* The SLUICE_STORE value for store.type. */}}
 {{- define "sluice.storeUrl" -}}
 {{- $s := .Values.store }}
 {{- if eq $s.type "memory" }}
 {{- print "memory" }}
+{{- else if include "sluice.bundledRedis" . }}
+{{- printf "redis://%s:%d/0" (include "sluice.redisName" .) (int $s.redis.port) }}
 {{- else if eq $s.type "redis" }}
 {{- printf "%s://%s:%d/%d" (ternary "rediss" "redis" $s.redis.tls) $s.redis.host (int $s.redis.port) (int $s.redis.db) }}
+{{- else if eq $s.type "redisSentinel" }}
+{{- printf "%s://%s/%s/%d" (ternary "rediss+sentinel" "redis+sentinel" $s.redisSentinel.tls) (join "," $s.redisSentinel.sentinels) $s.redisSentinel.masterName (int $s.redisSentinel.db) }}
 {{- else if eq $s.type "redisCluster" }}
 {{- printf "%s://%s" (ternary "rediss+cluster" "redis+cluster" $s.redisCluster.tls) (join "," $s.redisCluster.nodes) }}
 {{- end }}
@@ -97,9 +166,18 @@ with one clear message.
 */}}
 {{- define "sluice.validate" -}}
 {{- $v := .Values }}
-{{- if and (include "sluice.needsKeySecret" .) (not $v.keySecret.existingSecret) }}
-{{- $why := ternary (printf "store.type=%s" $v.store.type) "rules.source=postgres" (ne $v.store.type "memory") }}
-{{- fail (printf "%s needs keySecret.existingSecret: the name of an existing Secret whose %q key holds the secret that hashes client ids and API keys (SLUICE_KEY_SECRET); every pod must share it. Create one with: kubectl create secret generic sluice-key --from-literal=%s=\"$(head -c32 /dev/urandom | base64)\"" $why $v.keySecret.key $v.keySecret.key) }}
+{{- if and (eq $v.rules.source "postgres") (not $v.keySecret.existingSecret) }}
+{{- fail (printf "rules.source=postgres needs keySecret.existingSecret: the name of an existing Secret whose %q key holds the secret that hashes client ids and API keys (SLUICE_KEY_SECRET); every pod must share it, and `sluice keys issue` needs the same value. Create one with: kubectl create secret generic sluice-key --from-literal=%s=\"$(head -c32 /dev/urandom | base64)\"" $v.keySecret.key $v.keySecret.key) }}
+{{- end }}
+{{- if and (eq $v.store.type "memory") (not $v.store.memory.perPodLimits) (or $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
+{{- $pods := ternary (printf "up to %d pods (the HPA's maxReplicas)" (int $v.autoscaling.maxReplicas)) (printf "%d replicas" (int $v.replicaCount)) $v.autoscaling.enabled }}
+{{- fail (printf "store.type=memory with %s: every pod would count on its own, so a client would get up to %s times its limit. Use a shared store (store.type=redis, the chart's own Redis by default, or redisSentinel/redisCluster), or set store.memory.perPodLimits=true if per-pod limits are intended (or run one replica with autoscaling.enabled=false)" $pods (ternary (toString (int $v.autoscaling.maxReplicas)) (toString (int $v.replicaCount)) $v.autoscaling.enabled)) }}
+{{- end }}
+{{- if and (eq $v.store.type "redisSentinel") (not $v.store.redisSentinel.sentinels) }}
+{{- fail "store.type=redisSentinel needs store.redisSentinel.sentinels: a list of host:port sentinels" }}
+{{- end }}
+{{- if and (include "sluice.bundledRedis" .) $v.store.redis.tls }}
+{{- fail "store.redis.tls needs store.redis.host: the chart's own Redis serves plaintext inside the cluster" }}
 {{- end }}
 {{- if and (eq $v.store.type "redisCluster") (not $v.store.redisCluster.nodes) }}
 {{- fail "store.type=redisCluster needs store.redisCluster.nodes: a list of host:port seed nodes" }}
@@ -185,4 +263,20 @@ be empty for any address), "ports" and optional "protocols" (default TCP).
 {{- else -}}
 -plaintext
 {{- end -}}
+{{- end }}
+
+{{/*
+The broker URL and queue prefix, for serve and the consumer alike. The URL
+holds credentials, so it comes from a Secret.
+*/}}
+{{- define "sluice.eventsEnv" -}}
+- name: SLUICE_EVENTS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "events.enabled needs events.urlSecret.name (a Secret holding the amqp:// URL)" .Values.events.urlSecret.name }}
+      key: {{ .Values.events.urlSecret.key }}
+{{- with .Values.events.prefix }}
+- name: SLUICE_EVENTS_PREFIX
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}

@@ -160,6 +160,86 @@ fn the_match_and_the_entries_passed_over_in_the_matchers_order() {
 }
 
 #[test]
+fn wildcards_anywhere_are_reported_as_written_in_file_order() {
+    // More patterns than a level tries in turn, so the first wildcard is
+    // found through the pattern set's trie.
+    let mut yaml = String::from("domain: w\ndescriptors:\n");
+    for i in 0..10 {
+        yaml += &format!("  - key: path\n    value: /x{i}/*\n    rate_limit: {{name: x{i}, unit: minute, requests_per_unit: 1}}\n");
+    }
+    yaml += "  - key: path\n    value: /*/items/*\n    rate_limit: {name: items, unit: minute, requests_per_unit: 2}\n";
+    yaml += "  - key: path\n    value: '*'\n    rate_limit: {name: all, unit: minute, requests_per_unit: 3}\n";
+    yaml += "  - key: path\n    rate_limit: {name: any, unit: minute, requests_per_unit: 4}\n";
+    let rules = rules(&yaml);
+    let cases: [(&str, Matched<'_>, &[Matched<'_>], &str); 3] = [
+        (
+            "/x3/items/7",
+            Matched::Wildcard("/x3/*"),
+            &[
+                Matched::Wildcard("/*/items/*"),
+                Matched::Wildcard("*"),
+                Matched::KeyOnly,
+            ],
+            "x3",
+        ),
+        (
+            "/y/items/7",
+            Matched::Wildcard("/*/items/*"),
+            &[Matched::Wildcard("*"), Matched::KeyOnly],
+            "items",
+        ),
+        (
+            "/y/other",
+            Matched::Wildcard("*"),
+            &[Matched::KeyOnly],
+            "all",
+        ),
+    ];
+    for (value, how, passed_over, rule) in cases {
+        let entries = [("path", value)];
+        let req = request("w", vec![d(&entries)]);
+        let [e] = &explained(&rules, &req)[..] else {
+            panic!("one descriptor");
+        };
+        assert_eq!(e.steps[0].matched.map(|c| c.how), Some(how), "{value}");
+        assert_eq!(hows(&e.steps[0].passed_over), passed_over, "{value}");
+        assert_eq!(rule_name(&e.reason), Some(rule), "{value}");
+        let looked_up = rules.lookup("w", &req.descriptors[0].entries);
+        assert_eq!(looked_up.and_then(|m| m.rule.name.as_deref()), Some(rule));
+    }
+}
+
+#[test]
+fn every_limit_of_a_descriptor_is_a_counter() {
+    let rules = rules(
+        "
+domain: m
+descriptors:
+  - key: user
+    rate_limits:
+      - {name: burst, unit: second, requests_per_unit: 2}
+      - {name: daily, unit: day, requests_per_unit: 100}
+      - {unit: minute, unit_multiplier: 5, requests_per_unit: 10}
+",
+    );
+    let store = store();
+    let req = request("m", vec![d(&[("user", "u")])]);
+    let report = explain_with(&store, &rules, &req, PlanOptions::default(), NOW);
+    let counters = &report.descriptors[0].counters;
+    let names: Vec<_> = counters.iter().map(|c| c.name.map(|n| &**n)).collect();
+    assert_eq!(names, [Some("burst"), Some("daily"), None]);
+    let limits: Vec<_> = counters.iter().map(|c| c.spec.limit).collect();
+    assert_eq!(limits, [2, 100, 10]);
+    assert!(counters.iter().all(|c| c.admits && c.now.used == 0));
+    assert_eq!(
+        report.descriptors[0]
+            .explanation
+            .summary(&req.descriptors[0].entries),
+        "rule m.user applies: 2 per second and 100 per day and 10 per 5 minutes"
+    );
+}
+
+#[test]
 fn the_walk_stops_where_the_descriptor_or_the_rules_end() {
     let rules = rules(RULES);
     let req = request(
@@ -395,13 +475,18 @@ descriptors:
   - key: q
     quota_mode: true
     rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: m
+    rate_limits:
+      - {unit: second, unit_multiplier: 10, requests_per_unit: 3, algorithm: gcra}
+      - {unit: minute, requests_per_unit: 5, algorithm: fixed_window}
+      - {unit: minute, unit_multiplier: 5, requests_per_unit: 8, algorithm: gcra, burst: 4}
 ";
 
 /// A request: descriptors of (key, value, hits), then seconds to wait.
 type Round = (Vec<(usize, usize, u64)>, u64);
 
 fn rounds() -> impl Strategy<Value = Vec<Round>> {
-    let descriptor = (0usize..5, 0usize..2, 0u64..4);
+    let descriptor = (0usize..6, 0usize..2, 0u64..4);
     prop::collection::vec((prop::collection::vec(descriptor, 1..5), 0u64..25), 1..25)
 }
 
@@ -421,7 +506,7 @@ proptest! {
         for (descriptors, wait) in rounds {
             let values: Vec<(String, String)> = descriptors
                 .iter()
-                .map(|&(k, v, _)| (["s", "f", "g", "h", "q"][k].to_owned(), format!("v{v}")))
+                .map(|&(k, v, _)| (["s", "f", "g", "h", "q", "m"][k].to_owned(), format!("v{v}")))
                 .collect();
             let req = Request {
                 domain: "p",

@@ -24,6 +24,7 @@ fn options(default_algorithm: Algorithm) -> PlanOptions {
     PlanOptions {
         default_algorithm,
         global_shadow: false,
+        global_quota: false,
     }
 }
 
@@ -234,13 +235,17 @@ fn a_limit_override_replaces_the_configured_limit_with_the_default_algorithm() {
     let plan = h.plan(&req);
     assert!(matches!(
         plan.items[0],
-        PlanItem::Limited {
-            rule: None,
-            requests_per_unit: 2,
-            unit: Unit::Second,
-            op: 0,
-        }
+        PlanItem::Limited { rule: None, ref limits } if *limits == (0..1)
     ));
+    assert_eq!(
+        plan.limits[0],
+        PlannedLimit {
+            requests_per_unit: 2,
+            window: Window::of(Unit::Second),
+            name: None,
+            op: 0
+        }
+    );
     assert_eq!(
         plan.ops[0].spec,
         CounterSpec {
@@ -248,20 +253,17 @@ fn a_limit_override_replaces_the_configured_limit_with_the_default_algorithm() {
             limit: 2,
             period_us: SEC,
             burst: 2,
+            calendar: None,
         },
         "not the rule's fixed_window 5/minute"
     );
     assert!(
-        matches!(
-            plan.items[1],
-            PlanItem::Limited {
-                rule: None,
-                requests_per_unit: 7,
-                unit: Unit::Hour,
-                op: 1
-            }
-        ),
+        matches!(plan.items[1], PlanItem::Limited { rule: None, ref limits } if *limits == (1..2)),
         "an override limits a descriptor no rule matches"
+    );
+    assert_eq!(
+        (plan.limits[1].requests_per_unit, plan.limits[1].window),
+        (7, Window::of(Unit::Hour))
     );
 
     let first = h.decide(&req, NOW);
@@ -270,7 +272,7 @@ fn a_limit_override_replaces_the_configured_limit_with_the_default_algorithm() {
         first.statuses[0].limit,
         Some(CurrentLimit {
             requests_per_unit: 2,
-            unit: Unit::Second,
+            window: Window::of(Unit::Second),
             name: None,
         })
     );
@@ -307,7 +309,9 @@ descriptors:
         PlanItem::Replaced { rule } => assert_eq!(&*rule.path, "api.client"),
         other => panic!("expected Replaced, got {other:?}"),
     }
-    assert!(matches!(plan.items[1], PlanItem::Limited { op: 0, .. }));
+    assert!(
+        matches!(plan.items[1], PlanItem::Limited { ref limits, .. } if plan.limits[limits.start].op == 0)
+    );
     assert_eq!(plan.ops.len(), 1, "only the replacing rule counts");
     assert_eq!(decision.statuses[0].code, Code::Ok);
     assert_eq!(decision.statuses[0].limit, None);
@@ -383,6 +387,7 @@ fn global_shadow_mode_reports_over_limit_as_ok_overall() {
             PlanOptions {
                 default_algorithm: Algorithm::SlidingWindow,
                 global_shadow,
+                global_quota: false,
             },
         );
         let mut req = request("api", vec![d(&[("client", "a")])]);
@@ -488,18 +493,21 @@ descriptors:
                 limit: 10,
                 period_us: SEC,
                 burst: 3,
+                calendar: None,
             },
             CounterSpec {
                 algorithm: Algorithm::FixedWindow,
                 limit: 10,
                 period_us: 3_600 * SEC,
                 burst: 10,
+                calendar: None,
             },
             CounterSpec {
                 algorithm: Algorithm::SlidingWindow,
                 limit: 10,
                 period_us: 86_400 * SEC,
                 burst: 10,
+                calendar: None,
             },
         ]
     );
@@ -724,4 +732,101 @@ proptest! {
         prop_assert_eq!(key(&first, &other), key(&second, &other));
         prop_assert_ne!(key(&first, &other), key(&first, &format!("{other}x")));
     }
+}
+
+// === quota_mode, as envoyproxy/ratelimit decides it ===
+
+const QUOTAS: &str = "
+domain: api
+descriptors:
+  - key: q1
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {name: q1, owner: {team: a}}
+  - key: q2
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {name: q2, owner: {team: b, tier: 2}, only_q2: true}
+  - key: regular
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {name: regular}
+";
+
+#[test]
+fn quotas_deny_a_request_only_when_all_of_them_are_over() {
+    let mut h = Harness::new(QUOTAS, options(Algorithm::FixedWindow));
+    let q1 = request("api", vec![d(&[("q1", "x")])]);
+    assert_eq!(h.decide(&q1, NOW).overall, Code::Ok);
+    let alone = h.decide(&q1, NOW);
+    assert_eq!(alone.overall, Code::OverLimit, "its only quota is over");
+
+    // q1 over, q2 not: the request passes, q1's status still says over.
+    let both = request("api", vec![d(&[("q1", "x")]), d(&[("q2", "y")])]);
+    let d1 = h.decide(&both, NOW);
+    assert_eq!(d1.overall, Code::Ok);
+    assert_eq!(
+        [d1.statuses[0].code, d1.statuses[1].code],
+        [Code::OverLimit, Code::Ok]
+    );
+    let d2 = h.decide(&both, NOW);
+    assert_eq!(d2.overall, Code::OverLimit, "now both quotas are over");
+
+    // A regular limit over denies whatever the quotas say.
+    let mixed = request("api", vec![d(&[("q2", "z")]), d(&[("regular", "r")])]);
+    assert_eq!(h.decide(&mixed, NOW).overall, Code::Ok);
+    let mixed = request("api", vec![d(&[("q2", "w")]), d(&[("regular", "r")])]);
+    let d3 = h.decide(&mixed, NOW);
+    assert_eq!(d3.overall, Code::OverLimit);
+    assert_eq!(d3.statuses[0].code, Code::Ok);
+}
+
+#[test]
+fn global_quota_mode_makes_every_descriptor_a_quota() {
+    let global = PlanOptions {
+        global_quota: true,
+        ..options(Algorithm::FixedWindow)
+    };
+    let mut h = Harness::new(QUOTAS, global);
+    let req = request(
+        "api",
+        vec![d(&[("regular", "r")]), d(&[("unmatched", "u")])],
+    );
+    h.decide(&req, NOW);
+    let decision = h.decide(&req, NOW);
+    assert_eq!(decision.statuses[0].code, Code::OverLimit);
+    assert_eq!(
+        decision.overall,
+        Code::Ok,
+        "the unmatched descriptor is a quota that passes"
+    );
+    let alone = request("api", vec![d(&[("regular", "r")])]);
+    assert_eq!(h.decide(&alone, NOW).overall, Code::OverLimit);
+}
+
+#[test]
+fn a_quota_vetoes_the_request_only_when_it_is_the_only_one() {
+    let h = Harness::new(QUOTAS, options(Algorithm::FixedWindow));
+    let one = request("api", vec![d(&[("q1", "x")]), d(&[("regular", "r")])]);
+    assert_eq!(h.plan(&one).vetoes, [true, true]);
+    let two = request(
+        "api",
+        vec![d(&[("q1", "x")]), d(&[("q2", "y")]), d(&[("regular", "r")])],
+    );
+    assert_eq!(h.plan(&two).vetoes, [false, false, true]);
+}
+
+#[test]
+fn metadata_of_admitting_rules_merges_first_value_first() {
+    let mut h = Harness::new(QUOTAS, options(Algorithm::FixedWindow));
+    let req = request("api", vec![d(&[("q1", "x")]), d(&[("q2", "y")])]);
+    let first = h.decide(&req, NOW).passed_metadata();
+    let expected: Metadata =
+        serde_yaml_ng::from_str("{name: q1, owner: {team: a, tier: 2}, only_q2: true}")
+            .expect("yaml");
+    assert_eq!(first, expected);
+    // Both over now; with a fresh q1 value only q1's metadata remains.
+    let req = request("api", vec![d(&[("q1", "fresh")]), d(&[("q2", "y")])]);
+    let second = h.decide(&req, NOW).passed_metadata();
+    let expected: Metadata = serde_yaml_ng::from_str("{name: q1, owner: {team: a}}").expect("yaml");
+    assert_eq!(second, expected);
 }

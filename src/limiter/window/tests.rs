@@ -17,6 +17,7 @@ fn spec(algorithm: Algorithm, limit: u64, period_us: u64, burst: u64) -> Counter
         limit,
         period_us,
         burst,
+        calendar: None,
     }
 }
 
@@ -585,4 +586,55 @@ proptest! {
     ) {
         run(spec, &calls, |_, _, _, _| {});
     }
+}
+
+// === Calendar windows ===
+
+fn calendar_spec(unit: crate::limiter::CalendarUnit, zone: &str, limit: u64) -> CounterSpec {
+    let calendar = crate::limiter::Calendar {
+        unit,
+        time_zone: zone.parse().unwrap(),
+    };
+    CounterSpec {
+        algorithm: Algorithm::FixedWindow,
+        limit,
+        period_us: 86_400 * SEC,
+        burst: limit,
+        calendar: Some(calendar),
+    }
+}
+
+#[test]
+fn a_calendar_window_counts_as_a_fixed_window_to_its_local_end() {
+    use crate::limiter::CalendarUnit;
+    // 2027-03-27T23:30:00Z: half an hour into 28 March in Berlin, the day
+    // its clocks go forward (23 hours long).
+    let now = 1_806_190_200 * SEC;
+    let hour = 3_600 * SEC;
+    let mut c = Counter::new(calendar_spec(CalendarUnit::Day, "Europe/Berlin", 2));
+    let until_end = 23 * hour - hour / 2;
+    assert_eq!(
+        c.hit(now, 1),
+        Outcome {
+            admitted: true,
+            remaining: 1,
+            reset_us: until_end,
+            used: 1
+        }
+    );
+    assert!(c.hit(now + hour, 1).admitted);
+    let denied = c.hit(now + 2 * hour, 1);
+    assert!(!denied.admitted);
+    assert_eq!(denied.reset_us, until_end - 2 * hour);
+    assert_reset_is_exact(&c, now + 2 * hour, 1, denied.reset_us);
+    let checked = c.peek(now, 1);
+    assert_eq!(checked.expires_at_us, now + until_end);
+    // The next day is 24 hours again.
+    assert_eq!(c.hit(now + until_end, 1).reset_us, 24 * hour);
+    // Another algorithm named on the spec changes nothing: calendars are fixed.
+    let mut gcra = Counter::new(CounterSpec {
+        algorithm: Algorithm::Gcra,
+        ..calendar_spec(CalendarUnit::Day, "Europe/Berlin", 2)
+    });
+    assert_eq!(gcra.hit(now, 1).reset_us, until_end);
 }

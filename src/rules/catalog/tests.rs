@@ -130,7 +130,7 @@ fn a_catalog_compiles_scopes_and_keys() {
     let limit = |hash: &str, domain: &str| {
         let key = set.api_key(hash).unwrap();
         set.lookup_for_key(domain, key, &e)
-            .map(|m| (m.rule.path.to_string(), m.rule.limit))
+            .map(|m| (m.rule.path.to_string(), m.rule.limit.clone()))
     };
     let h1 = set.api_key("h1").unwrap();
     assert_eq!(
@@ -175,4 +175,34 @@ fn fingerprints_follow_content() {
     assert_eq!(a.fingerprint(), b.fingerprint());
     b.keys.pop();
     assert_ne!(a.fingerprint(), b.fingerprint());
+}
+
+#[test]
+fn window_extensions_are_refused_for_rule_rows_with_their_path() {
+    let root = yaml::parse_str(
+        "ext.yaml",
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limits:\n      - {unit: second, requests_per_unit: 1}\n  - key: b\n    rate_limit: {unit: hour, requests_per_unit: 1}\n    descriptors:\n      - key: c\n        rate_limit: {calendar: month, time_zone: Europe/Berlin, requests_per_unit: 1}\n      - key: e\n        rate_limit: {unit: minute, unit_multiplier: 5, requests_per_unit: 1}\n",
+    )
+    .unwrap();
+    let errors: Vec<String> = check_storable("ext.yaml", &root)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let tail = "cannot be stored in PostgreSQL rules yet; serve this rule from a YAML file";
+    assert_eq!(
+        errors,
+        [
+            format!("ext.yaml: descriptors[0]: rate_limits {tail}"),
+            format!("ext.yaml: descriptors[1].descriptors[0]: calendar, time_zone {tail}"),
+            format!("ext.yaml: descriptors[1].descriptors[1]: unit_multiplier {tail}"),
+        ]
+    );
+    let plain = yaml::parse_str(
+        "p.yaml",
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+    )
+    .unwrap();
+    assert!(check_storable("p.yaml", &plain).is_ok());
 }

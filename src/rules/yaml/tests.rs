@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::limiter::Entry;
-use crate::limiter::ValueMatch;
+use crate::limiter::{MetaValue, ValueMatch};
 
 /// Parses and compiles one file, or panics with its errors.
 fn load(text: &str) -> RuleSet {
@@ -54,12 +54,23 @@ fn rule<'a>(rules: &'a [Arc<Rule>], path: &str) -> &'a Rule {
 }
 
 fn limited(requests_per_unit: u32, unit: Unit) -> RuleLimit {
-    RuleLimit::Limited {
+    limit(requests_per_unit, Window::of(unit), None, None, None)
+}
+
+fn limit(
+    requests_per_unit: u32,
+    window: Window,
+    algorithm: Option<Algorithm>,
+    burst: Option<u32>,
+    name: Option<&str>,
+) -> RuleLimit {
+    RuleLimit::Limited(vec![Limit {
         requests_per_unit,
-        unit,
-        algorithm: None,
-        burst: None,
-    }
+        window,
+        algorithm,
+        burst,
+        name: name.map(Arc::from),
+    }])
 }
 
 // === Accepted ===
@@ -102,7 +113,7 @@ descriptors:
     value: 200
     rate_limit: {unit: week, requests_per_unit: 7, algorithm: gcra, burst: 3}
   - key: version
-    value: 1.50
+    value: '1.50'
     rate_limit: {unit: year, requests_per_unit: 1, algorithm: sliding_window}
   - key: remote_address
     value: 10.0.0.1
@@ -134,24 +145,30 @@ fn every_field_is_accepted() {
     let per_ip = rule(&all, "weather.remote_address");
     assert_eq!(
         per_ip.limit,
-        limited(60, Unit::Minute),
+        limit(60, Window::of(Unit::Minute), None, None, Some("per_ip")),
         "unit is case-insensitive"
     );
     assert_eq!(per_ip.name.as_deref(), Some("per_ip"));
     assert!(!per_ip.shadow_mode && !per_ip.quota_mode);
 
     let forecast = rule(&all, "weather.path_/forecast");
-    assert_eq!(forecast.limit, limited(5, Unit::Second));
+    assert_eq!(
+        forecast.limit,
+        limit(5, Window::of(Unit::Second), None, None, Some("forecast"))
+    );
     assert_eq!(forecast.name.as_deref(), Some("forecast"));
     assert_eq!(forecast.replaces, [Arc::from("per_ip")]);
     assert!(forecast.shadow_mode);
     assert_eq!(
         forecast.metadata,
-        [
-            ("beta".to_owned(), "true".to_owned()),
-            ("team".to_owned(), "forecasts".to_owned()),
-            ("tier".to_owned(), "2".to_owned()),
-        ]
+        Metadata(
+            [
+                ("beta".to_owned(), MetaValue::Bool(true)),
+                ("team".to_owned(), MetaValue::String("forecasts".into())),
+                ("tier".to_owned(), MetaValue::Number(2.0)),
+            ]
+            .into()
+        )
     );
 
     let nested = rule(&all, "weather.path_/forecast.method_POST");
@@ -161,12 +178,13 @@ fn every_field_is_accepted() {
     let statics = rule(&all, "weather.path_/static/*");
     assert_eq!(
         statics.limit,
-        RuleLimit::Limited {
-            requests_per_unit: 1000,
-            unit: Unit::Day,
-            algorithm: Some(Algorithm::FixedWindow),
-            burst: None,
-        }
+        limit(
+            1000,
+            Window::of(Unit::Day),
+            Some(Algorithm::FixedWindow),
+            None,
+            None
+        )
     );
     let m = rules
         .lookup("weather", &entries(&[("path", "/static/app.js")]))
@@ -188,23 +206,25 @@ fn every_field_is_accepted() {
     let status = rule(&all, "weather.status_200");
     assert_eq!(
         status.limit,
-        RuleLimit::Limited {
-            requests_per_unit: 7,
-            unit: Unit::Week,
-            algorithm: Some(Algorithm::Gcra),
-            burst: Some(3),
-        }
+        limit(
+            7,
+            Window::of(Unit::Week),
+            Some(Algorithm::Gcra),
+            Some(3),
+            None
+        )
     );
 
     let version = rule(&all, "weather.version_1.50");
     assert_eq!(
         version.limit,
-        RuleLimit::Limited {
-            requests_per_unit: 1,
-            unit: Unit::Year,
-            algorithm: Some(Algorithm::SlidingWindow),
-            burst: None,
-        }
+        limit(
+            1,
+            Window::of(Unit::Year),
+            Some(Algorithm::SlidingWindow),
+            None,
+            None
+        )
     );
 
     assert_eq!(
@@ -225,7 +245,7 @@ fn plain_scalars_are_read_as_written() {
     assert_eq!(
         matched(&rules, "weather", &[("version", "1.50")]).as_deref(),
         Some("weather.version_1.50"),
-        "`value: 1.50` keeps its trailing zero, as Go's yaml reads it"
+        "`value: '1.50'` keeps its trailing zero"
     );
     assert_eq!(matched(&rules, "weather", &[("version", "1.5")]), None);
 
@@ -400,12 +420,13 @@ fn unknown_fields_are_refused_with_serdes_path_and_message() {
     assert_eq!(
         error("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 1, unti: 2}\n"),
         "test.yaml: descriptors[0].rate_limit: unknown field `unti`, expected one of `unit`, \
-         `requests_per_unit`, `unlimited`, `name`, `replaces`, `algorithm`, `burst` at line 4 column 54"
+         `requests_per_unit`, `unlimited`, `name`, `replaces`, `algorithm`, `burst`, \
+         `unit_multiplier`, `calendar`, `time_zone` at line 4 column 54"
     );
     assert_eq!(
         error("domain: d\ndescriptors:\n  - key: k\n    bogus: 1\n"),
         "test.yaml: descriptors[0]: unknown field `bogus`, expected one of `key`, `value`, \
-         `rate_limit`, `descriptors`, `shadow_mode`, `quota_mode`, `detailed_metric`, \
+         `rate_limit`, `rate_limits`, `descriptors`, `shadow_mode`, `quota_mode`, `detailed_metric`, \
          `value_to_metric`, `share_threshold`, `metadata` at line 4 column 5"
     );
     assert_eq!(
@@ -422,8 +443,8 @@ fn bad_types_are_refused_with_their_path() {
          expected u64 at line 4 column 51"
     );
     assert_eq!(
-        error("domain: d\ndescriptors:\n  - key: k\n    shadow_mode: yes\n"),
-        "test.yaml: descriptors[0].shadow_mode: invalid type: string \"yes\", expected a boolean \
+        error("domain: d\ndescriptors:\n  - key: k\n    shadow_mode: maybe\n"),
+        "test.yaml: descriptors[0].shadow_mode: invalid type: string \"maybe\", expected a boolean \
          at line 4 column 18"
     );
     let value = error("domain: d\ndescriptors:\n  - key: k\n    value: [1]\n");
@@ -548,7 +569,7 @@ fn algorithm_and_burst_are_checked() {
 #[test]
 fn share_threshold_needs_a_wildcard() {
     let expected =
-        "test.yaml: descriptors[0]: share_threshold needs a wildcard value (one ending in '*')";
+        "test.yaml: descriptors[0]: share_threshold needs a wildcard value (one containing '*')";
     assert_eq!(
         error("domain: d\ndescriptors:\n  - key: k\n    value: v\n    share_threshold: true\n"),
         expected
@@ -584,7 +605,7 @@ descriptors:
             "many.yaml: descriptors[1]: unknown algorithm 'nope' (expected sliding_window, fixed_window or gcra)",
             "many.yaml: descriptors[1]: burst applies only to algorithm gcra",
             "many.yaml: descriptors[1].descriptors[0]: descriptor has empty key",
-            "many.yaml: descriptors[1].descriptors[1]: share_threshold needs a wildcard value (one ending in '*')",
+            "many.yaml: descriptors[1].descriptors[1]: share_threshold needs a wildcard value (one containing '*')",
             "many.yaml: descriptors[1].descriptors[1]: should not specify rate limit unit when unlimited",
             "many.yaml: descriptors[2]: duplicate descriptor composite key '.a'",
         ]
@@ -785,7 +806,7 @@ fn load_path_reports_a_missing_path() {
 
 const KEYS: [&str; 2] = ["a", "b"];
 /// Exact values (some only look like numbers), wildcards, and key-only.
-const CONFIG_VALUES: [Option<&str>; 10] = [
+const CONFIG_VALUES: [Option<&str>; 13] = [
     None,
     Some(""),
     Some("x"),
@@ -796,8 +817,13 @@ const CONFIG_VALUES: [Option<&str>; 10] = [
     Some("xy*"),
     Some("2*"),
     Some("*"),
+    Some("x*z"),
+    Some("*y"),
+    Some("2*0*"),
 ];
-const REQUEST_VALUES: [&str; 9] = ["x", "xy", "xyz", "y", "200", "2000", "1.50", "1.5", ""];
+const REQUEST_VALUES: [&str; 11] = [
+    "x", "xy", "xyz", "xz", "y", "200", "2000", "20x0", "1.50", "1.5", "",
+];
 
 fn descriptors(depth: u32) -> BoxedStrategy<Vec<YamlDescriptor>> {
     let node = (
@@ -844,22 +870,30 @@ fn configured(d: &YamlDescriptor) -> Option<&str> {
     d.value.as_deref().filter(|v| !v.is_empty())
 }
 
+/// `*` as any run of bytes, tried at every split.
+fn glob(pattern: &[u8], value: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => value.is_empty(),
+        Some((b'*', rest)) => (0..=value.len()).any(|at| glob(rest, &value[at..])),
+        Some((c, rest)) => value.first() == Some(c) && glob(rest, &value[1..]),
+    }
+}
+
 /// envoyproxy/ratelimit's lookup as a linear scan of the file: at each
 /// depth the entry with the exact value, else the first wildcard (in file
-/// order) whose prefix the value starts with, else the key-only entry; a
-/// limit applies only at the depth of the last entry.
+/// order) that matches the value, else the key-only entry; a limit applies
+/// only at the depth of the last entry.
 fn oracle(domain: &str, mut level: &[YamlDescriptor], request: &[(&str, &str)]) -> Option<String> {
     let mut path = domain.to_owned();
     let mut found = None;
     for (i, &(key, value)) in request.iter().enumerate() {
         let same_key = || level.iter().filter(move |d| d.key.as_deref() == Some(key));
         let node = same_key()
-            .find(|d| configured(d).is_some_and(|v| !v.ends_with('*') && v == value))
+            .find(|d| configured(d).is_some_and(|v| !v.contains('*') && v == value))
             .or_else(|| {
                 same_key().find(|d| {
                     configured(d)
-                        .and_then(|v| v.strip_suffix('*'))
-                        .is_some_and(|prefix| value.starts_with(prefix))
+                        .is_some_and(|v| v.contains('*') && glob(v.as_bytes(), value.as_bytes()))
                 })
             })
             .or_else(|| same_key().find(|d| configured(d).is_none()))?;
@@ -907,4 +941,65 @@ proptest! {
             );
         }
     }
+}
+
+// === envoyproxy/ratelimit's YAML reading ===
+
+#[test]
+fn plain_numbers_go_refuses_are_refused_outside_metadata() {
+    assert_eq!(
+        errors(
+            "f.yaml",
+            "domain: d\ndescriptors:\n  - key: k\n    value: 1.50\n  - key: j\n    value: 18446744073709551615\n    metadata: {ratio: 1.5}\n",
+        ),
+        [
+            "f.yaml: descriptors[0].value: the number 1.5 (a fraction, an exponent, or beyond 64 bits) \
+             is refused here, as envoyproxy/ratelimit refuses it; quote it to mean the text",
+            "f.yaml: descriptors[1].value: the number 18446744073709551615 (a fraction, an exponent, \
+             or beyond 64 bits) is refused here, as envoyproxy/ratelimit refuses it; quote it to mean the text",
+        ]
+    );
+    let rules = load("domain: d\ndescriptors:\n  - key: k\n    value: '1e3'\n    rate_limit: {unit: second, requests_per_unit: 1}\n");
+    assert_eq!(
+        matched(&rules, "d", &[("k", "1e3")]).as_deref(),
+        Some("d.k_1e3")
+    );
+}
+
+#[test]
+fn booleans_read_as_go_yaml_reads_them() {
+    let rules = load(
+        "domain: d\ndescriptors:\n  - key: k\n    shadow_mode: yes\n    quota_mode: On\n    detailed_metric: n\n    rate_limit: {unit: second, requests_per_unit: 1}\n  - key: u\n    rate_limit: {unlimited: Y}\n",
+    );
+    let all = rules.rules();
+    let k = all.iter().find(|r| &*r.path == "d.k").expect("d.k");
+    assert!(k.shadow_mode && k.quota_mode);
+    let u = all.iter().find(|r| &*r.path == "d.u").expect("d.u");
+    assert_eq!(u.limit, RuleLimit::Unlimited);
+}
+
+#[test]
+fn entries_equal_as_key_underscore_value_are_duplicates() {
+    assert_eq!(
+        errors(
+            "f.yaml",
+            "domain: d\ndescriptors:\n  - key: a\n    value: b_c\n  - key: a_b\n    value: c\n  - key: x_y\n  - key: x\n    value: y\n",
+        ),
+        [
+            "f.yaml: descriptors[1]: duplicate descriptor composite key 'd.a_b_c'",
+            "f.yaml: descriptors[3]: duplicate descriptor composite key 'd.x_y'",
+        ]
+    );
+}
+
+#[test]
+fn metadata_takes_any_yaml() {
+    let rules = load(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n    metadata:\n      name: svc\n      tags: [a, 2, true]\n      owner: {team: payments, oncall: [x, y]}\n      ratio: 0.5\n      none: ~\n",
+    );
+    let m = &rules.rules()[0].metadata;
+    assert_eq!(m.0["ratio"], MetaValue::Number(0.5));
+    assert_eq!(m.0["none"], MetaValue::Null);
+    assert!(matches!(&m.0["tags"], MetaValue::List(l) if l.len() == 3));
+    assert!(matches!(&m.0["owner"], MetaValue::Map(o) if o.0.contains_key("oncall")));
 }

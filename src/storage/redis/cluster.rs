@@ -285,7 +285,7 @@ impl Cluster {
         let replies = join_all(groups.iter().map(|(node, ops)| {
             let units = ops
                 .iter()
-                .map(|&i| Unit::single(call.ops[i], call.now_us))
+                .map(|&i| Unit::single(call.ops[i], call.time))
                 .collect();
             topology.masters[usize::from(*node)].decide(units)
         }))
@@ -361,7 +361,7 @@ impl Cluster {
             let node = self.node(address)?;
             let units: Vec<Unit> = ops
                 .iter()
-                .map(|&i| Unit::single(call.ops[i], call.now_us))
+                .map(|&i| Unit::single(call.ops[i], call.time))
                 .collect();
             match why {
                 Resend::Moved => node.decide(units).await,
@@ -485,6 +485,7 @@ fn parse_slots(value: &Value, asked_host: &str) -> Result<Vec<(u16, u16, String)
 mod tests {
     use super::*;
     use crate::limiter::{Algorithm, CounterOp, CounterSpec, Entry, KeyHasher};
+    use crate::storage::redis::scripts::Time;
 
     #[test]
     fn parses_cluster_slots() {
@@ -525,6 +526,7 @@ mod tests {
                         limit: 1,
                         period_us: 1,
                         burst: 1,
+                        calendar: None,
                     },
                     hits: 1,
                 }
@@ -533,7 +535,10 @@ mod tests {
         let refs: Vec<&CounterOp> = ops.iter().collect();
         let call = Call {
             ops: &refs,
-            now_us: None,
+            time: Time {
+                now_us: None,
+                local_us: 0,
+            },
         };
         // Three masters owning thirds of the slots.
         let slots: Vec<u16> = (0..SLOTS).map(|s| (s * 3 / SLOTS) as u16).collect();

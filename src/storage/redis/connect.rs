@@ -15,7 +15,7 @@ use metrics::histogram;
 use redis::aio::MultiplexedConnection;
 use redis::{
     io::tcp::TcpSettings, AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo,
-    IntoConnectionInfo, RedisError, TlsCertificates,
+    IntoConnectionInfo, RedisConnectionInfo, RedisError, TlsCertificates,
 };
 use redis::{Pipeline, Value};
 use tokio::time::Instant;
@@ -117,7 +117,32 @@ impl Connector {
         }
     }
 
-    fn client(&self) -> Result<Client, RedisError> {
+    /// The store timeout these settings were made with.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The same address and transport for talking to a Redis Sentinel:
+    /// database 0 (a sentinel has no other), and the credentials only if
+    /// `with_credentials` (a sentinel without a password refuses an `AUTH`).
+    pub fn for_sentinel(&self, with_credentials: bool) -> Connector {
+        let current = self.info.redis_settings();
+        let mut settings = RedisConnectionInfo::default().set_protocol(current.protocol());
+        if with_credentials {
+            if let Some(user) = current.username() {
+                settings = settings.set_username(user);
+            }
+            if let Some(password) = current.password() {
+                settings = settings.set_password(password);
+            }
+        }
+        Connector {
+            info: self.info.clone().set_redis_settings(settings),
+            ..self.clone()
+        }
+    }
+
+    pub(super) fn client(&self) -> Result<Client, RedisError> {
         match &self.ca_cert {
             Some(pem) if self.is_tls() => Client::build_with_tls(
                 self.info.clone(),

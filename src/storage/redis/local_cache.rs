@@ -131,6 +131,7 @@ mod tests {
                 limit: 1,
                 period_us: 1_000_000,
                 burst: 1,
+                calendar: None,
             },
             hits,
         }

@@ -15,6 +15,7 @@
 //! | `connect`     | URL, credentials, TLS roots, timeouts for any node |
 //! | `standalone`  | one server, one multiplexed connection |
 //! | `cluster`     | slots -> masters, one pipeline per master, redirects |
+//! | `sentinel`    | the master a Redis Sentinel names, followed through failovers |
 //! | `slot`        | CRC16 key slots |
 //! | `breaker`     | the circuit breaker |
 //! | `local_cache` | the over-limit cache |
@@ -25,6 +26,7 @@ mod cluster;
 mod connect;
 mod local_cache;
 pub mod scripts;
+mod sentinel;
 mod slot;
 mod standalone;
 
@@ -42,10 +44,11 @@ use self::breaker::Breaker;
 use self::cluster::Cluster;
 use self::connect::Connector;
 use self::local_cache::OverLimitCache;
-use self::scripts::Request;
+use self::scripts::{Request, Time};
+use self::sentinel::Sentinel;
 use self::standalone::Standalone;
 use super::{CounterOp, CounterStore, StoreError, StoreHealth};
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock};
 use crate::limiter::Outcome;
 use crate::task::OwnedTask;
 use crate::telemetry::names;
@@ -59,6 +62,12 @@ pub enum RedisTarget {
     Standalone(String),
     /// Seed node URLs of a Cluster; the rest is discovered.
     Cluster(Vec<String>),
+    /// The master named `master` by the sentinels at these URLs (whose
+    /// credentials, TLS and database are the master's).
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 impl fmt::Debug for RedisTarget {
@@ -70,6 +79,13 @@ impl fmt::Debug for RedisTarget {
             RedisTarget::Cluster(urls) => {
                 let urls: Vec<_> = urls.iter().map(|u| crate::secret::redact_url(u)).collect();
                 write!(f, "Cluster({urls:?})")
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let urls: Vec<_> = sentinels
+                    .iter()
+                    .map(|u| crate::secret::redact_url(u))
+                    .collect();
+                write!(f, "Sentinel({urls:?}, {master})")
             }
         }
     }
@@ -91,6 +107,10 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// PEM certificates to trust for `rediss://` instead of the web PKI roots.
     pub ca_cert: Option<Vec<u8>>,
+    /// This instance's wall clock. Counters run on Redis' `TIME`; this clock
+    /// only places calendar windows' boundaries around now (the script then
+    /// picks the window by Redis' time; see `scripts::Time`).
+    pub local_clock: Arc<dyn Clock>,
 }
 
 impl RedisOptions {
@@ -102,6 +122,7 @@ impl RedisOptions {
             local_cache_size: 100_000,
             password: None,
             ca_cert: None,
+            local_clock: Arc::new(SystemClock),
         }
     }
 }
@@ -122,13 +143,13 @@ impl fmt::Debug for RedisOptions {
 /// The operations of one store call that go to Redis.
 pub struct Call<'a> {
     pub ops: &'a [&'a CounterOp],
-    /// `None`: the scripts read Redis' clock.
-    pub now_us: Option<u64>,
+    pub time: Time,
 }
 
 enum Backend {
     Standalone(Standalone),
     Cluster(Arc<Cluster>),
+    Sentinel(Arc<Sentinel>),
 }
 
 impl Backend {
@@ -136,13 +157,34 @@ impl Backend {
         match self {
             Backend::Standalone(s) => s.run(call).await,
             Backend::Cluster(c) => c.run(call).await,
+            Backend::Sentinel(s) => s.run(call).await,
         }
+    }
+
+    /// All of one request's operations as one unit (one server only).
+    async fn run_request(
+        &self,
+        call: &Call<'_>,
+        request: Request<'_>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        match self {
+            Backend::Standalone(s) => s.run_request(call, request).await,
+            Backend::Sentinel(s) => s.run_request(call, request).await,
+            Backend::Cluster(c) => c.run(call).await,
+        }
+    }
+
+    /// One server decides every counter (so one script may check and
+    /// update several atomically).
+    fn single_server(&self) -> bool {
+        matches!(self, Backend::Standalone(_) | Backend::Sentinel(_))
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
         match self {
             Backend::Standalone(s) => s.probe().await,
             Backend::Cluster(c) => c.probe().await,
+            Backend::Sentinel(s) => s.probe().await,
         }
     }
 }
@@ -164,8 +206,12 @@ struct Inner {
     /// Counts in this clock's time instead of Redis' (see
     /// [`RedisStore::with_clock`]).
     clock: Option<Arc<dyn Clock>>,
+    /// Places calendar windows (see [`RedisOptions::local_clock`]).
+    local_clock: Arc<dyn Clock>,
     /// Wakes the supervisor when the breaker opens.
     opened: Arc<Notify>,
+    /// Cuts the supervisor's cool-down short: a Sentinel named a new master.
+    probe_now: Arc<Notify>,
     /// Set once, just after the store is built: the task holds the store
     /// weakly, and ends when the store is dropped.
     supervisor: OnceLock<OwnedTask>,
@@ -218,6 +264,7 @@ impl RedisStore {
                 timeout,
             )
         };
+        let probe_now = Arc::new(Notify::new());
         let (kind, backend, target) = match target {
             RedisTarget::Standalone(url) => {
                 let standalone = Standalone::new(&connector(url)?, options.breaker_cooldown)?;
@@ -237,6 +284,29 @@ impl RedisStore {
                     address,
                 )
             }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let sentinels = sentinels
+                    .iter()
+                    .map(|u| connector(u))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // The master's settings are the URLs'; its address is
+                // whatever the sentinels say.
+                let Some(settings) = sentinels.first().cloned() else {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "redis+sentinel:// needs at least one sentinel",
+                    )));
+                };
+                let sentinel = Sentinel::start(
+                    master.clone(),
+                    sentinels,
+                    settings,
+                    options.breaker_cooldown,
+                    probe_now.clone(),
+                );
+                let address = sentinel.describe();
+                ("redis-sentinel", Backend::Sentinel(sentinel), address)
+            }
         };
         let inner = Arc::new(Inner {
             kind,
@@ -251,11 +321,17 @@ impl RedisStore {
             cache: OverLimitCache::new(options.local_cache_size),
             timeout,
             epoch: Instant::now(),
+            local_clock: clock.clone().unwrap_or(options.local_clock),
             clock,
             opened: Arc::new(Notify::new()),
+            probe_now,
             supervisor: OnceLock::new(),
         });
-        let task = OwnedTask::spawn(supervise(Arc::downgrade(&inner), inner.opened.clone()));
+        let task = OwnedTask::spawn(supervise(
+            Arc::downgrade(&inner),
+            inner.opened.clone(),
+            inner.probe_now.clone(),
+        ));
         let _ = inner.supervisor.set(task);
         Ok(RedisStore { inner })
     }
@@ -281,6 +357,10 @@ impl Inner {
 
     /// Counts a failed call; opens the breaker on the last straw.
     fn failed(&self, error: &StoreError) {
+        if let Backend::Sentinel(s) = &self.backend {
+            // The master may have moved: ask the sentinels.
+            s.suspect();
+        }
         if self.breaker.record_failure(error) {
             self.opened.notify_one();
         }
@@ -298,18 +378,22 @@ impl Inner {
             return Err(StoreError::BreakerOpen);
         }
         let sent_us = self.local_now_us();
+        let now_us = self.clock.as_ref().map(|c| c.now_us());
         let call = Call {
             ops,
-            now_us: self.clock.as_ref().map(|c| c.now_us()),
+            time: Time {
+                now_us,
+                local_us: now_us.unwrap_or_else(|| self.local_clock.now_us()),
+            },
         };
         let mut in_flight = InFlight {
             inner: self,
             finished: false,
         };
         let run = async {
-            match (&self.backend, request) {
-                (Backend::Standalone(s), Some(request)) => s.run_request(&call, request).await,
-                (backend, _) => backend.run(&call).await,
+            match request {
+                Some(request) => self.backend.run_request(&call, request).await,
+                None => self.backend.run(&call).await,
             }
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
@@ -354,7 +438,7 @@ impl Inner {
 
 /// Connects at start-up, then probes every cool-down while the breaker is
 /// open; closes it on the first answer. Ends when the store is dropped.
-async fn supervise(store: Weak<Inner>, opened: Arc<Notify>) {
+async fn supervise(store: Weak<Inner>, opened: Arc<Notify>, probe_now: Arc<Notify>) {
     let Some(inner) = store.upgrade() else { return };
     // Probes run in the background, so they may wait longer than a call;
     // but not so long that a recovered Redis waits on a stale probe.
@@ -378,7 +462,10 @@ async fn supervise(store: Weak<Inner>, opened: Arc<Notify>) {
             opened.notified().await;
             continue;
         }
-        tokio::time::sleep(cooldown).await;
+        tokio::select! {
+            () = tokio::time::sleep(cooldown) => {}
+            () = probe_now.notified() => {}
+        }
         let Some(inner) = store.upgrade() else { return };
         match inner.probe(probe_timeout).await {
             Ok(()) => inner.breaker.close(),
@@ -455,7 +542,7 @@ impl CounterStore for RedisStore {
         vetoes: &[bool],
     ) -> Result<Vec<Outcome>, StoreError> {
         let inner = &*self.inner;
-        let atomic = matches!(inner.backend, Backend::Standalone(_))
+        let atomic = inner.backend.single_server()
             && ops.len() >= 2
             && vetoes.contains(&true)
             && ops.iter().any(|op| op.hits > 0);
@@ -519,6 +606,10 @@ impl CounterStore for RedisStore {
         }
         match &self.inner.backend {
             Backend::Standalone(s) => match s.failing() {
+                Some(why) => StoreHealth::Down(format!("not connected: {why}")),
+                None => health,
+            },
+            Backend::Sentinel(s) => match s.failing() {
                 Some(why) => StoreHealth::Down(format!("not connected: {why}")),
                 None => health,
             },

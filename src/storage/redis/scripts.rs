@@ -19,7 +19,7 @@ pub struct CounterScript {
 }
 
 /// The script every call runs (`storage/scripts/batch.lua` after the shared
-/// arithmetic and the three algorithms).
+/// arithmetic and the algorithms).
 pub fn script() -> &'static CounterScript {
     static SCRIPT: LazyLock<CounterScript> = LazyLock::new(|| {
         let source = concat!(
@@ -42,6 +42,18 @@ pub fn add_load(pipe: &mut Pipeline) {
     pipe.cmd("SCRIPT").arg("LOAD").arg(script().source);
 }
 
+/// The time a unit is decided at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Time {
+    /// `None`: the script reads Redis' `TIME` (production). Tests pass their
+    /// clock's time to replay exact sequences.
+    pub now_us: Option<u64>,
+    /// This instance's clock (the same as `now_us` when that is given).
+    /// Lua has no tz database, so calendar windows' boundaries are computed
+    /// here, around this time, and the script picks among them by its own.
+    pub local_us: u64,
+}
+
 /// Operations decided atomically in one script call: one counter operation,
 /// or all of one request's. Owned, to wait in a node's batch queue.
 #[derive(Clone, Debug)]
@@ -50,23 +62,21 @@ pub struct Unit {
     pub ops: Vec<(CounterOp, bool)>,
     /// Denied already (by an answer known without Redis): only check.
     pub denied: bool,
-    /// `None`: the script reads Redis' `TIME` (production). Tests pass their
-    /// clock's time to replay exact sequences.
-    pub now_us: Option<u64>,
+    pub time: Time,
 }
 
 impl Unit {
     /// One operation on its own.
-    pub fn single(op: &CounterOp, now_us: Option<u64>) -> Unit {
+    pub fn single(op: &CounterOp, time: Time) -> Unit {
         Unit {
             ops: vec![(*op, false)],
             denied: false,
-            now_us,
+            time,
         }
     }
 
     /// All of one request's operations (see [`Request`]).
-    pub fn request(ops: &[&CounterOp], request: Request<'_>, now_us: Option<u64>) -> Unit {
+    pub fn request(ops: &[&CounterOp], request: Request<'_>, time: Time) -> Unit {
         Unit {
             ops: ops
                 .iter()
@@ -74,7 +84,7 @@ impl Unit {
                 .map(|(i, op)| (**op, request.vetoes.get(i).copied().unwrap_or(false)))
                 .collect(),
             denied: request.denied,
-            now_us,
+            time,
         }
     }
 }
@@ -105,14 +115,14 @@ pub fn add_script_call<'u>(
 /// A unit as `batch.lua` reads it with `struct.unpack`: one binary argument
 /// instead of nine per operation. Numbers go as doubles, exact below 2^53:
 /// limits and bursts are u32, periods at most a year of microseconds, hits
-/// a u32 sum, and the time in microseconds stays below 2^53 until 2255.
+/// a u32 sum, and times in microseconds stay below 2^53 until 2255.
 pub fn encode_unit(unit: &Unit, buf: &mut Vec<u8>) {
     buf.clear();
     // At most `MAX_DESCRIPTORS` operations (64), far below u16::MAX.
     let count = u16::try_from(unit.ops.len()).unwrap_or(u16::MAX);
     buf.extend_from_slice(&count.to_le_bytes());
     buf.push(u8::from(unit.denied));
-    match unit.now_us {
+    match unit.time.now_us {
         Some(now_us) => {
             buf.push(1);
             buf.extend_from_slice(&(now_us as f64).to_le_bytes());
@@ -120,15 +130,21 @@ pub fn encode_unit(unit: &Unit, buf: &mut Vec<u8>) {
         None => buf.push(0),
     }
     for (op, veto) in unit.ops.iter().take(usize::from(count)) {
-        buf.push(match op.spec.algorithm {
-            Algorithm::SlidingWindow => 1,
-            Algorithm::FixedWindow => 2,
-            Algorithm::Gcra => 3,
+        buf.push(match (op.spec.calendar, op.spec.algorithm) {
+            (Some(_), _) => 4,
+            (None, Algorithm::SlidingWindow) => 1,
+            (None, Algorithm::FixedWindow) => 2,
+            (None, Algorithm::Gcra) => 3,
         });
         for n in [op.spec.limit, op.spec.period_us, op.spec.burst, op.hits] {
             buf.extend_from_slice(&(n as f64).to_le_bytes());
         }
         buf.push(u8::from(*veto));
+        if let Some(calendar) = op.spec.calendar {
+            for bound in calendar.bounds_around(unit.time.local_us) {
+                buf.extend_from_slice(&(bound as f64).to_le_bytes());
+            }
+        }
     }
 }
 
@@ -237,13 +253,17 @@ mod tests {
                 limit: 100,
                 period_us: 60_000_000,
                 burst: 5,
+                calendar: None,
             },
             hits: 2,
         };
         let unit = Unit {
             ops: vec![(op, true), (op, false)],
             denied: true,
-            now_us: Some(1_700_000_000_000_000),
+            time: Time {
+                now_us: Some(1_700_000_000_000_000),
+                local_us: 1_700_000_000_000_000,
+            },
         };
         let mut buf = Vec::new();
         encode_unit(&unit, &mut buf);
@@ -258,9 +278,41 @@ mod tests {
             [100.0, 60_000_000.0, 5.0, 2.0]
         );
         assert_eq!((buf[45], buf[46 + 33]), (1, 0), "the vetoes");
-        encode_unit(&Unit::single(&op, None), &mut buf);
+        let redis_time = Time {
+            now_us: None,
+            local_us: 0,
+        };
+        encode_unit(&Unit::single(&op, redis_time), &mut buf);
         assert_eq!(&buf[..4], &[1, 0, 0, 0], "Redis' clock: no time follows");
         assert_eq!(buf.len(), 4 + 34);
+
+        // A calendar window: algorithm 4, then the bounds of three windows.
+        let calendar = crate::limiter::Calendar {
+            unit: crate::limiter::CalendarUnit::Day,
+            time_zone: chrono_tz::UTC,
+        };
+        let day = 86_400_000_000;
+        let mut op = op;
+        op.spec.calendar = Some(calendar);
+        let time = Time {
+            now_us: None,
+            local_us: 20_000 * day + 5,
+        };
+        encode_unit(&Unit::single(&op, time), &mut buf);
+        assert_eq!(buf.len(), 4 + 34 + 4 * 8);
+        assert_eq!(buf[4], 4, "calendar");
+        let f64_at = |at: usize| f64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+        let bounds = [f64_at(38), f64_at(46), f64_at(54), f64_at(62)];
+        let day = day as f64;
+        assert_eq!(
+            bounds,
+            [
+                19_999.0 * day,
+                20_000.0 * day,
+                20_001.0 * day,
+                20_002.0 * day
+            ]
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! One Redis server: one multiplexed connection shared by all concurrent
-//! calls, whose script calls are coalesced into batches (see `batch`).
+//! calls, whose script calls are coalesced into batches (see `batch`). A
+//! Sentinel's master is one too (see `sentinel`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,7 @@ impl Standalone {
         let units = call
             .ops
             .iter()
-            .map(|op| Unit::single(op, call.now_us))
+            .map(|op| Unit::single(op, call.time))
             .collect();
         self.decide(units).await
     }
@@ -51,7 +52,7 @@ impl Standalone {
         call: &Call<'_>,
         request: Request<'_>,
     ) -> Result<Vec<Outcome>, StoreError> {
-        self.decide(vec![Unit::request(call.ops, request, call.now_us)])
+        self.decide(vec![Unit::request(call.ops, request, call.time)])
             .await
     }
 
@@ -71,6 +72,11 @@ impl Standalone {
                     "{} answered with a Cluster redirect; use redis+cluster://",
                     self.address()
                 ))
+            }
+            // A master demoted by a failover: not a script failure, but
+            // "cannot count here now", like a refused connection.
+            Reply::Failed(e) if e.contains("READONLY") => {
+                StoreError::Connection(format!("{} is a replica now: {e}", self.address()))
             }
             Reply::NoScript | Reply::Failed(_) => StoreError::Script(format!("{reply:?}")),
         }

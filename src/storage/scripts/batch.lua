@@ -15,11 +15,14 @@
 --          is denied already, by an answer sluice knows without Redis: only
 --          check), clock (u8; 0: Redis' own TIME, 1: a double now_us
 --          follows), then per operation: algorithm (u8: 1 sliding, 2 fixed,
---          3 gcra), limit, period_us, burst, hits (doubles: integers below
---          2^53), veto (u8). One struct.unpack reads what would otherwise be
---          nine arguments for Redis to parse and Lua to convert.
+--          3 gcra, 4 calendar), limit, period_us, burst, hits (doubles:
+--          integers below 2^53), veto (u8), and for a calendar window four
+--          more doubles: the bounds of the windows around sluice's clock
+--          (fixed_window.lua `calendar_window`). One struct.unpack reads what
+--          would otherwise be nine arguments for Redis to parse and Lua to
+--          convert.
 -- returns  { admitted (0/1), remaining, reset_us, used } per operation, flat
-local algorithms = { sliding_window, fixed_window, gcra }
+local algorithms = { sliding_window, fixed_window, gcra, calendar_window }
 local reply = {}
 local redis_now
 
@@ -32,12 +35,20 @@ local function write(key, value, expires)
     end
 end
 
--- The operation at `pos` of `unit`: its algorithm, limit, period, burst,
--- hits, veto, and where the next one starts.
+-- The operation at `pos` of `unit`: its algorithm, limit, period (for a
+-- calendar window, its bounds), burst, hits, veto, and where the next one
+-- starts.
 local function operation(unit, pos)
     local algorithm, limit, period, burst, hits, veto, next_pos =
         struct.unpack('<BddddB', unit, pos)
-    return algorithms[algorithm], limit, math.max(period, 1), burst, hits, veto == 1, next_pos
+    if algorithm == 4 then
+        local b1, b2, b3, b4
+        b1, b2, b3, b4, next_pos = struct.unpack('<dddd', unit, next_pos)
+        period = { b1, b2, b3, b4 }
+    else
+        period = math.max(period, 1)
+    end
+    return algorithms[algorithm], limit, period, burst, hits, veto == 1, next_pos
 end
 
 local function answer(admitted, remaining, reset, used)

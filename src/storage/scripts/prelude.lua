@@ -1,7 +1,8 @@
 -- Shared by every counter script (prepended with concat! in Rust): the
--- arithmetic and the clock. Then come the three algorithms, each a function
--- of a counter's stored value that returns its decision and the value to
--- store (nil: leave the counter as it is), and last the script's own body:
+-- arithmetic and the clock. Then come the algorithms (sliding, fixed and
+-- calendar windows, GCRA), each a function of a counter's stored value that
+-- returns its decision and the value to store (nil: leave the counter as it
+-- is), and last the script's own body:
 -- batches of units, each one counter or one request's counters (batch.lua).
 --
 -- Redis runs Lua 5.1, whose numbers are doubles: integers are exact below

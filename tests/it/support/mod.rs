@@ -56,6 +56,14 @@ pub fn tool(name: &str) -> PathBuf {
     );
 }
 
+/// The `sluice` binary: cargo's, or `$SLUICE_BIN` (as `.ci/check-deploy.sh`
+/// takes it) for one built elsewhere.
+pub fn sluice_bin() -> PathBuf {
+    std::env::var_os("SLUICE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")))
+}
+
 /// A port for an external server (Redis, PostgreSQL, Envoy) that must be
 /// told its port before it starts. Ports come from below the kernel's
 /// ephemeral range, where port-0 binds and outgoing connections (of every
@@ -145,10 +153,12 @@ impl TestConfig {
                 plan: PlanOptions {
                     default_algorithm: Algorithm::SlidingWindow,
                     global_shadow: false,
+                    global_quota: false,
                 },
                 failure_mode: FailureMode::Allow,
                 store_timeout: Duration::from_millis(50),
                 rate_limit_headers: false,
+                dynamic_metadata: false,
             },
             shutdown_grace: Duration::from_secs(5),
             tls: None,

@@ -606,3 +606,191 @@ impl TlsRedisCluster {
         }
     }
 }
+
+// === Sentinel ===
+
+/// A Redis Sentinel group on 127.0.0.1: a master and two replicas (with a
+/// password, as a production group has) and three sentinels (without one)
+/// monitoring them as `mymaster` with a quorum of 2, each a child process
+/// killed on drop. Sentinels declare a master down after 1 s without an
+/// answer.
+pub struct RedisSentinels {
+    pub password: String,
+    /// The data nodes' ports: the first starts as the master.
+    pub ports: Vec<u16>,
+    pub sentinel_ports: Vec<u16>,
+    nodes: Vec<Option<ChildGuard>>,
+    _sentinels: Vec<ChildGuard>,
+    dir: tempfile::TempDir,
+}
+
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+impl RedisSentinels {
+    pub fn start() -> RedisSentinels {
+        let sentinel_bin = tool("redis-sentinel");
+        let dir = tempfile::tempdir().expect("temp dir for the sentinel group");
+        let password = "sentinel-group-secret".to_owned();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut group = RedisSentinels {
+            password,
+            ports: ports.clone(),
+            sentinel_ports: sentinel_ports.clone(),
+            nodes: Vec::new(),
+            _sentinels: Vec::new(),
+            dir,
+        };
+        for (i, &port) in ports.iter().enumerate() {
+            let node = group.spawn_node(port, (i > 0).then_some(ports[0]));
+            group.nodes.push(Some(node));
+        }
+        let linked = block_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            ports[1..].iter().all(|&p| {
+                group
+                    .cli(p, &["INFO", "replication"])
+                    .contains("master_link_status:up")
+            })
+        });
+        assert!(
+            linked.is_some(),
+            "the replicas never synced with the master"
+        );
+        for &port in &sentinel_ports {
+            let dir = group.dir.path().join(format!("sentinel-{port}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            // Sentinels rewrite their config file: it must be writable.
+            let config = dir.join("sentinel.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                     sentinel auth-pass {SENTINEL_MASTER} {password}\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                    dir = dir.display(),
+                    log = dir.join("sentinel.log").display(),
+                    master = ports[0],
+                    password = group.password,
+                ),
+            )
+            .unwrap();
+            let mut cmd = Command::new(&sentinel_bin);
+            cmd.arg(&config).stdout(Stdio::null()).stderr(Stdio::null());
+            group
+                ._sentinels
+                .push(ChildGuard::spawn("redis-sentinel", &mut cmd));
+        }
+        // Ready once every sentinel knows both replicas and both other
+        // sentinels (they find each other through the master).
+        let ready = block_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            sentinel_ports.iter().all(|&p| {
+                let info = group.sentinel_cli(p, &["SENTINEL", "MASTER", SENTINEL_MASTER]);
+                field(&info, "num-slaves") == Some("2")
+                    && field(&info, "num-other-sentinels") == Some("2")
+                    && field(&info, "flags") == Some("master")
+            })
+        });
+        assert!(
+            ready.is_some(),
+            "the sentinels did not see the whole group within 30 s:\n{}",
+            group.sentinel_log(sentinel_ports[0])
+        );
+        group
+    }
+
+    fn spawn_node(&self, port: u16, replica_of: Option<u16>) -> ChildGuard {
+        let dir = self.dir.path().join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new(tool("redis-server"));
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--requirepass", &self.password])
+            .args(["--masterauth", &self.password])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"));
+        if let Some(master) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        ChildGuard::spawn("redis-server", &mut cmd)
+    }
+
+    /// The store URL sluice takes: every sentinel, the master's password.
+    pub fn url(&self) -> String {
+        let sentinels: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "redis+sentinel://:{}@{}/{SENTINEL_MASTER}",
+            self.password,
+            sentinels.join(",")
+        )
+    }
+
+    /// `redis-cli` against a data node.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new(tool("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-a", &self.password, "--no-auth-warning"])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `redis-cli` against a sentinel.
+    pub fn sentinel_cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new(tool("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn sentinel_log(&self, port: u16) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(format!("sentinel-{port}/sentinel.log"));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// The master's port as the first sentinel that answers names it.
+    pub fn master(&self) -> Option<u16> {
+        self.sentinel_ports.iter().find_map(|&p| {
+            let out =
+                self.sentinel_cli(p, &["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER]);
+            out.lines().nth(1)?.trim().parse().ok()
+        })
+    }
+
+    /// SIGKILL the data node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node");
+        self.nodes[i] = None;
+    }
+
+    /// Starts a killed node again, empty; the sentinels make it a replica.
+    pub fn restart(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node");
+        self.nodes[i] = Some(self.spawn_node(port, None));
+    }
+}
+
+/// A field of a flat `key\nvalue\n...` redis-cli reply.
+fn field<'a>(reply: &'a str, name: &str) -> Option<&'a str> {
+    let lines: Vec<&str> = reply.lines().map(str::trim).collect();
+    lines
+        .iter()
+        .position(|l| *l == name)
+        .and_then(|i| lines.get(i + 1).copied())
+}
