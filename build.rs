@@ -10,7 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
-    let fds = protox::compile(["envoy/service/ratelimit/v3/rls.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "envoy/service/ratelimit/v3/rls.proto",
+            "envoy/service/rate_limit_quota/v3/rlqs.proto",
+        ],
+        ["proto"],
+    )?;
     let encoded = prost::Message::encode_to_vec(&fds);
     std::fs::write(out_dir.join("sluice_descriptor.bin"), &encoded)?;
 

@@ -1,4 +1,5 @@
-//! Generated protobuf and gRPC code for Envoy's rate-limit API (see build.rs).
+//! Generated protobuf and gRPC code for Envoy's rate-limit APIs, the
+//! per-request one and the Rate Limit Quota Service (see build.rs).
 
 #![allow(clippy::all, missing_docs)]
 
@@ -34,6 +35,11 @@ pub mod envoy {
                 include_package!("envoy.service.ratelimit.v3");
             }
         }
+        pub mod rate_limit_quota {
+            pub mod v3 {
+                include_package!("envoy.service.rate_limit_quota.v3");
+            }
+        }
     }
     pub mod r#type {
         pub mod v3 {
@@ -47,4 +53,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
 
 pub use envoy::extensions::common::ratelimit::v3 as common;
+pub use envoy::service::rate_limit_quota::v3 as rlqs;
 pub use envoy::service::ratelimit::v3 as rls;
