@@ -1,0 +1,3 @@
+//! Envoy's Rate Limit Quota Service.
+
+pub mod share;
