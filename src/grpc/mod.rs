@@ -1,6 +1,10 @@
-//! The gRPC front end: Envoy's `RateLimitService`, plus health and
-//! reflection. Proto types become domain types here and nowhere else, and
+//! The gRPC front end: Envoy's `RateLimitService` and its Rate Limit Quota
+//! Service (`rlqs`), plus health and reflection. Proto types become domain types here and nowhere else, and
 //! this is the one place where errors become `tonic::Status`.
+
+pub mod rlqs;
+
+pub use rlqs::{RateLimitQuotaHandler, RLQS_SERVICE_NAME};
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

@@ -132,6 +132,7 @@ pub struct TestConfig {
     pub settings: LimiterSettings,
     pub shutdown_grace: Duration,
     pub tls: Option<Arc<sluice::tls::TlsReloader>>,
+    pub quota: sluice::rlqs::QuotaSettings,
 }
 
 impl TestConfig {
@@ -152,6 +153,7 @@ impl TestConfig {
             },
             shutdown_grace: Duration::from_secs(5),
             tls: None,
+            quota: Default::default(),
         }
     }
 }
@@ -189,6 +191,7 @@ impl TestServer {
             metrics: sluice::telemetry::prometheus(),
             shutdown_grace: config.shutdown_grace,
             tls: config.tls,
+            quota: config.quota,
             tasks: sluice::task::TaskSet::default(),
         };
         Self::serve(deps).await
