@@ -697,7 +697,10 @@ mod tests {
         assert_eq!(args.rlqs_idle_timeout, Duration::from_secs(60));
         args.validate().unwrap();
         let args = serve(&["--rlqs-assignment-ttl", "1500ms"]);
-        assert!(args.validate().unwrap_err().contains("whole number of seconds"));
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .contains("whole number of seconds"));
         let args = serve(&["--rlqs-assignment-ttl", "0s"]);
         assert!(args.validate().is_err());
         let args = serve(&["--rlqs-idle-timeout", "0s"]);

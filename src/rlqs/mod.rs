@@ -296,11 +296,25 @@ impl BucketCounters {
 /// A counter that belongs to the rule counter `rule`, in its own part of
 /// the key space: the empty domain, which no request has (as the tenant
 /// quotas'), then the role and the rule counter's name (itself a keyed hash).
-fn derived_key(hasher: &KeyHasher, rule: &CounterKey, role: &str, spec: &CounterSpec) -> CounterKey {
+fn derived_key(
+    hasher: &KeyHasher,
+    rule: &CounterKey,
+    role: &str,
+    spec: &CounterSpec,
+) -> CounterKey {
     let name = rule.redis_key("");
     let entries = [Entry {
         key: role,
         value: &name,
     }];
-    hasher.counter_key("", &entries, &[], spec.algorithm, spec.period_us / 1_000_000)
+    hasher.counter_key(
+        "",
+        &entries,
+        &[],
+        spec.algorithm,
+        spec.period_us / 1_000_000,
+    )
 }
+
+#[cfg(test)]
+mod tests;

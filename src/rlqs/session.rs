@@ -83,18 +83,28 @@ impl Session {
         };
         counter!(names::RLQS_REPORTS, "domain" => label.clone())
             .increment(report.usages.len() as u64);
-        let (allowed, denied) = report.usages.iter().fold((0, 0), |(a, d), u| {
-            (a + u.allowed, d + u.denied)
-        });
+        let (allowed, denied) = report
+            .usages
+            .iter()
+            .fold((0, 0), |(a, d), u| (a + u.allowed, d + u.denied));
         counter!(names::RLQS_REPORTED_REQUESTS, "domain" => label.clone(), "outcome" => "allowed")
             .increment(allowed);
         counter!(names::RLQS_REPORTED_REQUESTS, "domain" => label, "outcome" => "denied")
             .increment(denied);
 
-        let mut actions = Vec::new();
+        // Buckets this report does not bring back to life first: one that
+        // carries requests is active again.
+        self.touch(&report.usages, now);
+        let mut actions = self.abandon_idle(now);
         let mut shadowed = Vec::new();
         let mut evaluations = Vec::new();
         for usage in report.usages {
+            // Abandoned just now: the Envoy reported it before hearing so.
+            let abandoned =
+                |a: &Action| matches!(a, Action::Abandon { bucket } if *bucket == usage.bucket);
+            if actions.iter().any(abandoned) {
+                continue;
+            }
             let tracked = self.buckets.entry(usage.bucket.clone()).or_insert_with(|| {
                 gauge!(names::RLQS_BUCKETS).increment(1);
                 Tracked {
@@ -104,9 +114,6 @@ impl Session {
                     turn_at_us: None,
                 }
             });
-            if usage.allowed + usage.denied > 0 {
-                tracked.last_active_us = now;
-            }
             match self.service.limit(&rules, &domain, &usage.bucket) {
                 Limit::Open => {
                     tracked.turn_at_us = None;
@@ -140,7 +147,6 @@ impl Session {
             counter!(names::STORE_ERRORS, "kind" => e.kind()).increment(1);
         }
         actions.extend(self.evaluate(evaluations, now).await);
-        actions.extend(self.abandon_idle(now));
         count_actions(&actions);
         Ok(actions)
     }
@@ -153,7 +159,7 @@ impl Session {
             return Vec::new();
         };
         let rules = self.service.limiter.rules().load_full();
-        let mut actions = Vec::new();
+        let mut actions = self.abandon_idle(now);
         let mut evaluations = Vec::new();
         for (bucket, tracked) in &mut self.buckets {
             if !tracked.turn_at_us.is_some_and(|at| at <= now) {
@@ -177,7 +183,6 @@ impl Session {
             }
         }
         actions.extend(self.evaluate(evaluations, now).await);
-        actions.extend(self.abandon_idle(now));
         count_actions(&actions);
         actions
     }
@@ -195,7 +200,9 @@ impl Session {
     /// How long until [`Session::wake`] has something to do.
     pub fn until_wake(&self) -> Option<Duration> {
         let at = self.next_wake_us()?;
-        Some(Duration::from_micros(at.saturating_sub(self.service.now_us())))
+        Some(Duration::from_micros(
+            at.saturating_sub(self.service.now_us()),
+        ))
     }
 
     /// Buckets this stream tracks.
@@ -220,6 +227,17 @@ impl Session {
 
     fn idle_timeout_us(&self) -> u64 {
         duration_us(self.service.settings.idle_timeout)
+    }
+
+    /// Marks the buckets whose usage carries requests as active.
+    fn touch(&mut self, usages: &[Usage], now: u64) {
+        for usage in usages {
+            if usage.allowed + usage.denied > 0 {
+                if let Some(tracked) = self.buckets.get_mut(&usage.bucket) {
+                    tracked.last_active_us = now;
+                }
+            }
+        }
     }
 
     fn abandon_idle(&mut self, now: u64) -> Vec<Action> {
@@ -252,9 +270,10 @@ impl Session {
         let interval_us = duration_us(settings.report_interval);
         let mut ops = Vec::with_capacity(evaluations.len() * 4);
         for e in &evaluations {
-            let (allowed, requests) = e.usage.as_ref().map_or((0, 0), |u| {
-                (u.allowed, u.allowed.saturating_add(u.denied))
-            });
+            let (allowed, requests) = e
+                .usage
+                .as_ref()
+                .map_or((0, 0), |u| (u.allowed, u.allowed.saturating_add(u.denied)));
             let settle = self
                 .buckets
                 .get_mut(&e.bucket)
@@ -446,7 +465,11 @@ impl QuotaService {
             return Limit::Shadow { usage };
         }
         Limit::Limited {
-            counters: BucketCounters::new(self.limiter.hasher(), usage, self.settings.report_interval),
+            counters: BucketCounters::new(
+                self.limiter.hasher(),
+                usage,
+                self.settings.report_interval,
+            ),
             rate: Rate {
                 limit: usage.spec.limit,
                 period_us: usage.spec.period_us,

@@ -27,14 +27,15 @@
 //!
 //! `mine / total` is this Envoy's part of the bucket's demand, so shares
 //! follow demand; `remaining - outstanding` is what nobody has been
-//! promised, so shares never add up to more than the budget; `cap` keeps a
-//! share near what the Envoy can use before its next report (its demand
-//! over [`CAP_WINDOWS`] reporting intervals, or the rule's rate over the
-//! same span if more), so unused promises hold back little. A stream's first report for a
-//! bucket has no demand history and no cap: an Envoy alone on a bucket may
-//! burst up to all that is left, as with per-request decisions, and an
-//! Envoy that joins a busy bucket gets its part at the incumbents' next
-//! reports.
+//! promised, so shares never add up to more than the budget; `cap`, when
+//! other Envoys report the bucket too, keeps a share near what the Envoy
+//! can use before its next report (its demand over [`CAP_WINDOWS`]
+//! reporting intervals, or the rule's rate over the same span if more), so
+//! unused promises hold others back little. A stream's first report for a
+//! bucket has no demand history and no cap, nor has an Envoy alone on a
+//! bucket: it may burst up to all that is left, as with per-request
+//! decisions. An Envoy that joins a busy bucket gets its part at the
+//! incumbents' next reports.
 //!
 //! When a promise window ends, every Envoy holding a share gets a new one
 //! promised in the next window (`Ledger::turn_at`), so no share outlives
@@ -154,7 +155,8 @@ pub struct ShareInput {
     pub mine: u64,
     /// All Envoys' demand over the demand window (this one's included).
     pub total: u64,
-    /// [`cap`], or `None` on a stream's first report for the bucket.
+    /// [`cap`], or `None` on a stream's first report for the bucket and
+    /// for an Envoy alone on it.
     pub cap: Option<u64>,
 }
 
@@ -236,7 +238,9 @@ impl Ledger {
             outstanding: counts.promised.saturating_sub(counts.settled),
             mine,
             total: counts.total_demand,
-            cap: (self.reports > 1).then(|| cap(rate, report_interval_us, mine)),
+            // Alone on the bucket, an unused promise holds back nobody.
+            cap: (self.reports > 1 && counts.total_demand > mine)
+                .then(|| cap(rate, report_interval_us, mine)),
         })
     }
 

@@ -66,7 +66,7 @@ fn the_cap_follows_demand_or_the_rules_rate() {
 }
 
 #[test]
-fn the_first_report_is_not_capped_later_ones_are() {
+fn only_later_reports_of_a_shared_bucket_are_capped() {
     let spec = demand_spec(INTERVAL);
     let rate = Rate {
         limit: 600,
@@ -83,8 +83,13 @@ fn the_first_report_is_not_capped_later_ones_are() {
     let mine = ledger.report(&spec, t0, 1);
     assert_eq!(ledger.share(rate, INTERVAL, counts(600, mine), mine), 600);
     let mine = ledger.report(&spec, t0 + INTERVAL, 40);
-    // 41 requests in the window; the rule's rate over 10 s is 100.
-    assert_eq!(ledger.share(rate, INTERVAL, counts(559, mine), mine), 100);
+    // Alone on the bucket: still all that is left.
+    assert_eq!(ledger.share(rate, INTERVAL, counts(559, mine), mine), 559);
+    // With others: 41 requests in the window; the rule's rate over 10 s is 100.
+    assert_eq!(
+        ledger.share(rate, INTERVAL, counts(559, 2 * mine), mine),
+        100
+    );
 }
 
 #[test]
