@@ -272,13 +272,16 @@ struct BucketCounters {
     demand: CounterOp,
     promised: CounterOp,
     settled: CounterOp,
+    /// The promised and settled counters' window.
+    promise_window_us: u64,
 }
 
 impl BucketCounters {
     fn new(hasher: &KeyHasher, rule: CounterOp, report_interval: Duration) -> BucketCounters {
         let interval_us = u64::try_from(report_interval.as_micros()).unwrap_or(u64::MAX);
         let demand = share::demand_spec(interval_us);
-        let promise = share::promise_spec(rule.spec.period_us);
+        let promise_window_us = share::promise_window(rule.spec.period_us, interval_us);
+        let promise = share::promise_spec(promise_window_us);
         let op = |role: &str, spec: CounterSpec| CounterOp {
             key: derived_key(hasher, &rule.key, role, &spec),
             spec,
@@ -289,6 +292,7 @@ impl BucketCounters {
             demand: op("rlqs-demand", demand),
             promised: op("rlqs-promised", promise),
             settled: op("rlqs-settled", promise),
+            promise_window_us,
         }
     }
 }

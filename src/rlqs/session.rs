@@ -277,7 +277,7 @@ impl Session {
             let settle = self
                 .buckets
                 .get_mut(&e.bucket)
-                .map_or(0, |t| t.ledger.settle(now, e.rate.period_us));
+                .map_or(0, |t| t.ledger.settle(now, e.counters.promise_window_us));
             let c = &e.counters;
             ops.push(CounterOp {
                 hits: allowed,
@@ -342,8 +342,9 @@ impl Session {
             let Some(tracked) = self.buckets.get_mut(&e.bucket) else {
                 continue;
             };
-            tracked.ledger.promised(share, now, e.rate.period_us);
-            tracked.turn_at_us = Some(Ledger::turn_at(now, e.rate.period_us));
+            let window_us = e.counters.promise_window_us;
+            tracked.ledger.promised(share, now, window_us);
+            tracked.turn_at_us = Some(Ledger::turn_at(now, window_us));
             // Should a reload lift its limit, ALLOW_ALL goes out at once.
             tracked.allow_all_due_us = now;
             let assignment = match u32::try_from(share) {
@@ -413,7 +414,9 @@ impl Session {
             let Some(tracked) = self.buckets.get_mut(&e.bucket) else {
                 continue;
             };
-            tracked.ledger.promised(0, now, e.rate.period_us);
+            tracked
+                .ledger
+                .promised(0, now, e.counters.promise_window_us);
             // Asked again at its next report.
             tracked.turn_at_us = None;
             if mode == FailureMode::Allow {

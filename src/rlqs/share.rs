@@ -7,12 +7,16 @@
 //! - the rule's own counter, which counts the requests Envoys report as
 //!   allowed (as it counts per-request decisions): its `remaining` is the
 //!   window's budget;
-//! - *promised* and *settled*, fixed-window counters over the rule's period:
-//!   every share handed to an Envoy is added to *promised*; at the Envoy's
-//!   next report (whose usage the rule's counter has just counted) the whole
-//!   share is added to *settled*, since the new share replaces whatever is
-//!   left of it. `promised - settled` is what Envoys may still admit
-//!   without the rule's counter knowing yet: the outstanding shares;
+//! - *promised* and *settled*, fixed-window counters over the promise
+//!   window ([`promise_window`]: three reporting intervals, shortened to
+//!   divide the rule's period): every share handed to an Envoy is added to
+//!   *promised*; at the Envoy's next report (whose usage the rule's counter
+//!   has just counted) the whole share is added to *settled*, since the new
+//!   share replaces whatever is left of it. `promised - settled` is what
+//!   Envoys may still admit without the rule's counter knowing yet: the
+//!   outstanding shares. A promise is forgotten when its window ends, so
+//!   one made on a stream that died (its sluice instance crashed) holds
+//!   nothing back for longer than that;
 //! - *demand*, a sliding window over [`DEMAND_WINDOWS`] reporting intervals
 //!   of the requests (allowed and denied) every Envoy reports.
 //!
@@ -37,24 +41,31 @@
 //! decisions. An Envoy that joins a busy bucket gets its part at the
 //! incumbents' next reports.
 //!
-//! When a promise window ends, every Envoy holding a share gets a new one
-//! promised in the next window (`Ledger::turn_at`), so no share outlives
-//! the window that promised it by more than a round trip.
+//! When a promise window ends, every Envoy holding a share (or DENY_ALL)
+//! gets a new one promised in the next window (`Ledger::turn_at`), so no
+//! share outlives the window that promised it by more than a round trip;
+//! and since promise windows divide the rule's period, an Envoy denied for
+//! the rest of a rule's window gets its new share when that window turns.
 //!
 //! ## The bound on over-admission
 //!
 //! An Envoy admits at most its share between two answers, and every share
-//! was promised out of what the window had left. What escapes the promises
-//! is what an Envoy admits between sending a report and applying the
-//! answer (one round trip, from what was left of the previous share), the
-//! requests of a new bucket before its first answer (Envoy lets them
-//! through by its `no_assignment_behavior`), and what it admits between a
-//! window's end and its new share. So, per window and bucket, the requests
-//! all Envoys admit exceed the limit by at most what each Envoy admits in
-//! one round trip per report and per window turn, plus the first requests
-//! of new buckets. Without the promise counters (a store failure between
-//! the two round trips), the bound falls back to the outstanding shares:
-//! at most one reporting interval of each Envoy's traffic.
+//! is promised out of what nobody else holds. What escapes the promises:
+//! - what an Envoy admits between sending a report and applying the
+//!   answer, and between a promise window's end and its renewed share
+//!   (a round trip, plus [`TURN_MARGIN_US`]), out of its previous share;
+//! - a new bucket's requests before its first answer (Envoy lets them
+//!   through by its `no_assignment_behavior`);
+//! - when a stream breaks: what is left of its Envoy's share once the
+//!   promise window forgets it, and the usage the Envoy drops while it
+//!   cannot report (Envoy 1.40 discards a report it cannot send).
+//!
+//! So, while streams hold, the requests all Envoys admit for a bucket in a
+//! window exceed its limit by at most what each admits in one round trip
+//! per report and per promise window, plus new buckets' first requests
+//! (the simulation in `share/tests.rs` checks it; `tests/it/rlqs.rs`
+//! measures it with real Envoys). A broken stream adds at most its Envoy's
+//! last share and one reporting interval of its traffic.
 
 use crate::limiter::{check, Algorithm, CounterSpec, CounterState};
 
@@ -90,13 +101,26 @@ pub fn demand_spec(report_interval_us: u64) -> CounterSpec {
     }
 }
 
-/// The counter spec of the promised and settled counters of a rule with
-/// this period: fixed windows, aligned with the rule's own.
-pub fn promise_spec(period_us: u64) -> CounterSpec {
+/// The promise window, in reporting intervals: a share is settled at the
+/// next report, so most promises start and end within one window.
+pub const PROMISE_WINDOWS: u64 = 3;
+
+/// The promise window of a rule with this period: [`PROMISE_WINDOWS`]
+/// reporting intervals, or less so that a whole number of them make the
+/// period (their turns then include the rule's window turns).
+pub fn promise_window(period_us: u64, report_interval_us: u64) -> u64 {
+    let period_us = period_us.max(1);
+    let longest = (report_interval_us * PROMISE_WINDOWS).max(1);
+    (period_us / period_us.div_ceil(longest)).max(1)
+}
+
+/// The counter spec of the promised and settled counters: fixed windows of
+/// the promise window's length.
+pub fn promise_spec(window_us: u64) -> CounterSpec {
     CounterSpec {
         algorithm: Algorithm::FixedWindow,
         limit: COUNTER_LIMIT,
-        period_us: period_us.max(1),
+        period_us: window_us.max(1),
         burst: COUNTER_LIMIT,
     }
 }
@@ -220,12 +244,12 @@ impl Ledger {
     }
 
     /// What to add to the settled counter now that the held share is being
-    /// replaced: all of it if it was promised in the window `now_us` falls
-    /// in (`period_us`, the rule's), else nothing (its window has ended,
+    /// replaced: all of it if it was promised in the promise window (of
+    /// `window_us`) `now_us` falls in, else nothing (its window has ended,
     /// and its promise with it).
-    pub fn settle(&mut self, now_us: u64, period_us: u64) -> u64 {
+    pub fn settle(&mut self, now_us: u64, window_us: u64) -> u64 {
         match self.held.take() {
-            Some((share, window)) if window == now_us / period_us.max(1) => share,
+            Some((share, window)) if window == now_us / window_us.max(1) => share,
             _ => 0,
         }
     }
@@ -245,15 +269,15 @@ impl Ledger {
     }
 
     /// Records that `share` was promised at `now_us`.
-    pub fn promised(&mut self, share: u64, now_us: u64, period_us: u64) {
-        self.held = (share > 0).then_some((share, now_us / period_us.max(1)));
+    pub fn promised(&mut self, share: u64, now_us: u64, window_us: u64) {
+        self.held = (share > 0).then_some((share, now_us / window_us.max(1)));
     }
 
-    /// When this bucket's share must be renewed for the next window: the
-    /// end of the promise window `now_us` falls in, plus a margin.
-    pub fn turn_at(now_us: u64, period_us: u64) -> u64 {
-        let period_us = period_us.max(1);
-        (now_us / period_us + 1) * period_us + TURN_MARGIN_US
+    /// When this bucket's share must be renewed for the next promise
+    /// window: the end of the one `now_us` falls in, plus a margin.
+    pub fn turn_at(now_us: u64, window_us: u64) -> u64 {
+        let window_us = window_us.max(1);
+        (now_us / window_us + 1) * window_us + TURN_MARGIN_US
     }
 }
 

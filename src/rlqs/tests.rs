@@ -177,12 +177,21 @@ async fn an_envoy_alone_gets_what_is_left_then_deny_all_then_a_new_window() {
         .unwrap();
     assert_eq!(assigned(&actions), [Assignment::DenyAll]);
 
-    // The window ends 50 s after T0; the session wakes just after.
-    let wake = session.next_wake_us().unwrap();
-    assert_eq!(wake, T0 + 50 * SECOND + share::TURN_MARGIN_US);
-    f.clock.set(wake);
-    let actions = session.wake().await;
-    assert_eq!(assigned(&actions), [Assignment::Share(10)]);
+    // DENY_ALL is renewed with each promise window (15 s) until the rule's
+    // window ends, 50 s after T0; then the new window's budget, all hers.
+    let rule_turn = T0 + 50 * SECOND + share::TURN_MARGIN_US;
+    loop {
+        let wake = session.next_wake_us().unwrap();
+        assert!(wake <= rule_turn);
+        f.clock.set(wake);
+        let actions = session.wake().await;
+        if wake < rule_turn {
+            assert_eq!(assigned(&actions), [Assignment::DenyAll]);
+        } else {
+            assert_eq!(assigned(&actions), [Assignment::Share(10)]);
+            break;
+        }
+    }
 }
 
 #[tokio::test]

@@ -93,6 +93,16 @@ fn only_later_reports_of_a_shared_bucket_are_capped() {
 }
 
 #[test]
+fn promise_windows_divide_the_rules_period() {
+    assert_eq!(promise_window(MINUTE, INTERVAL), 15 * SECOND);
+    assert_eq!(promise_window(SECOND, INTERVAL), SECOND);
+    assert_eq!(promise_window(86_400 * SECOND, INTERVAL), 15 * SECOND);
+    assert_eq!(promise_window(7 * SECOND, INTERVAL), 7 * SECOND);
+    // 40 s is three windows of 13.3 s.
+    assert_eq!(promise_window(40 * SECOND, INTERVAL), 13_333_333);
+}
+
+#[test]
 fn a_share_is_settled_in_the_window_that_promised_it() {
     let t0 = 1_700_000_000 * SECOND - 1_700_000_000 * SECOND % MINUTE;
     let mut ledger = Ledger::default();
@@ -137,6 +147,8 @@ fn demand_is_estimated_as_the_shared_counter_estimates_it() {
 
 const RTT: u64 = 20_000;
 const STEP: u64 = 1_000;
+/// The promise window of a per-minute rule.
+const WINDOW: u64 = 15 * SECOND;
 
 #[derive(Clone, Copy, Debug)]
 enum Assignment {
@@ -197,8 +209,8 @@ impl Server {
         Server {
             usage: Counter::new(rule),
             demand: Counter::new(demand_spec(INTERVAL)),
-            promised: Counter::new(promise_spec(MINUTE)),
-            settled: Counter::new(promise_spec(MINUTE)),
+            promised: Counter::new(promise_spec(WINDOW)),
+            settled: Counter::new(promise_spec(WINDOW)),
         }
     }
 
@@ -212,7 +224,7 @@ impl Server {
             usage = self.usage.apply(now, fill);
         }
         let total_demand = self.demand.apply(now, requests).used;
-        let settle = ledger.settle(now, MINUTE);
+        let settle = ledger.settle(now, WINDOW);
         let settled = self.settled.apply(now, settle).used;
         let promised = self.promised.apply(now, 0).used;
         let demand_spec = self.demand.spec;
@@ -232,7 +244,7 @@ impl Server {
         };
         let share = ledger.share(rate, INTERVAL, counts, mine);
         self.promised.apply(now, share);
-        ledger.promised(share, now, MINUTE);
+        ledger.promised(share, now, WINDOW);
         share
     }
 }
@@ -310,7 +322,7 @@ fn simulate(rates: &[u64], start: u64, limit: u64, minutes: u64) -> Vec<SimEnvoy
                 });
                 let share = server.evaluate(&mut envoy.ledger, now, usage);
                 envoy.answer = Some((now + RTT, share));
-                envoy.turn = Some(Ledger::turn_at(now, MINUTE));
+                envoy.turn = Some(Ledger::turn_at(now, WINDOW));
             }
         }
         now += STEP;
@@ -322,8 +334,8 @@ fn simulate(rates: &[u64], start: u64, limit: u64, minutes: u64) -> Vec<SimEnvoy
 /// a round trip after each of its reports and after the window's turn
 /// (plus the margin), and a new bucket's first request.
 fn bound(rates: &[u64], limit: u64) -> u64 {
-    let answers = MINUTE / INTERVAL + 1;
-    let exposed_us = RTT * answers + TURN_MARGIN_US + RTT;
+    let answers = MINUTE / INTERVAL + MINUTE / WINDOW;
+    let exposed_us = RTT * answers + TURN_MARGIN_US * (MINUTE / WINDOW);
     limit
         + rates
             .iter()
