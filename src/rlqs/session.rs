@@ -14,7 +14,9 @@ use super::{
     Action, Assignment, BucketCounters, BucketId, QuotaService, Report, ReportError, Usage,
     ALLOW_ALL_TTL,
 };
-use crate::limiter::{self, bounds, CounterOp, Descriptor, Outcome, PlanItem, Request, RuleSet};
+use crate::limiter::{
+    self, bounds, CounterOp, CounterSpec, Descriptor, Outcome, PlanItem, Request, RuleSet,
+};
 use crate::service::FailureMode;
 use crate::storage::StoreError;
 use crate::telemetry::names;
@@ -300,18 +302,8 @@ impl Session {
         self.count_beyond_the_limit(&ops, &mut outcomes).await;
 
         let demand_spec = share::demand_spec(interval_us);
-        let mut shares = Vec::with_capacity(evaluations.len());
+        let mut wanted = Vec::with_capacity(evaluations.len());
         for (e, outcome) in evaluations.iter().zip(outcomes.chunks(4)) {
-            let Some(tracked) = self.buckets.get_mut(&e.bucket) else {
-                continue;
-            };
-            let mine = match &e.usage {
-                Some(u) => {
-                    let requests = u.allowed.saturating_add(u.denied);
-                    tracked.ledger.report(&demand_spec, now, requests)
-                }
-                None => tracked.ledger.demand(&demand_spec, now),
-            };
             let counts = Counts {
                 remaining: outcome[0].remaining,
                 total_demand: outcome[1].used,
@@ -320,21 +312,32 @@ impl Session {
             };
             gauge!(names::RLQS_BUDGET_REMAINING, "rule" => e.rule.to_string())
                 .set(counts.remaining as f64);
-            shares.push(tracked.ledger.share(e.rate, interval_us, counts, mine));
-        }
-
-        let promises: Vec<CounterOp> = evaluations
-            .iter()
-            .zip(&shares)
-            .filter(|(_, share)| **share > 0)
-            .map(|(e, share)| CounterOp {
-                hits: *share,
+            let share = match self.buckets.get_mut(&e.bucket) {
+                Some(tracked) => {
+                    let mine = match &e.usage {
+                        Some(u) => {
+                            let requests = u.allowed.saturating_add(u.denied);
+                            tracked.ledger.report(&demand_spec, now, requests)
+                        }
+                        None => tracked.ledger.demand(&demand_spec, now),
+                    };
+                    tracked.ledger.share(e.rate, interval_us, counts, mine)
+                }
+                None => 0,
+            };
+            wanted.push(CounterOp {
+                hits: share,
+                spec: CounterSpec {
+                    limit: counts.promise_limit(),
+                    ..e.counters.promised.spec
+                },
                 ..e.counters.promised
-            })
-            .collect();
-        if let Err(e) = service.apply(&promises).await {
-            return self.answer_failure(&evaluations, e);
+            });
         }
+        let shares = match self.promise(&wanted).await {
+            Ok(shares) => shares,
+            Err(e) => return self.answer_failure(&evaluations, e),
+        };
 
         let ttl = settings.assignment_ttl;
         let mut actions = Vec::with_capacity(evaluations.len());
@@ -359,6 +362,41 @@ impl Session {
             });
         }
         actions
+    }
+
+    /// Promises the shares `wanted` (each op's hits, against its limit:
+    /// `Counts::promise_limit`), atomically against every other promise:
+    /// the promised counter admits a share only while what is outstanding
+    /// stays within what remains, so two instances answering at once never
+    /// promise the same budget twice. A share that no longer fits shrinks
+    /// to what does. Returns what was promised, per op.
+    async fn promise(&self, wanted: &[CounterOp]) -> Result<Vec<u64>, StoreError> {
+        let mut promised = vec![0; wanted.len()];
+        let mut pending: Vec<(usize, CounterOp)> = wanted
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, op)| op.hits > 0)
+            .collect();
+        // The ask, then, for those that did not fit, what was left.
+        for _ in 0..2 {
+            if pending.is_empty() {
+                break;
+            }
+            let ops: Vec<CounterOp> = pending.iter().map(|(_, op)| *op).collect();
+            let outcomes = self.service.apply(&ops).await?;
+            let mut retry = Vec::new();
+            for ((i, op), outcome) in pending.into_iter().zip(outcomes) {
+                if outcome.admitted {
+                    promised[i] = op.hits;
+                } else if outcome.remaining > 0 {
+                    let hits = outcome.remaining;
+                    retry.push((i, CounterOp { hits, ..op }));
+                }
+            }
+            pending = retry;
+        }
+        Ok(promised)
     }
 
     /// Requests an Envoy reports as allowed were admitted, whatever the

@@ -220,6 +220,18 @@ pub struct Counts {
     pub settled: u64,
 }
 
+impl Counts {
+    /// The limit a share is promised against: the promised counter may
+    /// grow to the settled count plus what remains, so that the outstanding
+    /// shares never exceed the budget, even when instances promise at once
+    /// (the store checks and adds in one step).
+    pub fn promise_limit(&self) -> u64 {
+        self.settled
+            .saturating_add(self.remaining)
+            .min(COUNTER_LIMIT)
+    }
+}
+
 /// One stream's record of one bucket: this Envoy's demand, how many
 /// reports it has sent, and the share it holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

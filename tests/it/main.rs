@@ -23,5 +23,6 @@ mod postgres;
 mod redis_cluster;
 mod redis_store;
 mod reload;
+mod rlqs;
 mod storage_contract;
 mod tls;

@@ -93,6 +93,24 @@ fn only_later_reports_of_a_shared_bucket_are_capped() {
 }
 
 #[test]
+fn promises_never_outgrow_what_remains() {
+    let counts = Counts {
+        remaining: 40,
+        total_demand: 10,
+        promised: 100,
+        settled: 70,
+    };
+    // 30 outstanding: the promised counter may reach 110, 10 more.
+    assert_eq!(counts.promise_limit(), 110);
+    let mut promised = Counter::new(promise_spec(WINDOW));
+    let t0 = 1_700_000_000 * SECOND;
+    assert_eq!(promised.apply_within(t0, 25, 30), 25);
+    // Another instance read the same counts and asks for 25 too: 5 fit.
+    assert_eq!(promised.apply_within(t0, 25, 30), 5);
+    assert_eq!(promised.apply_within(t0, 25, 30), 0);
+}
+
+#[test]
 fn promise_windows_divide_the_rules_period() {
     assert_eq!(promise_window(MINUTE, INTERVAL), 15 * SECOND);
     assert_eq!(promise_window(SECOND, INTERVAL), SECOND);
@@ -182,6 +200,25 @@ impl Counter {
         Counter { spec, state: None }
     }
 
+    /// Adds what fits of `hits` under `limit`, as the service promises.
+    fn apply_within(&mut self, now: u64, hits: u64, limit: u64) -> u64 {
+        let spec = CounterSpec { limit, ..self.spec };
+        let mut checked = check(&spec, self.state, now, hits);
+        let mut added = hits;
+        if !checked.outcome.admitted {
+            added = checked.outcome.remaining;
+            checked = check(&spec, self.state, now, added);
+        }
+        if let Some(state) = checked.state {
+            self.state = Some(state);
+        }
+        if checked.outcome.admitted {
+            added
+        } else {
+            0
+        }
+    }
+
     fn apply(&mut self, now: u64, hits: u64) -> crate::limiter::Outcome {
         let checked = check(&self.spec, self.state, now, hits);
         if let Some(state) = checked.state {
@@ -242,8 +279,9 @@ impl Server {
             promised,
             settled,
         };
-        let share = ledger.share(rate, INTERVAL, counts, mine);
-        self.promised.apply(now, share);
+        let wanted = ledger.share(rate, INTERVAL, counts, mine);
+        let limit = counts.promise_limit();
+        let share = self.promised.apply_within(now, wanted, limit);
         ledger.promised(share, now, WINDOW);
         share
     }

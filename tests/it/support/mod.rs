@@ -169,6 +169,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: TestConfig) -> TestServer {
+        Self::serve(TestServer::deps(config)).await
+    }
+
+    /// What [`TestServer::start`] serves.
+    pub fn deps(config: TestConfig) -> Deps {
         let store = config.store.unwrap_or_else(|| {
             Arc::new(MemoryStore::new(100_000, config.clock.clone())) as Arc<dyn CounterStore>
         });
@@ -185,7 +190,7 @@ impl TestServer {
             config.settings,
             config.clock,
         );
-        let deps = Deps {
+        Deps {
             limiter: Arc::new(limiter),
             readiness,
             metrics: sluice::telemetry::prometheus(),
@@ -193,8 +198,7 @@ impl TestServer {
             tls: config.tls,
             quota: config.quota,
             tasks: sluice::task::TaskSet::default(),
-        };
-        Self::serve(deps).await
+        }
     }
 
     /// `sluice serve ARGS...`, parsed, validated and built by `app::build`
@@ -215,6 +219,12 @@ impl TestServer {
     /// Serves already-built deps (for tests that use `app::build`).
     pub async fn serve(deps: Deps) -> TestServer {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::serve_on(grpc, deps).await
+    }
+
+    /// Serves `deps` with gRPC on `grpc` (a restarted server on its
+    /// predecessor's port).
+    pub async fn serve_on(grpc: TcpListener, deps: Deps) -> TestServer {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
