@@ -47,7 +47,7 @@ enum Limit {
     /// A shadow-mode rule (or global shadow mode): counted, ALLOW_ALL.
     Shadow { usage: CounterOp },
     Limited {
-        counters: BucketCounters,
+        counters: Box<BucketCounters>,
         rate: Rate,
         rule: Arc<str>,
     },
@@ -136,7 +136,7 @@ impl Session {
                     rule,
                 } => evaluations.push(Evaluation {
                     bucket: usage.bucket.clone(),
-                    counters,
+                    counters: *counters,
                     rate,
                     rule,
                     usage: Some(usage),
@@ -164,7 +164,7 @@ impl Session {
         let mut actions = self.abandon_idle(now);
         let mut evaluations = Vec::new();
         for (bucket, tracked) in &mut self.buckets {
-            if !tracked.turn_at_us.is_some_and(|at| at <= now) {
+            if tracked.turn_at_us.is_none_or(|at| at > now) {
                 continue;
             }
             tracked.turn_at_us = None;
@@ -175,7 +175,7 @@ impl Session {
                     rule,
                 } => evaluations.push(Evaluation {
                     bucket: bucket.clone(),
-                    counters,
+                    counters: *counters,
                     rate,
                     rule,
                     usage: None,
@@ -506,11 +506,11 @@ impl QuotaService {
             return Limit::Shadow { usage };
         }
         Limit::Limited {
-            counters: BucketCounters::new(
+            counters: Box::new(BucketCounters::new(
                 self.limiter.hasher(),
                 usage,
                 self.settings.report_interval,
-            ),
+            )),
             rate: Rate {
                 limit: usage.spec.limit,
                 period_us: usage.spec.period_us,
