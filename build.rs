@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "envoy/service/ratelimit/v3/rls.proto",
             "sluice/v1/sluice.proto",
+            "envoy/service/rate_limit_quota/v3/rlqs.proto",
         ],
         ["proto"],
     )?;

@@ -20,11 +20,14 @@ use crate::config::{RulesSource, ServeArgs, StoreUrl};
 use crate::events::amqp::AmqpSink;
 use crate::events::pipeline::{self, PipelineSettings};
 use crate::events::spool::Spool;
-use crate::grpc::{ExplainHandler, RateLimitHandler, SERVICE_NAME};
+use crate::grpc::{
+    ExplainHandler, RateLimitHandler, RateLimitQuotaHandler, RLQS_SERVICE_NAME, SERVICE_NAME,
+};
 use crate::health::EventsStatus;
 use crate::health::Readiness;
 use crate::limiter::RuleSet;
 use crate::limiter::{KeyHasher, PlanOptions};
+use crate::rlqs::{QuotaService, QuotaSettings};
 use crate::rules::postgres::{Connections, PostgresSource};
 use crate::rules::{watch, RulesHandle};
 use crate::service::{ApiKeyPolicy, LimiterSettings, RateLimiter};
@@ -50,6 +53,8 @@ pub struct Deps {
     pub shutdown_grace: Duration,
     /// Serve gRPC over TLS with these (reloading) certificates.
     pub tls: Option<Arc<TlsReloader>>,
+    /// The Rate Limit Quota Service's settings.
+    pub quota: QuotaSettings,
     /// The background tasks `build` started (rule and certificate reloads,
     /// usage writes, counter expiry, metrics upkeep); `serve` ends them when
     /// it returns.
@@ -80,10 +85,11 @@ async fn serve_until(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
+    for service in [SERVICE_NAME, RLQS_SERVICE_NAME, ""] {
+        health
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
     let _store_health = OwnedTask::spawn(report_store_health(
         health.clone(),
         deps.limiter.store().clone(),
@@ -105,12 +111,16 @@ async fn serve_until(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    // Quota streams last as long as their Envoy's connection: they end when
+    // shutdown begins, so that draining does not wait for them.
+    let quota = QuotaService::new(deps.limiter.clone(), deps.quota.clone());
     let grpc_router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RateLimitHandler::new(deps.limiter.clone()).into_server())
-        .add_service(ExplainHandler::new(deps.limiter.clone()).into_server());
+        .add_service(ExplainHandler::new(deps.limiter.clone()).into_server())
+        .add_service(RateLimitQuotaHandler::new(quota, stop_rx.clone()).into_server());
     let grpc_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &deps.tls {
             Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
@@ -154,12 +164,11 @@ async fn serve_until(
 
     tracing::info!(grace = ?deps.shutdown_grace, "shutting down: draining in-flight calls");
     deps.readiness.set_draining();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    for service in [SERVICE_NAME, RLQS_SERVICE_NAME, ""] {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     let _ = stop_tx.send(true);
     let result = match tokio::time::timeout(deps.shutdown_grace, servers).await {
         Ok(result) => result,
@@ -313,6 +322,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
     Ok(Deps {
         limiter: Arc::new(limiter),
         tls,
+        quota: QuotaSettings {
+            idle_timeout: args.rlqs_idle_timeout,
+            assignment_ttl: args.rlqs_assignment_ttl,
+            ..QuotaSettings::default()
+        },
         readiness,
         metrics,
         shutdown_grace: args.shutdown_grace,

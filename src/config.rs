@@ -656,6 +656,17 @@ pub struct ServeArgs {
     /// This instance's name in events (default: the host name).
     #[arg(long, env = "SLUICE_INSTANCE", default_value_t = host_name())]
     pub instance: String,
+
+    /// Rate Limit Quota Service: a bucket an Envoy reports no requests for
+    /// this long is abandoned (Envoy forgets it until a request falls into it).
+    #[arg(long, env = "SLUICE_RLQS_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub rlqs_idle_timeout: Duration,
+
+    /// Rate Limit Quota Service: how long a share or a DENY_ALL lasts
+    /// unless renewed (whole seconds); then the Envoy's
+    /// `expired_assignment_behavior` applies.
+    #[arg(long, env = "SLUICE_RLQS_ASSIGNMENT_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub rlqs_assignment_ttl: Duration,
 }
 
 /// The kernel's host name (the pod name in Kubernetes).
@@ -758,6 +769,15 @@ impl ServeArgs {
         }
         if !(0.0..=1.0).contains(&self.request_log_sample) {
             return Err("--request-log-sample must be between 0 and 1".into());
+        }
+        if self.rlqs_idle_timeout.is_zero() {
+            return Err("--rlqs-idle-timeout must be greater than zero".into());
+        }
+        if self.rlqs_assignment_ttl.is_zero() || self.rlqs_assignment_ttl.subsec_nanos() != 0 {
+            return Err(
+                "--rlqs-assignment-ttl must be a whole number of seconds (Envoy reads no fractions)"
+                    .into(),
+            );
         }
         if self.rules == RulesSource::Postgres {
             if self.database_url.is_none() {
@@ -897,6 +917,23 @@ mod tests {
         let args = serve(&["--rules", "examples/rules"]);
         assert_eq!(args.rules, RulesSource::Files("examples/rules".into()));
         assert!(Cli::try_parse_from(["sluice", "serve", "--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn quota_assignments_last_whole_seconds() {
+        let args = serve(&[]);
+        assert_eq!(args.rlqs_assignment_ttl, Duration::from_secs(15));
+        assert_eq!(args.rlqs_idle_timeout, Duration::from_secs(60));
+        args.validate().unwrap();
+        let args = serve(&["--rlqs-assignment-ttl", "1500ms"]);
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .contains("whole number of seconds"));
+        let args = serve(&["--rlqs-assignment-ttl", "0s"]);
+        assert!(args.validate().is_err());
+        let args = serve(&["--rlqs-idle-timeout", "0s"]);
+        assert!(args.validate().unwrap_err().contains("--rlqs-idle-timeout"));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | `http`      | `/json`, `/explain`, `/metrics`, `/healthz`, `/readyz` |
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
+//! | `rlqs`      | Envoy's Rate Limit Quota Service: buckets on rules, shares of the budget, streams |
 //! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
 //! | `admin`     | the catalog's administration in PostgreSQL: rules, plans, tenants, API keys, usage |
 //! | `storage`   | the `CounterStore` trait and its backends |
@@ -43,7 +44,7 @@
 //! | 7 | `app`, `commands` |
 //! | 6 | `config` |
 //! | 5 | `grpc`, `http`, `tls` |
-//! | 4 | `convert` |
+//! | 4 | `convert`, `rlqs` |
 //! | 3 | `service`, `admin`, `events` |
 //! | 2 | `storage`, `rules`, `usage` |
 //! | 1 | `limiter`, `database` |
@@ -64,6 +65,7 @@ pub mod http;
 pub mod limiter;
 pub mod proto;
 pub mod reload;
+pub mod rlqs;
 pub mod rules;
 pub mod secret;
 pub mod service;

@@ -1,5 +1,6 @@
-//! Generated protobuf and gRPC code for Envoy's rate-limit API and sluice's
-//! own (see build.rs), and the codec the generated services use.
+//! Generated protobuf and gRPC code for Envoy's rate-limit APIs (the
+//! per-request one and the Rate Limit Quota Service) and sluice's own (see
+//! build.rs), and the codec the generated services use.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -39,6 +40,11 @@ pub mod envoy {
                 include_package!("envoy.service.ratelimit.v3");
             }
         }
+        pub mod rate_limit_quota {
+            pub mod v3 {
+                include_package!("envoy.service.rate_limit_quota.v3");
+            }
+        }
     }
     pub mod r#type {
         pub mod v3 {
@@ -59,4 +65,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
 
 pub use envoy::extensions::common::ratelimit::v3 as common;
+pub use envoy::service::rate_limit_quota::v3 as rlqs;
 pub use envoy::service::ratelimit::v3 as rls;

@@ -167,6 +167,14 @@ impl RateLimiter {
         &self.hasher
     }
 
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn settings(&self) -> &LimiterSettings {
+        &self.settings
+    }
+
     /// Decides one request.
     pub async fn should_rate_limit(&self, request: &Request<'_>) -> Result<Verdict, DecideError> {
         if let Err(e) = request.validate() {

@@ -77,6 +77,19 @@ pub mod names {
     /// Events a consumer applied to PostgreSQL, by consumer and `result`
     /// (`applied`, `duplicate`, `invalid`).
     pub const EVENTS_CONSUMED: &str = "sluice_events_consumed_total";
+    // The Rate Limit Quota Service (RLQS).
+    /// Quota streams open (one per Envoy).
+    pub const RLQS_STREAMS: &str = "sluice_rlqs_streams";
+    /// Buckets the open streams track.
+    pub const RLQS_BUCKETS: &str = "sluice_rlqs_buckets";
+    /// Bucket usage reports received, by domain.
+    pub const RLQS_REPORTS: &str = "sluice_rlqs_reports_total";
+    /// Requests Envoys report, by domain and `outcome` (`allowed`, `denied`).
+    pub const RLQS_REPORTED_REQUESTS: &str = "sluice_rlqs_reported_requests_total";
+    /// Actions pushed, by `kind` (`token_bucket`, `deny_all`, `allow_all`, `abandon`).
+    pub const RLQS_ASSIGNMENTS: &str = "sluice_rlqs_assignments_total";
+    /// What the last report found left of a bucket's budget, by rule path.
+    pub const RLQS_BUDGET_REMAINING: &str = "sluice_rlqs_budget_remaining";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,9 +1,13 @@
-//! The gRPC front end: Envoy's `RateLimitService`, sluice's own
-//! `sluice.v1.Sluice` (`Explain`), plus health and reflection. Proto types
-//! become domain types here and nowhere else, and this is the one place
-//! where errors become `tonic::Status`.
+//! The gRPC front end: Envoy's `RateLimitService` and its Rate Limit Quota
+//! Service (`rlqs`), sluice's own `sluice.v1.Sluice` (`Explain`), plus
+//! health and reflection. Proto types become domain types here and nowhere
+//! else, and this is the one place where errors become `tonic::Status`.
 
 mod bounded;
+
+pub mod rlqs;
+
+pub use rlqs::{RateLimitQuotaHandler, RLQS_SERVICE_NAME};
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

@@ -31,5 +31,6 @@ mod redis_cluster;
 mod redis_sentinel;
 mod redis_store;
 mod reload;
+mod rlqs;
 mod storage_contract;
 mod tls;

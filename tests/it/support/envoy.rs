@@ -1,5 +1,6 @@
 //! A real Envoy 1.40 for tests, configured from `examples/envoy/envoy.yaml`
-//! with this test's ports, in front of a real HTTP backend started here.
+//! (or `envoy-rlqs.yaml`, the quota filter's) with this test's ports, in
+//! front of a real HTTP backend started here.
 //!
 //! Needs `envoy` (`bash .ci/install-tools.sh`); fails without it.
 
@@ -44,14 +45,25 @@ impl Backend {
 /// The example config as text, with edits that must each apply exactly
 /// once, so the example cannot drift from what the tests exercise.
 pub struct EnvoyConfig {
+    file: &'static str,
     text: String,
 }
 
 impl EnvoyConfig {
+    /// The per-request `ratelimit` filter's example.
     pub fn example() -> EnvoyConfig {
-        let path = repo().join("examples/envoy/envoy.yaml");
-        let text = std::fs::read_to_string(&path).expect("reading examples/envoy/envoy.yaml");
-        EnvoyConfig { text }
+        EnvoyConfig::read("examples/envoy/envoy.yaml")
+    }
+
+    /// The `rate_limit_quota` filter's example.
+    pub fn quota_example() -> EnvoyConfig {
+        EnvoyConfig::read("examples/envoy/envoy-rlqs.yaml")
+    }
+
+    fn read(file: &'static str) -> EnvoyConfig {
+        let text = std::fs::read_to_string(repo().join(file))
+            .unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        EnvoyConfig { file, text }
     }
 
     /// Replaces `from`, which must appear exactly once.
@@ -59,7 +71,8 @@ impl EnvoyConfig {
         assert_eq!(
             self.text.matches(from).count(),
             1,
-            "examples/envoy/envoy.yaml should contain `{from}` exactly once"
+            "{} should contain `{from}` exactly once",
+            self.file
         );
         self.text = self.text.replace(from, to);
         self
@@ -123,10 +136,33 @@ impl Envoy {
         backend: SocketAddr,
         edit: impl FnOnce(EnvoyConfig) -> EnvoyConfig,
     ) -> Envoy {
+        // The example waits 0.25 s for sluice; a test machine busy
+        // compiling may be slower than that, and a timeout would let
+        // traffic through.
+        let config = EnvoyConfig::example().replace("timeout: 0.25s", "timeout: 5s");
+        Envoy::launch(config, sluice, backend, edit).await
+    }
+
+    /// Starts Envoy with the quota filter's example config, its quota
+    /// stream going to `sluice`.
+    pub async fn start_quota(
+        sluice: SocketAddr,
+        backend: SocketAddr,
+        edit: impl FnOnce(EnvoyConfig) -> EnvoyConfig,
+    ) -> Envoy {
+        Envoy::launch(EnvoyConfig::quota_example(), sluice, backend, edit).await
+    }
+
+    async fn launch(
+        config: EnvoyConfig,
+        sluice: SocketAddr,
+        backend: SocketAddr,
+        edit: impl FnOnce(EnvoyConfig) -> EnvoyConfig,
+    ) -> Envoy {
         let envoy = tool("envoy");
         let dir = tempfile::tempdir().unwrap();
         let (listener, admin) = (super::free_port(), super::free_port());
-        let config = EnvoyConfig::example()
+        let config = config
             .replace("port_value: 10000", &format!("port_value: {listener}"))
             .replace("port_value: 9901", &format!("port_value: {admin}"))
             .replace(
@@ -136,11 +172,7 @@ impl Envoy {
             .replace(
                 "port_value: 8000",
                 &format!("port_value: {}", backend.port()),
-            )
-            // The example waits 0.25 s for sluice; a test machine busy
-            // compiling may be slower than that, and a timeout would let
-            // traffic through.
-            .replace("timeout: 0.25s", "timeout: 5s");
+            );
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, edit(config).text).unwrap();
         let log = dir.path().join("envoy.log");

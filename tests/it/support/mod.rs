@@ -140,6 +140,7 @@ pub struct TestConfig {
     pub settings: LimiterSettings,
     pub shutdown_grace: Duration,
     pub tls: Option<Arc<sluice::tls::TlsReloader>>,
+    pub quota: sluice::rlqs::QuotaSettings,
 }
 
 impl TestConfig {
@@ -162,6 +163,7 @@ impl TestConfig {
             },
             shutdown_grace: Duration::from_secs(5),
             tls: None,
+            quota: Default::default(),
         }
     }
 }
@@ -177,6 +179,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: TestConfig) -> TestServer {
+        Self::serve(TestServer::deps(config)).await
+    }
+
+    /// What [`TestServer::start`] serves.
+    pub fn deps(config: TestConfig) -> Deps {
         let store = config.store.unwrap_or_else(|| {
             Arc::new(MemoryStore::new(100_000, config.clock.clone())) as Arc<dyn CounterStore>
         });
@@ -193,15 +200,15 @@ impl TestServer {
             config.settings,
             config.clock,
         );
-        let deps = Deps {
+        Deps {
             limiter: Arc::new(limiter),
             readiness,
             metrics: sluice::telemetry::prometheus(),
             shutdown_grace: config.shutdown_grace,
             tls: config.tls,
+            quota: config.quota,
             tasks: sluice::task::TaskSet::default(),
-        };
-        Self::serve(deps).await
+        }
     }
 
     /// `sluice serve ARGS...`, parsed, validated and built by `app::build`
@@ -222,6 +229,12 @@ impl TestServer {
     /// Serves already-built deps (for tests that use `app::build`).
     pub async fn serve(deps: Deps) -> TestServer {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::serve_on(grpc, deps).await
+    }
+
+    /// Serves `deps` with gRPC on `grpc` (a restarted server on its
+    /// predecessor's port).
+    pub async fn serve_on(grpc: TcpListener, deps: Deps) -> TestServer {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
