@@ -663,8 +663,8 @@ pub struct ServeArgs {
     pub rlqs_idle_timeout: Duration,
 
     /// Rate Limit Quota Service: how long a share or a DENY_ALL lasts
-    /// unless renewed (whole seconds); then the Envoy's
-    /// `expired_assignment_behavior` applies.
+    /// unless renewed (whole seconds, longer than Envoy's 5 s between
+    /// reports); then the Envoy's `expired_assignment_behavior` applies.
     #[arg(long, env = "SLUICE_RLQS_ASSIGNMENT_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
     pub rlqs_assignment_ttl: Duration,
 }
@@ -773,11 +773,18 @@ impl ServeArgs {
         if self.rlqs_idle_timeout.is_zero() {
             return Err("--rlqs-idle-timeout must be greater than zero".into());
         }
-        if self.rlqs_assignment_ttl.is_zero() || self.rlqs_assignment_ttl.subsec_nanos() != 0 {
+        if self.rlqs_assignment_ttl.subsec_nanos() != 0 {
             return Err(
                 "--rlqs-assignment-ttl must be a whole number of seconds (Envoy reads no fractions)"
                     .into(),
             );
+        }
+        if self.rlqs_assignment_ttl <= crate::rlqs::ENVOY_REPORT_INTERVAL {
+            return Err(format!(
+                "--rlqs-assignment-ttl must be longer than Envoy's {:?} between reports, \
+                 or shares expire before they are renewed",
+                crate::rlqs::ENVOY_REPORT_INTERVAL
+            ));
         }
         if self.rules == RulesSource::Postgres {
             if self.database_url.is_none() {
@@ -930,8 +937,9 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("whole number of seconds"));
-        let args = serve(&["--rlqs-assignment-ttl", "0s"]);
-        assert!(args.validate().is_err());
+        let args = serve(&["--rlqs-assignment-ttl", "5s"]);
+        assert!(args.validate().unwrap_err().contains("between reports"));
+        serve(&["--rlqs-assignment-ttl", "6s"]).validate().unwrap();
         let args = serve(&["--rlqs-idle-timeout", "0s"]);
         assert!(args.validate().unwrap_err().contains("--rlqs-idle-timeout"));
     }

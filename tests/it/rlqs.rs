@@ -388,8 +388,12 @@ async fn a_restarted_sluice_loses_nothing_that_lives_in_redis() {
 #[tokio::test]
 async fn an_unreachable_sluice_leaves_envoy_to_its_expired_assignment_behavior() {
     let mut config = config("unreachable", 1_000);
+    // Shorter than Envoy's 5 s between reports (which --rlqs-assignment-ttl
+    // refuses), so that the share expires before a next report would renew
+    // it: the test need not wait for sluice to go quiet.
+    let ttl = Duration::from_secs(4);
     config.quota = QuotaSettings {
-        assignment_ttl: Duration::from_secs(2),
+        assignment_ttl: ttl,
         ..QuotaSettings::default()
     };
     let mut sluice = TestServer::start(config).await;
@@ -414,28 +418,31 @@ async fn an_unreachable_sluice_leaves_envoy_to_its_expired_assignment_behavior()
     .await;
     let eve = [("x-client-id", "eve")];
     assert_eq!(envoy.get(&eve).await.status, 200);
-    // The share arrives: sluice's answer to the first report.
+    // The share arrives: sluice's answer to the first report, pushed no
+    // later than the report is counted.
     let reports = "sluice_rlqs_reports_total{domain=\"unreachable\"}";
     assert!(wait_until(Duration::from_secs(5), || async {
         metric(sluice.http_addr, reports).await >= 1
     })
     .await
     .is_some());
+    let pushed = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(envoy.get(&eve).await.status, 200);
 
     sluice.begin_shutdown();
     sluice.wait().await.expect("sluice stopped");
-    let stopped = tokio::time::Instant::now();
-    // The share holds for its 2 s; then DENY_ALL, by the fallback...
-    let denied = wait_until(Duration::from_secs(6), || async {
+    // The share holds for its time to live; then DENY_ALL, by the
+    // fallback...
+    let denied = wait_until(ttl + Duration::from_secs(4), || async {
         envoy.get(&eve).await.status == 429
     })
     .await
     .unwrap_or_else(|| panic!("never refused\n{}", envoy.log_text()));
+    let held = pushed.elapsed();
     assert!(
-        stopped.elapsed() >= Duration::from_secs(1),
-        "refused at once"
+        held >= ttl - Duration::from_secs(1),
+        "refused {held:?} after the share came, before it expired"
     );
     // ...for the fallback's 6 s; then the no-assignment behaviour lets
     // requests through again.
