@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use axum::serve::ListenerExt as _;
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::clock::{Clock, SystemClock};
@@ -27,6 +25,7 @@ use crate::health::EventsStatus;
 use crate::health::Readiness;
 use crate::limiter::RuleSet;
 use crate::limiter::{KeyHasher, PlanOptions};
+use crate::listen::{self, ConnectionSettings, Limits};
 use crate::rlqs::{QuotaService, QuotaSettings};
 use crate::rules::postgres::{Connections, PostgresSource};
 use crate::rules::{watch, RulesHandle};
@@ -55,6 +54,8 @@ pub struct Deps {
     pub tls: Option<Arc<TlsReloader>>,
     /// The Rate Limit Quota Service's settings.
     pub quota: QuotaSettings,
+    /// Bounds on the connections of both ports and what they carry.
+    pub connections: ConnectionSettings,
     /// The background tasks `build` started (rule and certificate reloads,
     /// usage writes, counter expiry, metrics upkeep); `serve` ends them when
     /// it returns.
@@ -114,26 +115,40 @@ async fn serve_until(
     // Quota streams last as long as their Envoy's connection: they end when
     // shutdown begins, so that draining does not wait for them.
     let quota = QuotaService::new(deps.limiter.clone(), deps.quota.clone());
-    let grpc_router = tonic::transport::Server::builder()
+    let limits = &deps.connections;
+    let mut grpc_builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .http2_max_header_list_size(limits.max_header_bytes);
+    if let Some(age) = limits.max_connection_age {
+        // Past its age a connection gets a GOAWAY; its calls in flight have
+        // the shutdown grace period to finish.
+        grpc_builder = grpc_builder
+            .max_connection_age(age)
+            .max_connection_age_grace(deps.shutdown_grace);
+    }
+    let grpc_router = grpc_builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RateLimitHandler::new(deps.limiter.clone()).into_server())
         .add_service(ExplainHandler::new(deps.limiter.clone()).into_server())
         .add_service(RateLimitQuotaHandler::new(quota, stop_rx.clone()).into_server());
+    // Both ports accept through `listen`: a cap on connections, and a
+    // deadline for the handshake (TLS and the HTTP/2 preface) before the
+    // server keeps any state for a connection.
     let grpc_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &deps.tls {
             Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
-                tls::incoming(grpc, tls.clone()),
+                tls::incoming(grpc, tls.clone(), limits.grpc, limits.max_tls_handshakes),
                 stopped(stop_rx.clone()),
             )),
-            // TCP_NODELAY on every accepted socket: tonic sets it only on
-            // listeners it binds itself. Without it, Nagle's algorithm meets
-            // the client's delayed ACK and a response waits 40 ms whenever
-            // two calls share a connection
-            // (redis_store::every_socket_sluice_holds_has_tcp_nodelay).
             None => Box::pin(grpc_router.serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                listen::incoming(grpc, "grpc", limits.grpc, |mut tcp| async move {
+                    let preface = listen::read_preface(&mut tcp).await?;
+                    Ok::<_, std::io::Error>((tcp, preface))
+                }),
                 stopped(stop_rx.clone()),
             )),
         };
@@ -142,17 +157,15 @@ async fn serve_until(
         readiness: deps.readiness.clone(),
         metrics: deps.metrics.clone(),
     });
-    let http = http.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-        }
-    });
-    let http_server = axum::serve(http, router).with_graceful_shutdown(stopped(stop_rx));
+    let http_server = http::serve(http, router, limits, stopped(stop_rx));
 
     let servers = async {
         tokio::try_join!(
             async { grpc_server.await.context("gRPC server failed") },
-            async { http_server.await.context("HTTP server failed") },
+            async {
+                http_server.await;
+                Ok(())
+            },
         )
         .map(|_| ())
     };
@@ -327,11 +340,34 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Deps> {
             assignment_ttl: args.rlqs_assignment_ttl,
             ..QuotaSettings::default()
         },
+        connections: connection_settings(args),
         readiness,
         metrics,
         shutdown_grace: args.shutdown_grace,
         tasks,
     })
+}
+
+/// The connection bounds from the command line.
+fn connection_settings(args: &ServeArgs) -> ConnectionSettings {
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+    ConnectionSettings {
+        grpc: Limits {
+            max_connections: args.grpc_max_connections.get(),
+            handshake_timeout: args.handshake_timeout,
+        },
+        max_tls_handshakes: args.max_tls_handshakes.get(),
+        max_concurrent_streams: args.grpc_max_concurrent_streams.get(),
+        keepalive_interval: nonzero(args.keepalive_interval),
+        keepalive_timeout: args.keepalive_timeout,
+        max_connection_age: nonzero(args.grpc_max_connection_age),
+        http: Limits {
+            max_connections: args.http_max_connections.get(),
+            handshake_timeout: args.handshake_timeout,
+        },
+        http_idle_timeout: args.http_idle_timeout,
+        max_header_bytes: args.max_header_bytes.get(),
+    }
 }
 
 /// With --events-url: the usage recorder whose decisions become events,
@@ -418,10 +454,16 @@ fn register_failure_series(args: &ServeArgs, store_kind: &'static str) {
     for result in ["success", "failure"] {
         counter!(names::RULE_RELOADS, "result" => result).increment(0);
     }
+    if store_kind == "memory" {
+        counter!(names::STORE_ERRORS, "kind" => "full").increment(0);
+    } else {
+        counter!(names::STORE_ERRORS, "kind" => "queue_full").increment(0);
+    }
     counter!(names::INVALID_REQUESTS).increment(0);
     counter!(names::UNKNOWN_DOMAIN).increment(0);
     if store_kind != "memory" {
         counter!(names::LOCAL_CACHE_ANSWERS, "store" => store_kind).increment(0);
+        counter!(names::LOCAL_CACHE_EVICTIONS).increment(0);
         counter!(names::REDIS_PROBE_FAILURES, "store" => store_kind).increment(0);
         for to in ["open", "closed"] {
             counter!(names::BREAKER_TRANSITIONS, "store" => store_kind, "to" => to).increment(0);

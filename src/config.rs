@@ -667,6 +667,53 @@ pub struct ServeArgs {
     /// reports); then the Envoy's `expired_assignment_behavior` applies.
     #[arg(long, env = "SLUICE_RLQS_ASSIGNMENT_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
     pub rlqs_assignment_ttl: Duration,
+
+    /// Most connections open on the gRPC port, counting those in their
+    /// handshake; at the cap, new ones wait in the kernel's backlog.
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTIONS", default_value = "10000")]
+    pub grpc_max_connections: std::num::NonZeroUsize,
+
+    /// Calls in flight on one gRPC connection (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONCURRENT_STREAMS", default_value = "1024")]
+    pub grpc_max_concurrent_streams: std::num::NonZeroU32,
+
+    /// How long a new gRPC connection may take to finish the TLS handshake
+    /// and send the HTTP/2 preface before it is closed.
+    #[arg(long, env = "SLUICE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most TLS handshakes under way at once on the gRPC port.
+    #[arg(long, env = "SLUICE_MAX_TLS_HANDSHAKES", default_value = "256")]
+    pub max_tls_handshakes: std::num::NonZeroUsize,
+
+    /// Send an HTTP/2 PING after this long without a frame from the client
+    /// (both ports); 0s: never.
+    #[arg(long, env = "SLUICE_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// Close an HTTP/2 connection whose PING is not answered within this long.
+    #[arg(long, env = "SLUICE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Send a gRPC connection GOAWAY after this long, so its client moves
+    /// to a new one (spreading clients over new instances); 0s: never.
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub grpc_max_connection_age: Duration,
+
+    /// Most connections open on the HTTP port; at the cap, new ones wait in
+    /// the kernel's backlog.
+    #[arg(long, env = "SLUICE_HTTP_MAX_CONNECTIONS", default_value = "1024")]
+    pub http_max_connections: std::num::NonZeroUsize,
+
+    /// How long an HTTP/1 connection may wait for a request head, idle
+    /// between requests or part-way through one.
+    #[arg(long, env = "SLUICE_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// The largest header block a client may send on either port, in bytes.
+    #[arg(long, env = "SLUICE_MAX_HEADER_BYTES", default_value = "65536")]
+    pub max_header_bytes: std::num::NonZeroU32,
 }
 
 /// The kernel's host name (the pod name in Kubernetes).
@@ -769,6 +816,18 @@ impl ServeArgs {
         }
         if !(0.0..=1.0).contains(&self.request_log_sample) {
             return Err("--request-log-sample must be between 0 and 1".into());
+        }
+        for (flag, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--keepalive-timeout", self.keepalive_timeout),
+            ("--http-idle-timeout", self.http_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{flag} must be greater than zero"));
+            }
+        }
+        if self.max_header_bytes.get() < 8192 {
+            return Err("--max-header-bytes must be at least 8192".into());
         }
         if self.rlqs_idle_timeout.is_zero() {
             return Err("--rlqs-idle-timeout must be greater than zero".into());
@@ -942,6 +1001,21 @@ mod tests {
         serve(&["--rlqs-assignment-ttl", "6s"]).validate().unwrap();
         let args = serve(&["--rlqs-idle-timeout", "0s"]);
         assert!(args.validate().unwrap_err().contains("--rlqs-idle-timeout"));
+    }
+
+    #[test]
+    fn connection_bounds_have_defaults_and_refuse_zero_timeouts() {
+        let args = serve(&[]);
+        assert_eq!(args.grpc_max_connections.get(), 10_000);
+        assert_eq!(args.http_max_connections.get(), 1024);
+        assert_eq!(args.handshake_timeout, Duration::from_secs(10));
+        assert!(args.grpc_max_connection_age.is_zero());
+        args.validate().unwrap();
+        let args = serve(&["--handshake-timeout", "0s"]);
+        assert!(args.validate().unwrap_err().contains("--handshake-timeout"));
+        let args = serve(&["--max-header-bytes", "100"]);
+        assert!(args.validate().unwrap_err().contains("--max-header-bytes"));
+        assert!(Cli::try_parse_from(["sluice", "serve", "--grpc-max-connections", "0"]).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! decoded message goes through `convert` as a gRPC one does, so `/json` and
 //! gRPC cannot drift apart: this module only routes and picks status codes.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,14 +23,20 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics::histogram;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
+use tokio::net::TcpListener;
 
 use crate::convert::{explained_to_proto, request_from_proto, verdict_to_proto};
 use crate::health::Readiness;
 use crate::limiter::bounds::MAX_REQUEST_BYTES;
 use crate::limiter::Code;
+use crate::listen::{self, ConnectionSettings};
 use crate::proto::rls::RateLimitRequest;
 use crate::service::{DecideError, RateLimiter};
 use crate::telemetry::names;
@@ -39,6 +46,63 @@ pub struct HttpState {
     pub limiter: Arc<RateLimiter>,
     pub readiness: Arc<Readiness>,
     pub metrics: PrometheusHandle,
+}
+
+/// Serves `router` on `listener` within `settings` until `shutdown`
+/// completes; then stops accepting and waits for the connections open to
+/// finish their requests (the caller bounds that wait).
+///
+/// Not `axum::serve`: it sets no timer, so a client could hold a connection
+/// forever with half a request head; here an HTTP/1 connection has
+/// the handshake deadline to send its first bytes and `http_idle_timeout`
+/// to send each request head, HTTP/2 connections are
+/// kept alive by PINGs and bounded in streams, and the port in connections.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    settings: &ConnectionSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(settings.http_idle_timeout)
+        .max_buf_size((settings.max_header_bytes as usize).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .max_header_list_size(settings.max_header_bytes);
+    let mut incoming = listen::incoming(listener, "http", settings.http, |mut tcp| async move {
+        let first = listen::read_protocol(&mut tcp).await?;
+        Ok::<_, std::io::Error>((tcp, first))
+    });
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let connection = tokio::select! {
+            connection = incoming.next_connection() => connection,
+            () = &mut shutdown => break,
+        };
+        let Some(connection) = connection else { break };
+        let service = TowerToHyperService::new(router.clone());
+        let served = builder
+            .serve_connection(TokioIo::new(connection), service)
+            .into_owned();
+        let served = graceful.watch(served);
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    // Closes the listener before waiting for the connections to finish.
+    drop(incoming);
+    graceful.shutdown().await;
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -72,7 +136,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
 
 async fn json(State(state): State<HttpState>, Body(body): Body) -> Response {
     let started = Instant::now();
-    let response = match decode(&body) {
+    let response = match decode_request(&body) {
         Ok(message) => decide(&state.limiter, &message).await,
         Err(message) => error(StatusCode::BAD_REQUEST, message),
     };
@@ -83,7 +147,7 @@ async fn json(State(state): State<HttpState>, Body(body): Body) -> Response {
 /// `POST /explain`: the body is a `/json` request; the answer a
 /// `sluice.v1.ExplainResponse`, 200 whatever it would decide.
 async fn explain(State(state): State<HttpState>, Body(body): Body) -> Response {
-    let message = match decode(&body) {
+    let message = match decode_request(&body) {
         Ok(message) => message,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
@@ -160,7 +224,7 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 
 /// The body as a message; an error names the path to the bad field
 /// (`descriptors[0].limit.unit: unknown variant ...`).
-fn decode(body: &[u8]) -> Result<RateLimitRequest, String> {
+pub fn decode_request(body: &[u8]) -> Result<RateLimitRequest, String> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -204,7 +268,7 @@ mod tests {
 
     #[test]
     fn requests_accept_camel_case_snake_case_and_string_numbers() {
-        let message = decode(
+        let message = decode_request(
             br#"{"domain":"d","hits_addend":3,"descriptors":[{"entries":[{"key":"k","value":"v"}],"hitsAddend":"0","limit":{"requestsPerUnit":5,"unit":"MINUTE"}}]}"#,
         )
         .unwrap();
@@ -222,14 +286,14 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = decode(br#"{"domain":"d","descriptors":[{"entriez":[]}]}"#).unwrap_err();
+        let err = decode_request(br#"{"domain":"d","descriptors":[{"entriez":[]}]}"#).unwrap_err();
         assert!(err.starts_with("descriptors[0]"), "{err}");
         assert!(err.contains("entriez"), "{err}");
     }
 
     #[test]
     fn numbers_out_of_range_say_so() {
-        let err = decode(br#"{"domain":"d","hitsAddend":-1}"#).unwrap_err();
+        let err = decode_request(br#"{"domain":"d","hitsAddend":-1}"#).unwrap_err();
         assert!(
             err.starts_with("hitsAddend: expected a number that fits the field"),
             "{err}"

@@ -12,6 +12,7 @@
 //! | `grpc`      | Envoy's `RateLimitService`, `sluice.v1.Sluice` (`Explain`), health, reflection |
 //! | `http`      | `/json`, `/explain`, `/metrics`, `/healthz`, `/readyz` |
 //! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
+//! | `listen`    | accepting connections within bounds: a cap, handshake deadlines |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
 //! | `rlqs`      | Envoy's Rate Limit Quota Service: buckets on rules, shares of the budget, streams |
 //! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
@@ -47,7 +48,7 @@
 //! | 4 | `convert`, `rlqs` |
 //! | 3 | `service`, `admin`, `events` |
 //! | 2 | `storage`, `rules`, `usage` |
-//! | 1 | `limiter`, `database` |
+//! | 1 | `limiter`, `database`, `listen` |
 //! | 0 | `proto`, `clock`, `task`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
 
 pub mod admin;
@@ -63,6 +64,7 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod limiter;
+pub mod listen;
 pub mod proto;
 pub mod reload;
 pub mod rlqs;

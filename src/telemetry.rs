@@ -43,6 +43,8 @@ pub mod names {
     pub const BREAKER_TRANSITIONS: &str = "sluice_store_breaker_transitions_total";
     /// Counter operations answered by the local over-limit cache, by store.
     pub const LOCAL_CACHE_ANSWERS: &str = "sluice_local_cache_answers_total";
+    /// Over-limit cache entries dropped, oldest first, to make room.
+    pub const LOCAL_CACHE_EVICTIONS: &str = "sluice_local_cache_evictions_total";
     pub const RULE_RELOADS: &str = "sluice_rule_reloads_total";
     pub const RULES_LOADED: &str = "sluice_rules_loaded";
     // PostgreSQL rules, API keys and usage metering.
@@ -90,6 +92,14 @@ pub mod names {
     pub const RLQS_ASSIGNMENTS: &str = "sluice_rlqs_assignments_total";
     /// What the last report found left of a bucket's budget, by rule path.
     pub const RLQS_BUDGET_REMAINING: &str = "sluice_rlqs_budget_remaining";
+    // Connections (`port`: `grpc`, `http`).
+    /// Connections open, counting those still in their handshake.
+    pub const CONNECTIONS_OPEN: &str = "sluice_connections_open";
+    /// Times the accept loop found the port at its connection cap and waited.
+    pub const CONNECTIONS_AT_CAP: &str = "sluice_connections_at_cap_total";
+    /// Connections closed before their handshake (TLS, HTTP/2 preface)
+    /// finished, by `reason` (`timeout`, `error`).
+    pub const HANDSHAKES_FAILED: &str = "sluice_handshakes_failed_total";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

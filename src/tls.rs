@@ -7,27 +7,21 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::Stream;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 
+use crate::listen::{self, Connection, Incoming, Limits};
 use crate::reload;
-use crate::task::{OwnedTask, TaskSet};
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The certificate files to serve with.
 #[derive(Clone, Debug)]
@@ -139,62 +133,34 @@ impl TlsReloader {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, so a
-/// slow or failing handshake never holds up the others. Failed handshakes
-/// (an untrusted client certificate, say) are logged and dropped. The
-/// stream owns the accepting task: dropping it (the server stopping) ends
-/// that task and the handshakes under way.
+/// Accepts TCP connections within `limits` and completes TLS handshakes
+/// concurrently, at most `max_handshakes` at once, so a slow or failing
+/// handshake never holds up the others. Each connection has until the
+/// handshake deadline to finish TLS and send the HTTP/2 preface; failed
+/// handshakes (an untrusted client certificate, say) are logged and
+/// dropped. The stream owns the accepting task: dropping it (the server
+/// stopping) ends that task and the handshakes under way.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
-) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let accepting = OwnedTask::spawn(async move {
-        let handshakes = TaskSet::default();
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // Nagle's algorithm would hold a small response back until the
-            // client's delayed ACK (40 ms on Linux) whenever two or more
-            // calls share the connection.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
-            }
-            let acceptor = TlsAcceptor::from(tls.current());
-            let tx = tx.clone();
-            handshakes.spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
+    limits: Limits,
+    max_handshakes: usize,
+) -> Incoming<Connection<TlsStream<TcpStream>>> {
+    // A connection waits for a place within its own deadline; a flood of
+    // handshakes that stall part-way (a ClientHello never finished) keeps
+    // new TLS clients waiting while it lasts, never the connections open.
+    let places = Arc::new(Semaphore::new(max_handshakes.max(1)));
+    listen::incoming(listener, "grpc", limits, move |tcp| {
+        let acceptor = TlsAcceptor::from(tls.current());
+        let places = places.clone();
+        async move {
+            // A client that sends nothing takes no place.
+            tcp.readable().await?;
+            let place = places.acquire_owned().await.map_err(io::Error::other)?;
+            let mut stream = acceptor.accept(tcp).await?;
+            drop(place);
+            let preface = listen::read_preface(&mut stream).await?;
+            Ok::<_, io::Error>((stream, preface))
         }
-    });
-    Incoming {
-        connections: ReceiverStream::new(rx),
-        _accepting: accepting,
-    }
-}
-
-/// The connections handed over, and the task that accepts them.
-struct Incoming<T> {
-    connections: ReceiverStream<T>,
-    _accepting: OwnedTask,
-}
-
-impl<T> Stream for Incoming<T> {
-    type Item = T;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        Pin::new(&mut self.connections).poll_next(cx)
-    }
+    })
 }

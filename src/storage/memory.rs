@@ -33,9 +33,21 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
 }
 
-#[derive(Default)]
 struct Shard {
     map: HashMap<Folded, Slot, BuildHasherDefault<FoldedHasher>>,
+    /// No counter expires before this (µs): kept at or below the earliest
+    /// expiry of the map, so a full shard whose counters are all live is
+    /// not scanned again on every new key, only once one may have expired.
+    next_expiry_us: u64,
+}
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard {
+            map: HashMap::default(),
+            next_expiry_us: u64::MAX,
+        }
+    }
 }
 
 /// A [`CounterKey`] in 12 bytes: 96 bits of its keyed hash XOR its
@@ -198,6 +210,7 @@ impl MemoryStore {
         let checked = check(&op.spec, state, now_us, op.hits);
         if let Some(new_state) = checked.state {
             let slot = Slot::new(new_state, checked.expires_at_us);
+            shard.next_expiry_us = shard.next_expiry_us.min(slot.expires_at_us);
             if let Some(existing) = shard.map.get_mut(&key) {
                 *existing = slot;
             } else {
@@ -314,11 +327,9 @@ impl MemoryStore {
         }
         for (key, state, expires_at_us) in pending {
             let slot = Slot::new(state, expires_at_us);
-            if guards[guard_of(&key)]
-                .map
-                .insert(Folded::from(&key), slot)
-                .is_none()
-            {
+            let shard = &mut guards[guard_of(&key)];
+            shard.next_expiry_us = shard.next_expiry_us.min(expires_at_us);
+            if shard.map.insert(Folded::from(&key), slot).is_none() {
                 self.len.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -357,8 +368,19 @@ impl Shard {
     }
 
     fn evict_expired(&mut self, now_us: u64) -> usize {
+        if now_us < self.next_expiry_us {
+            return 0;
+        }
         let before = self.map.len();
-        self.map.retain(|_, slot| slot.expires_at_us > now_us);
+        let mut next = u64::MAX;
+        self.map.retain(|_, slot| {
+            let live = slot.expires_at_us > now_us;
+            if live {
+                next = next.min(slot.expires_at_us);
+            }
+            live
+        });
+        self.next_expiry_us = next;
         before - self.map.len()
     }
 }
@@ -489,6 +511,35 @@ mod tests {
             Err(StoreError::Full { .. })
         ));
         assert_eq!(store.len(), SHARDS);
+    }
+
+    #[test]
+    fn a_full_shard_of_live_counters_is_scanned_once_until_one_can_expire() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = MemoryStore::new(SHARDS, clock.clone());
+        let h = KeyHasher::from_secret(b"t");
+        let mut i = 0;
+        while store.len() < SHARDS {
+            let _ = store.apply_one(&op(&h, &format!("fill{i}"), 5, 1), clock.now_us());
+            i += 1;
+        }
+        // Every shard is full of counters that expire a window (60 s) on.
+        let full = |shard: &Mutex<Shard>| {
+            let shard = shard.lock().unwrap();
+            (shard.map.len(), shard.next_expiry_us)
+        };
+        for shard in store.shards.iter() {
+            let (len, next) = full(shard);
+            assert_eq!(len, 1);
+            assert!(next > clock.now_us(), "a full shard remembers its earliest expiry");
+        }
+        let refused = store.apply_one(&op(&h, "one more", 5, 1), clock.now_us());
+        assert!(matches!(refused, Err(StoreError::Full { .. })));
+        // Once they can have expired, a new key makes room.
+        clock.advance(61_000_000);
+        assert!(store
+            .apply_one(&op(&h, "one more", 5, 1), clock.now_us())
+            .is_ok());
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub enum StoreError {
     Full { max_keys: usize },
     #[error("store circuit breaker is open")]
     BreakerOpen,
+    #[error("{max} calls already wait for this Redis node; it is slow or stalled")]
+    QueueFull { max: usize },
 }
 
 impl StoreError {
@@ -117,6 +119,7 @@ impl StoreError {
             StoreError::Script(_) => "script",
             StoreError::Full { .. } => "full",
             StoreError::BreakerOpen => "breaker_open",
+            StoreError::QueueFull { .. } => "queue_full",
         }
     }
 }

@@ -12,6 +12,7 @@
 
 mod support;
 
+mod bounds;
 mod cli;
 mod compat;
 mod edges;
@@ -19,6 +20,7 @@ mod envoy_e2e;
 mod envoy_tls;
 mod events;
 mod explain;
+mod fuzz_corpus;
 mod grpc_api;
 mod grpcurl;
 mod json_api;
@@ -32,5 +34,7 @@ mod redis_sentinel;
 mod redis_store;
 mod reload;
 mod rlqs;
+mod soak;
 mod storage_contract;
 mod tls;
+mod wire_fuzz;

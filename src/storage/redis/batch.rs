@@ -37,6 +37,13 @@ const MAX_BATCH_OPERATIONS: usize = 128;
 /// first one's answers are handed out.
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
+/// Most calls waiting for one node's next batch. Each waits at most the
+/// store timeout, but its place in the queue stays until the batch is
+/// sent: while a node stalls, calls past this many are answered at once by
+/// the failure mode (`sluice_store_errors_total{kind="queue_full"}`) instead
+/// of piling up behind it.
+pub const MAX_WAITING_CALLS: usize = 16_384;
+
 /// Units waiting for the next batch, and where their answers go.
 struct Waiting {
     units: Vec<Unit>,
@@ -46,14 +53,14 @@ struct Waiting {
 /// One node's queue and the task that drains it; the task ends when the
 /// queue is dropped with its node, and is aborted then at the latest.
 pub struct BatchQueue {
-    queue: mpsc::UnboundedSender<Waiting>,
+    queue: mpsc::Sender<Waiting>,
     _task: OwnedTask,
 }
 
 impl BatchQueue {
     /// Starts the task for `node` (held weakly: the node owns the queue).
     pub fn start(node: Weak<NodeConnection>) -> BatchQueue {
-        let (queue, waiting) = mpsc::unbounded_channel();
+        let (queue, waiting) = mpsc::channel(MAX_WAITING_CALLS);
         BatchQueue {
             queue,
             _task: OwnedTask::spawn(drain(node, waiting)),
@@ -65,13 +72,18 @@ impl BatchQueue {
         let (answer, answered) = oneshot::channel();
         let closed = || StoreError::Connection("the node's batch queue closed".into());
         self.queue
-            .send(Waiting { units, answer })
-            .map_err(|_| closed())?;
+            .try_send(Waiting { units, answer })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::QueueFull {
+                    max: MAX_WAITING_CALLS,
+                },
+                mpsc::error::TrySendError::Closed(_) => closed(),
+            })?;
         answered.await.map_err(|_| closed())?
     }
 }
 
-async fn drain(node: Weak<NodeConnection>, mut waiting: mpsc::UnboundedReceiver<Waiting>) {
+async fn drain(node: Weak<NodeConnection>, mut waiting: mpsc::Receiver<Waiting>) {
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {

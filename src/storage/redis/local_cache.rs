@@ -16,17 +16,69 @@
 //! time left until its reset: for a single hit (what Envoy sends) exactly
 //! what Redis would answer, unless the same counter was meanwhile admitted
 //! under another limit, after which Redis would name a later reset.
+//!
+//! Full, it makes room in O(1): the entry written longest ago goes (the
+//! first to expire, as a rule), counted in `sluice_local_cache_evictions_total`;
+//! that counter's next call goes to Redis. No scan of the cache under its
+//! lock, however many clients are denied at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use metrics::counter;
+
 use crate::limiter::{CounterKey, CounterOp, CounterSpec, Outcome};
+use crate::telemetry::names;
 
 const SHARDS: usize = 16;
 
 pub struct OverLimitCache {
-    shards: Box<[Mutex<HashMap<CounterKey, Denial>>]>,
+    shards: Box<[Mutex<Shard>]>,
     max_per_shard: usize,
+}
+
+#[derive(Default)]
+struct Shard {
+    /// Each denial with the stamp it was written with.
+    map: HashMap<CounterKey, (Denial, u64)>,
+    /// Keys in the order their denials were written, with those stamps. A
+    /// pair whose entry was since rewritten or dropped is stale, and skipped
+    /// when met; stale pairs are swept out once they outnumber the map.
+    order: VecDeque<(CounterKey, u64)>,
+    next_stamp: u64,
+}
+
+impl Shard {
+    fn get(&self, key: &CounterKey) -> Option<Denial> {
+        self.map.get(key).map(|(denial, _)| *denial)
+    }
+
+    /// Writes `denial`, first evicting the oldest entry if `key` is new and
+    /// the shard holds `max` already; whether one was evicted.
+    fn insert(&mut self, key: CounterKey, denial: Denial, max: usize) -> bool {
+        let evicted = !self.map.contains_key(&key) && self.map.len() >= max && self.evict_oldest();
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        self.map.insert(key, (denial, stamp));
+        self.order.push_back((key, stamp));
+        // At most once per `max` writes: O(1) amortized.
+        if self.order.len() > 2 * max.max(1) {
+            let map = &self.map;
+            self.order
+                .retain(|(key, stamp)| map.get(key).is_some_and(|(_, s)| s == stamp));
+        }
+        evicted
+    }
+
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((key, stamp)) = self.order.pop_front() {
+            if self.map.get(&key).is_some_and(|(_, s)| *s == stamp) {
+                self.map.remove(&key);
+                return true;
+            }
+        }
+        false
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +102,7 @@ impl OverLimitCache {
         })
     }
 
-    fn shard(&self, key: &CounterKey) -> &Mutex<HashMap<CounterKey, Denial>> {
+    fn shard(&self, key: &CounterKey) -> &Mutex<Shard> {
         &self.shards[usize::from(key.hash[1]) % SHARDS]
     }
 
@@ -63,9 +115,9 @@ impl OverLimitCache {
             .shard(&op.key)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let denial = *shard.get(&op.key)?;
+        let denial = shard.get(&op.key)?;
         if denial.until_us <= now_us {
-            shard.remove(&op.key);
+            shard.map.remove(&op.key);
             return None;
         }
         (op.hits >= denial.hits && op.spec == denial.spec).then_some(Outcome {
@@ -93,20 +145,15 @@ impl OverLimitCache {
             .shard(&op.key)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if shard.len() >= self.max_per_shard && !shard.contains_key(&op.key) {
-            shard.retain(|_, d| d.until_us > sent_us);
-            if shard.len() >= self.max_per_shard {
-                // Full of live denials: this one goes to Redis next time.
-                return;
-            }
+        if shard.insert(op.key, denial, self.max_per_shard) {
+            counter!(names::LOCAL_CACHE_EVICTIONS).increment(1);
         }
-        shard.insert(op.key, denial);
     }
 
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).map.len())
             .sum()
     }
 }
@@ -184,9 +231,37 @@ mod tests {
             c.record(&op(&i.to_string(), 1), &denied(1_000), 0);
         }
         assert!(c.len() <= SHARDS, "{} entries", c.len());
-        // Once they expire, room is made again.
+        // The newest denial is kept, the oldest made room for it.
         c.record(&op("late", 1), &denied(1_000), 5_000);
         assert!(c.check(&op("late", 1), 5_001).is_some());
         assert!(OverLimitCache::new(0).is_none());
+    }
+
+    #[test]
+    fn a_full_shard_evicts_the_oldest_entry_and_stays_bounded() {
+        let mut shard = Shard::default();
+        let d = |until_us| Denial {
+            spec: op("x", 1).spec,
+            until_us,
+            hits: 1,
+            remaining: 0,
+            used: 1,
+        };
+        let key = |i: usize| op(&i.to_string(), 1).key;
+        assert!(!shard.insert(key(0), d(10), 3));
+        assert!(!shard.insert(key(1), d(11), 3));
+        assert!(!shard.insert(key(2), d(12), 3));
+        // Rewriting key 0 makes it the newest: key 1 is now the oldest.
+        assert!(!shard.insert(key(0), d(20), 3));
+        assert!(shard.insert(key(3), d(13), 3));
+        assert!(shard.get(&key(1)).is_none(), "the oldest went");
+        assert_eq!(shard.get(&key(0)).map(|d| d.until_us), Some(20));
+        assert_eq!(shard.map.len(), 3);
+        // However many writes, the order queue stays within twice the bound.
+        for i in 0..10_000 {
+            shard.insert(key(i % 7), d(i as u64), 3);
+            assert!(shard.order.len() <= 6, "{} queued", shard.order.len());
+            assert!(shard.map.len() <= 3);
+        }
     }
 }

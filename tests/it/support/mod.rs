@@ -141,6 +141,7 @@ pub struct TestConfig {
     pub shutdown_grace: Duration,
     pub tls: Option<Arc<sluice::tls::TlsReloader>>,
     pub quota: sluice::rlqs::QuotaSettings,
+    pub connections: sluice::listen::ConnectionSettings,
 }
 
 impl TestConfig {
@@ -164,6 +165,7 @@ impl TestConfig {
             shutdown_grace: Duration::from_secs(5),
             tls: None,
             quota: Default::default(),
+            connections: Default::default(),
         }
     }
 }
@@ -207,6 +209,7 @@ impl TestServer {
             shutdown_grace: config.shutdown_grace,
             tls: config.tls,
             quota: config.quota,
+            connections: config.connections,
             tasks: sluice::task::TaskSet::default(),
         }
     }
