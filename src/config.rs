@@ -675,7 +675,11 @@ pub struct ServeArgs {
 
     /// Calls in flight on one gRPC connection (HTTP/2
     /// SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(long, env = "SLUICE_GRPC_MAX_CONCURRENT_STREAMS", default_value = "1024")]
+    #[arg(
+        long,
+        env = "SLUICE_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value = "1024"
+    )]
     pub grpc_max_concurrent_streams: std::num::NonZeroU32,
 
     /// How long a new gRPC connection may take to finish the TLS handshake

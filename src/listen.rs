@@ -220,9 +220,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
     }
 }
 
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
-    for Connection<T>
-{
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Connection<T> {
     type ConnectInfo = T::ConnectInfo;
 
     fn connect_info(&self) -> T::ConnectInfo {

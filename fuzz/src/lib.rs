@@ -54,7 +54,10 @@ pub fn catalog(data: &[u8]) {
         assert!(!errors.0.is_empty(), "a rejection with no error");
         for e in &errors.0 {
             assert!(!e.file.is_empty(), "an error naming no source: {e:?}");
-            assert!(!e.message.trim().is_empty(), "an error with no message: {e:?}");
+            assert!(
+                !e.message.trim().is_empty(),
+                "an error with no message: {e:?}"
+            );
         }
     }
 }
@@ -113,7 +116,10 @@ fn decide_repeatedly(message: &RateLimitRequest, repeat: u8, step: u8) {
                 let _ = response.encode_to_vec();
             }
             Err(DecideError::Invalid(e)) => {
-                assert!(!e.to_string().trim().is_empty(), "INVALID_ARGUMENT saying nothing")
+                assert!(
+                    !e.to_string().trim().is_empty(),
+                    "INVALID_ARGUMENT saying nothing"
+                )
             }
             Err(DecideError::Unavailable(e)) => {
                 panic!("the in-process store failed under --failure-mode allow: {e}")
@@ -186,9 +192,7 @@ pub fn lua_differential_on(con: &mut redis::Connection, data: &[u8]) {
         hits,
     };
     let mut key = String::new();
-    op_at(0)
-        .key
-        .write_redis_key(scripts::KEY_PREFIX, &mut key);
+    op_at(0).key.write_redis_key(scripts::KEY_PREFIX, &mut key);
 
     // Redis expires keys by its own clock: start ahead of it, so that no
     // key the sequence writes expires in Redis while it lives here.
@@ -328,7 +332,10 @@ fn assert_located(errors: &RuleErrors, file: &str) {
     assert!(!errors.0.is_empty(), "a rejection with no error");
     for e in &errors.0 {
         assert_eq!(e.file, file, "an error naming another file: {e}");
-        assert!(!e.message.trim().is_empty(), "an error with no message: {e:?}");
+        assert!(
+            !e.message.trim().is_empty(),
+            "an error with no message: {e:?}"
+        );
         assert!(
             !e.path.is_empty() || e.message.contains("line ") || e.message.contains("domain"),
             "an error that does not say where: {e}"

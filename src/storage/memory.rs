@@ -531,7 +531,10 @@ mod tests {
         for shard in store.shards.iter() {
             let (len, next) = full(shard);
             assert_eq!(len, 1);
-            assert!(next > clock.now_us(), "a full shard remembers its earliest expiry");
+            assert!(
+                next > clock.now_us(),
+                "a full shard remembers its earliest expiry"
+            );
         }
         let refused = store.apply_one(&op(&h, "one more", 5, 1), clock.now_us());
         assert!(matches!(refused, Err(StoreError::Full { .. })));

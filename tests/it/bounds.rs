@@ -146,10 +146,12 @@ async fn thousands_of_connections_wait_at_the_cap_and_the_served_keep_being_answ
     // SETTINGS frame, then sit idle: each one accepted holds a slot.
     const PREFACE_AND_SETTINGS: &[u8] =
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    // 2000 at once; those past the cap that the kernel's backlog takes in
+    // count as connected for the client, the rest are still connecting.
     let mut idle = flood(server.grpc_addr, 2000, PREFACE_AND_SETTINGS).await;
     assert!(
-        idle.len() >= 1000,
-        "only {} connections were taken in",
+        idle.len() > 64,
+        "only {} connections were taken in: the cap was never met",
         idle.len()
     );
 
@@ -244,7 +246,8 @@ async fn half_sent_http_requests_are_closed_and_json_keeps_answering() {
     let mut silent = flood(server.http_addr, 100, b"").await;
     assert_eq!((stalled.len(), silent.len()), (300, 100));
 
-    let body = r#"{"domain":"bounds","descriptors":[{"entries":[{"key":"client_id","value":"json"}]}]}"#;
+    let body =
+        r#"{"domain":"bounds","descriptors":[{"entries":[{"key":"client_id","value":"json"}]}]}"#;
     for i in 0..20 {
         let answer = tokio::time::timeout(
             CALL_DEADLINE,

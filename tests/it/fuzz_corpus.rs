@@ -58,7 +58,8 @@ fn lua_differential() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
-        let run = std::panic::AssertUnwindSafe(|| targets::lua_differential_on(&mut connection, &data));
+        let run =
+            std::panic::AssertUnwindSafe(|| targets::lua_differential_on(&mut connection, &data));
         if std::panic::catch_unwind(run).is_err() {
             panic!("fuzz target lua_differential fails on {}", path.display());
         }

