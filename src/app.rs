@@ -559,3 +559,18 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_defaults_are_the_connection_settings_defaults() {
+        use clap::Parser as _;
+        let cli = crate::config::Cli::try_parse_from(["sluice", "serve"]).unwrap();
+        let crate::config::Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!(connection_settings(&args), ConnectionSettings::default());
+    }
+}

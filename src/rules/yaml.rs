@@ -230,8 +230,24 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
     // serde_yaml_ng reports the path itself: "descriptors[1]: unknown field
     // `bogus`, expected ... at line 6 column 5". Split it off so errors read
     // `FILE: PATH: message` like the semantic ones.
+    let text_of_file = text;
     let root = serde_yaml_ng::from_str::<YamlRoot>(text).map_err(|e| {
         let text = e.to_string();
+        // A document that is not a mapping at all (a string, a list): say
+        // what a rules file is, not the name of the type it did not fit.
+        if let Some(found) = text
+            .strip_prefix("invalid type: ")
+            .and_then(|t| t.split_once(", expected struct YamlRoot"))
+            .map(|(found, _)| found)
+        {
+            return err(
+                String::new(),
+                format!(
+                    "a rules file is a mapping with `domain` and `descriptors`; this one is a {found}"
+                ),
+            );
+        }
+        let text = with_line(text, text_of_file);
         match text.split_once(": ") {
             Some((path, message)) if !path.contains(' ') => {
                 err(path.to_owned(), message.to_owned())
@@ -263,6 +279,29 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
                 .collect(),
         ))
     }
+}
+
+/// The YAML reader names a few errors (a control character, say) by their
+/// offset in the file: `at position N` becomes `at line L column C`, as its
+/// other errors read.
+fn with_line(message: String, file: &str) -> String {
+    let Some((before, offset)) = message.rsplit_once(" at position ") else {
+        return message;
+    };
+    let Ok(offset) = offset.trim().parse::<usize>() else {
+        return message;
+    };
+    let mut line = 1;
+    let mut column = 1;
+    for c in file.chars().take(offset) {
+        if c == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    format!("{before} at line {line} column {column}")
 }
 
 /// Where a plain scalar outside `metadata` is a number Go's yaml reads as a

@@ -456,7 +456,7 @@ fn bad_types_are_refused_with_their_path() {
     );
     assert_eq!(
         error("- a\n"),
-        "test.yaml: invalid type: sequence, expected struct YamlRoot"
+        "test.yaml: a rules file is a mapping with `domain` and `descriptors`; this one is a sequence"
     );
 }
 
@@ -1002,4 +1002,33 @@ fn metadata_takes_any_yaml() {
     assert_eq!(m.0["none"], MetaValue::Null);
     assert!(matches!(&m.0["tags"], MetaValue::List(l) if l.len() == 3));
     assert!(matches!(&m.0["owner"], MetaValue::Map(o) if o.0.contains_key("oncall")));
+}
+
+/// Found by the `rules_yaml` fuzz target: a document that is a string or a
+/// list was refused naming an internal type (`expected struct YamlRoot`).
+#[test]
+fn a_document_that_is_not_a_mapping_says_what_a_rules_file_is() {
+    for (text, found) in [
+        ("descriptors:team []\n", "this one is a string"),
+        ("- domain: x\n", "this one is a sequence"),
+    ] {
+        let errors = parse_str("f.yaml", text).unwrap_err();
+        let message = &errors.0[0].message;
+        assert!(
+            message.starts_with("a rules file is a mapping with `domain` and `descriptors`"),
+            "{message}"
+        );
+        assert!(message.contains(found), "{message}");
+        assert!(!message.contains("YamlRoot"), "{message}");
+    }
+}
+
+/// Found by the `rules_yaml` fuzz target: a control character was placed
+/// by its offset alone (`at position 113`).
+#[test]
+fn a_control_character_is_placed_by_line_and_column() {
+    let errors = parse_str("f.yaml", "domain: d\ndescriptors:\n  - key: a\u{12}b\n").unwrap_err();
+    let message = &errors.0[0].message;
+    assert!(message.contains("control characters are not allowed"), "{message}");
+    assert!(message.ends_with("at line 3 column 11"), "{message}");
 }
