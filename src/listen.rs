@@ -348,12 +348,9 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt as _;
 
-    fn plain(tcp: TcpStream) -> impl Future<Output = io::Result<(TcpStream, Bytes)>> {
-        async move {
-            let mut tcp = tcp;
-            let preface = read_preface(&mut tcp).await?;
-            Ok((tcp, preface))
-        }
+    async fn plain(mut tcp: TcpStream) -> io::Result<(TcpStream, Bytes)> {
+        let preface = read_preface(&mut tcp).await?;
+        Ok((tcp, preface))
     }
 
     #[tokio::test]

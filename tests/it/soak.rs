@@ -111,11 +111,11 @@ async fn call(
     let sent_us = now_us();
     let value_text = format!("v{value}");
     let result = tokio::time::timeout(DEADLINE, async {
-        if !clients.contains_key(&addr) {
+        if let std::collections::hash_map::Entry::Vacant(vacant) = clients.entry(addr) {
             let c = RateLimitServiceClient::connect(format!("http://{addr}"))
                 .await
                 .map_err(|_| Answer::Refused)?;
-            clients.insert(addr, c);
+            vacant.insert(c);
         }
         let client = clients.get_mut(&addr).ok_or(Answer::Refused)?;
         let answer = client

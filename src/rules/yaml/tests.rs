@@ -1029,6 +1029,9 @@ fn a_document_that_is_not_a_mapping_says_what_a_rules_file_is() {
 fn a_control_character_is_placed_by_line_and_column() {
     let errors = parse_str("f.yaml", "domain: d\ndescriptors:\n  - key: a\u{12}b\n").unwrap_err();
     let message = &errors.0[0].message;
-    assert!(message.contains("control characters are not allowed"), "{message}");
+    assert!(
+        message.contains("control characters are not allowed"),
+        "{message}"
+    );
     assert!(message.ends_with("at line 3 column 11"), "{message}");
 }
