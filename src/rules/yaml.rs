@@ -282,13 +282,21 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
 }
 
 /// The YAML reader names a few errors (a control character, say) by their
-/// offset in the file: `at position N` becomes `at line L column C`, as its
-/// other errors read.
+/// offset in the file (`at position N`), or not at all: they get
+/// `at line L column C`, as its other errors read.
 fn with_line(message: String, file: &str) -> String {
-    let Some((before, offset)) = message.rsplit_once(" at position ") else {
-        return message;
+    let offset = match message.rsplit_once(" at position ") {
+        Some((before, offset)) => match offset.trim().parse::<usize>() {
+            Ok(offset) => Some((before.to_owned(), offset)),
+            Err(_) => None,
+        },
+        None if message.ends_with("control characters are not allowed") => file
+            .chars()
+            .position(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+            .map(|offset| (message.clone(), offset)),
+        None => None,
     };
-    let Ok(offset) = offset.trim().parse::<usize>() else {
+    let Some((before, offset)) = offset else {
         return message;
     };
     let mut line = 1;

@@ -1034,4 +1034,8 @@ fn a_control_character_is_placed_by_line_and_column() {
         "{message}"
     );
     assert!(message.ends_with("at line 3 column 11"), "{message}");
+    // At the very start the reader gives no position at all.
+    let errors = parse_str("f.yaml", "\u{4}descriptors: []\n").unwrap_err();
+    let message = &errors.0[0].message;
+    assert!(message.ends_with("at line 1 column 1"), "{message}");
 }
