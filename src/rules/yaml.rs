@@ -247,6 +247,17 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
                 ),
             );
         }
+        // Most of the reader's errors say where; a few syntax errors (a
+        // character that cannot start a token) only carry it beside the
+        // message. (A duplicate key's location is its mapping's start, which
+        // would mislead: those name the key instead.)
+        let syntax = text.contains("while scanning") || text.contains("while parsing");
+        let text = match e.location() {
+            Some(at) if syntax && !text.contains(" at line ") && !text.contains(" at position ") => {
+                format!("{text} at line {} column {}", at.line(), at.column())
+            }
+            _ => text,
+        };
         let text = with_line(text, text_of_file);
         match text.split_once(": ") {
             Some((path, message)) if !path.contains(' ') => {

@@ -1039,3 +1039,13 @@ fn a_control_character_is_placed_by_line_and_column() {
     let message = &errors.0[0].message;
     assert!(message.ends_with("at line 1 column 1"), "{message}");
 }
+
+/// Found by the `rules_yaml` fuzz target: the reader's "cannot start any
+/// token" error said nothing of where.
+#[test]
+fn a_character_that_cannot_start_a_token_is_placed() {
+    let errors = parse_str("f.yaml", "domain: d\n@ k : []\n").unwrap_err();
+    let message = &errors.0[0].message;
+    assert!(message.contains("cannot start any token"), "{message}");
+    assert!(message.contains("at line 2 column 1"), "{message}");
+}
