@@ -113,7 +113,7 @@ fn mutate(rng: &mut Rng, frames: &mut Vec<Vec<u8>>) {
         }
         let i = rng.below(frames.len() as u64) as usize;
         match rng.below(6) {
-            0 => {
+            0 if !frames[i].is_empty() => {
                 let f = &mut frames[i];
                 let at = rng.below(f.len() as u64) as usize;
                 f[at] = rng.next() as u8;
