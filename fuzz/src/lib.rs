@@ -326,8 +326,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// Every error names `file`, says something, and says where: a path in
-/// the file, a line (YAML syntax), or that the file as a whole is wrong
-/// (its domain).
+/// the file, a line (YAML syntax), the key at fault (a duplicate one at the
+/// top), or that the file as a whole is wrong (its domain, its documents).
 fn assert_located(errors: &RuleErrors, file: &str) {
     assert!(!errors.0.is_empty(), "a rejection with no error");
     for e in &errors.0 {
@@ -337,7 +337,11 @@ fn assert_located(errors: &RuleErrors, file: &str) {
             "an error with no message: {e:?}"
         );
         assert!(
-            !e.path.is_empty() || e.message.contains("line ") || e.message.contains("domain"),
+            !e.path.is_empty()
+                || e.message.contains("line ")
+                || e.message.contains("domain")
+                || e.message.contains("document")
+                || e.message.contains("field `"),
             "an error that does not say where: {e}"
         );
     }

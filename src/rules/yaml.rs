@@ -247,17 +247,25 @@ pub fn parse_str(file: &str, text: &str) -> Result<YamlRoot, RuleErrors> {
                 ),
             );
         }
-        // Most of the reader's errors say where; a few syntax errors (a
-        // character that cannot start a token) only carry it beside the
-        // message. (A duplicate key's location is its mapping's start, which
-        // would mislead: those name the key instead.)
-        let syntax = text.contains("while scanning") || text.contains("while parsing");
+        // Most of the reader's errors say where; some (a character that
+        // cannot start a token, an unknown anchor, a key that is a list)
+        // carry it only beside the message. (A duplicate key's location is
+        // its mapping's start, which would mislead: those name the key.)
+        let located = text.contains(" at line ") || text.contains(" at position ");
         let text = match e.location() {
-            Some(at) if syntax && !text.contains(" at line ") && !text.contains(" at position ") => {
+            Some(at) if !located && !text.contains("duplicate field") => {
                 format!("{text} at line {} column {}", at.line(), at.column())
             }
             _ => text,
         };
+        if text.starts_with("deserializing from YAML containing more than one document") {
+            return err(
+                String::new(),
+                "a rules file holds one YAML document (one domain); this one holds \
+                 several (a `---` line): give each domain a file of its own"
+                    .into(),
+            );
+        }
         let text = with_line(text, text_of_file);
         match text.split_once(": ") {
             Some((path, message)) if !path.contains(' ') => {

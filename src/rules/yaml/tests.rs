@@ -1049,3 +1049,19 @@ fn a_character_that_cannot_start_a_token_is_placed() {
     assert!(message.contains("cannot start any token"), "{message}");
     assert!(message.contains("at line 2 column 1"), "{message}");
 }
+
+/// Found by the `rules_yaml` fuzz target: an unknown anchor, a key that is
+/// a list, and several documents in one file said nothing of where.
+#[test]
+fn anchors_list_keys_and_several_documents_are_placed() {
+    let message = |text: &str| parse_str("f.yaml", text).unwrap_err().0[0].message.clone();
+    let anchor = message("domain: d\ndescriptors: *j\n");
+    assert!(anchor.contains("unknown anchor at line 2"), "{anchor}");
+    let list_key = message("[a]: 1\n");
+    assert!(list_key.contains("at line 1 column"), "{list_key}");
+    let several = message("domain: a\n---\ndomain: b\n");
+    assert!(
+        several.starts_with("a rules file holds one YAML document"),
+        "{several}"
+    );
+}
