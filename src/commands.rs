@@ -1,6 +1,7 @@
 //! The one-shot subcommands: `check`, `explain` and `rules validate`; those
 //! that work on PostgreSQL are in [`postgres`].
 
+pub mod admin;
 pub mod postgres;
 
 use std::fmt::Write as _;

@@ -54,6 +54,85 @@ pub enum Command {
     /// Consume events from the broker (--events-url) into PostgreSQL.
     #[command(subcommand)]
     Consume(ConsumeCommand),
+    /// Serve the admin API and console (tenants, plans, keys, rules, usage,
+    /// audit log) on their own port, apart from the decision servers.
+    Admin(Box<AdminArgs>),
+    /// Tokens for the admin API, stored in PostgreSQL only as keyed hashes.
+    #[command(subcommand)]
+    AdminTokens(AdminTokensCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Where the admin API listens; loopback by default, so exposing it is
+    /// a decision (with --tls-cert).
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:8090")]
+    pub addr: SocketAddr,
+    /// The secret the servers hash API keys with (their --key-secret);
+    /// admin tokens are hashed with it too.
+    #[arg(long, env = "SLUICE_KEY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub key_secret: Secret,
+    /// Serve HTTPS with this certificate chain (PEM); reloaded on change.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Failed sign-ins a source address may make per --auth-failure-window
+    /// before it is refused (429) without its token being checked.
+    #[arg(long, env = "SLUICE_ADMIN_AUTH_FAILURES", default_value = "10")]
+    pub auth_failures: std::num::NonZeroU32,
+    #[arg(long, env = "SLUICE_ADMIN_AUTH_FAILURE_WINDOW", default_value = "1m", value_parser = parse_window)]
+    pub auth_failure_window: Duration,
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_parser = choice(LOG_FORMAT), default_value = "text")]
+    pub log_format: LogFormat,
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(86_400) {
+        return Err("expected from 1s to 24h".into());
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokensCommand {
+    /// Issue a token: print it once; only its keyed hash is stored.
+    Issue {
+        /// admin (everything), operator (all but tokens) or tenant (its own
+        /// tenant: usage, violations, API keys).
+        #[arg(long, value_parser = ["admin", "operator", "tenant"])]
+        role: String,
+        /// The tenant of a `tenant` token.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Expire the token after this long, e.g. 90d; default: never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// What the token is for, shown in lists.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, env = "SLUICE_KEY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+        key_secret: Secret,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List tokens by prefix.
+    List(DatabaseArgs),
+    /// Revoke a token by its prefix.
+    Revoke {
+        prefix: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

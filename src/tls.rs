@@ -6,6 +6,7 @@
 //! load is logged and refused; the certificates in force stay.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -148,6 +149,16 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
 ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
+    use futures::StreamExt as _;
+    incoming_with_peers(listener, tls).map(|conn| conn.map(|(stream, _)| stream))
+}
+
+/// As [`incoming`], with each client's address (the admin API records it
+/// and limits failed sign-ins by it).
+pub fn incoming_with_peers(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+) -> impl Stream<Item = io::Result<(TlsStream<TcpStream>, SocketAddr)>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let accepting = OwnedTask::spawn(async move {
         let handshakes = TaskSet::default();
@@ -171,7 +182,7 @@ pub fn incoming(
             handshakes.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok((stream, peer))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

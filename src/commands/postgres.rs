@@ -75,9 +75,14 @@ pub async fn rules_apply(
     };
     let pool = connect(db).await?;
     let scope = scope(scope_args);
-    let written = admin::replace_rules(&pool, &files, &scope).await?;
-    for (domain, rows) in written {
-        println!("applied {}: {rows} descriptors", scope.label(&domain));
+    let written = admin::replace_rules(&pool, &files, &scope, None).await?;
+    for set in written {
+        println!(
+            "applied {}: {} descriptors (version {})",
+            scope.label(&set.domain),
+            set.descriptors,
+            set.version
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

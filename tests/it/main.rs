@@ -12,6 +12,7 @@
 
 mod support;
 
+mod admin;
 mod cli;
 mod compat;
 mod edges;

@@ -190,7 +190,7 @@ fn per_user(domain: &str, limit: u32) -> String {
 async fn migrations_apply_to_an_empty_database_and_reapply_as_a_no_op() {
     let pg = PgCluster::start();
     let first = ok(&pg, &["migrate"]);
-    assert_eq!(first.trim(), "applied migrations: 1, 5");
+    assert_eq!(first.trim(), "applied migrations: 1, 5, 6");
     let pool = PgPool::connect(&pg.primary_url).await.unwrap();
     let schema = || async {
         sqlx::query_scalar::<_, String>(

@@ -19,8 +19,10 @@ pub async fn load_catalog(pool: &PgPool) -> Result<Catalog, sqlx::Error> {
         .fetch_all(&mut *tx)
         .await?;
     let keys = sqlx::query_as(
-        "SELECT key_hash AS hash, tenant_id::text AS tenant_id, plan FROM api_keys
-         WHERE revoked_at IS NULL ORDER BY key_hash",
+        // A suspended tenant's keys are refused as unknown ones are.
+        "SELECT k.key_hash AS hash, k.tenant_id::text AS tenant_id, k.plan
+         FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+         WHERE k.revoked_at IS NULL AND t.suspended_at IS NULL ORDER BY k.key_hash",
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -1,0 +1,211 @@
+//! Who is calling: a Bearer admin token, checked against its keyed hash in
+//! PostgreSQL on every request (so a revocation is in force at once), and
+//! what its role lets it do. Failed sign-ins are counted per source address
+//! by sluice's own limiter core and in-process store: past the limit, the
+//! address is refused before its token is even looked at.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, Method};
+use axum::serve::{IncomingStream, Listener};
+
+use super::error::ApiError;
+use super::AdminState;
+use crate::admin::audit::{self, NewEntry};
+use crate::admin::tokens::{self, Identity, Role};
+use crate::clock::Clock;
+use crate::limiter::{Algorithm, CounterOp, CounterSpec, Entry, KeyHasher};
+use crate::storage::memory::MemoryStore;
+
+/// The client's address, from the connection (plain or TLS).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl<L: Listener<Addr = SocketAddr>> Connected<IncomingStream<'_, L>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, L>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+// === Failed sign-ins ===
+
+/// Failed sign-ins per source address: `limit` per `period`, a fixed window
+/// in an in-process store (counters die with the process, which is fine
+/// for slowing down guessing).
+pub struct FailedAuthLimiter {
+    store: MemoryStore,
+    hasher: KeyHasher,
+    spec: CounterSpec,
+    clock: Arc<dyn Clock>,
+}
+
+const FAILED_AUTH_DOMAIN: &str = "sluice-admin";
+
+impl FailedAuthLimiter {
+    pub fn new(limit: u32, period: std::time::Duration, clock: Arc<dyn Clock>) -> FailedAuthLimiter {
+        let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX).max(1_000_000);
+        FailedAuthLimiter {
+            store: MemoryStore::new(100_000, clock.clone()),
+            hasher: KeyHasher::random(),
+            spec: CounterSpec {
+                algorithm: Algorithm::FixedWindow,
+                limit: u64::from(limit.max(1)),
+                period_us,
+                burst: 0,
+                calendar: None,
+            },
+            clock,
+        }
+    }
+
+    fn op(&self, ip: IpAddr, hits: u64) -> CounterOp {
+        let value = ip.to_string();
+        let entries = [Entry {
+            key: "failed_auth_source",
+            value: &value,
+        }];
+        CounterOp {
+            key: self.hasher.counter_key(
+                FAILED_AUTH_DOMAIN,
+                &entries,
+                &[],
+                self.spec.algorithm,
+                self.spec.period_us / 1_000_000,
+            ),
+            spec: self.spec,
+            hits,
+        }
+    }
+
+    /// Seconds until `ip` may try again, if it has used up its failures.
+    pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        // hits 0 reads the counter without counting.
+        let outcome = self.store.apply_one(&self.op(ip, 0), self.clock.now_us()).ok()?;
+        (outcome.remaining == 0).then(|| outcome.reset_us.div_ceil(1_000_000))
+    }
+
+    pub fn record_failure(&self, ip: IpAddr) {
+        if let Err(e) = self.store.apply_one(&self.op(ip, 1), self.clock.now_us()) {
+            tracing::warn!(error = %e, "counting a failed admin sign-in failed");
+        }
+    }
+}
+
+// === The caller ===
+
+/// An authenticated caller and where it called from.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub identity: Identity,
+    pub source: SocketAddr,
+}
+
+impl FromRequestParts<AdminState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        let source = parts
+            .extensions
+            .get::<ConnectInfo<Peer>>()
+            .map(|c| c.0 .0)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let ip = source.ip();
+        if let Some(wait) = state.failures.blocked(ip) {
+            return Err(ApiError::too_many_failures(wait));
+        }
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::unauthorized(
+                "missing `Authorization: Bearer <token>`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256);
+        let identity = match token {
+            Some(token) => tokens::authenticate(&state.pool, &state.hasher, token).await?,
+            None => None,
+        };
+        match identity {
+            Some(identity) => Ok(Caller { identity, source }),
+            None => {
+                state.failures.record_failure(ip);
+                Err(ApiError::unauthorized(
+                    "unknown, expired or revoked token (expected `Bearer <token>`)",
+                ))
+            }
+        }
+    }
+}
+
+impl Caller {
+    pub fn role(&self) -> Role {
+        self.identity.role
+    }
+
+    /// Refuses unless the caller has one of `roles`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if roles.contains(&self.identity.role) {
+            return Ok(());
+        }
+        let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        Err(ApiError::forbidden(format!(
+            "this needs the role {} (the token's role is {})",
+            names.join(" or "),
+            self.identity.role.as_str()
+        )))
+    }
+
+    /// Admins and operators.
+    pub fn staff(&self) -> Result<(), ApiError> {
+        self.require(&[Role::Admin, Role::Operator])
+    }
+
+    /// Refuses a `tenant` token any tenant but its own.
+    pub fn may_see_tenant(&self, name: &str) -> Result<(), ApiError> {
+        match (&self.identity.role, &self.identity.tenant) {
+            (Role::Tenant, Some((_, own))) if own == name => Ok(()),
+            (Role::Tenant, _) => Err(ApiError::forbidden(
+                "a tenant token sees only its own tenant",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends a change to the audit log. A change made is reported even if
+    /// its audit entry cannot be written; that failure is logged.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn audit(
+        &self,
+        state: &AdminState,
+        method: Method,
+        route: &str,
+        object: &str,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+        status: u16,
+    ) {
+        let source = self.source.ip().to_string();
+        let entry = NewEntry {
+            actor: &self.identity.actor,
+            role: self.identity.role.as_str(),
+            actor_tenant_id: self.identity.tenant.as_ref().map(|(id, _)| id.as_str()),
+            method: method.as_str(),
+            route,
+            object,
+            before,
+            after,
+            status,
+            source: &source,
+        };
+        if let Err(e) = audit::append(&state.pool, &entry).await {
+            tracing::error!(error = %e, route, object, "writing the audit log failed");
+        }
+    }
+}
