@@ -417,6 +417,19 @@ step_rabbitmq() {
     STATUS="${STATUS}rabbitmq $(as_root "$ctl" version 2>/dev/null || echo '?') ($server)"
 }
 
+# Chromium: the admin console's browser test (tests/it/admin_console.rs)
+# drives Debian's chromium headless over the DevTools protocol.
+step_chromium() {
+    local c
+    if ! c=$(sys_which chromium); then
+        apt_install chromium || die "apt-get install chromium failed"
+        c=$(sys_which chromium) || die "chromium not found after install"
+        STATUS="installed with apt, "
+    fi
+    link "$c" chromium
+    STATUS="$STATUS$("$BIN/chromium" --version 2>/dev/null | head -n1) ($c)"
+}
+
 T0=$SECONDS
 run_step redis step_redis
 run_step redis-sentinel step_redis_sentinel
@@ -429,6 +442,7 @@ run_step envoy step_envoy
 run_step grpcurl step_grpcurl
 run_step helm+kubectl step_helm_kubectl
 run_step lua step_lua
+run_step chromium step_chromium
 if [ "$BENCH" = 1 ]; then
     run_step h2load step_h2load
 fi

@@ -863,3 +863,292 @@ async fn the_binary_serves_https_and_serve_sees_api_changes_within_a_second() {
     assert!(refused, "a suspended tenant's key was still served");
     server.stop().await.unwrap();
 }
+
+// === The console, in a real headless Chromium ===
+
+/// A minimal Chrome DevTools Protocol client: one WebSocket (RFC 6455,
+/// text frames, masked as a client must) to one page target.
+struct Cdp {
+    stream: tokio::net::TcpStream,
+    next_id: u64,
+}
+
+impl Cdp {
+    async fn connect(ws_url: &str) -> Cdp {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let rest = ws_url.strip_prefix("ws://").expect("a ws:// URL");
+        let (host, path) = rest.split_at(rest.find('/').unwrap());
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.unwrap();
+            response.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 101"), "no WebSocket upgrade: {text}");
+        Cdp { stream, next_id: 1 }
+    }
+
+    async fn send(&mut self, text: &str) {
+        use tokio::io::AsyncWriteExt as _;
+        let payload = text.as_bytes();
+        let mut frame = vec![0x81u8];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let mask = [0x5a, 0x17, 0xc3, 0x9e];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// The next whole text message (continuation frames joined).
+    async fn receive(&mut self) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut message = Vec::new();
+        loop {
+            let mut head = [0u8; 2];
+            self.stream.read_exact(&mut head).await.unwrap();
+            let fin = head[0] & 0x80 != 0;
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut b = [0u8; 2];
+                    self.stream.read_exact(&mut b).await.unwrap();
+                    u64::from(u16::from_be_bytes(b))
+                }
+                127 => {
+                    let mut b = [0u8; 8];
+                    self.stream.read_exact(&mut b).await.unwrap();
+                    u64::from_be_bytes(b)
+                }
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; len as usize];
+            self.stream.read_exact(&mut payload).await.unwrap();
+            message.extend_from_slice(&payload);
+            if fin {
+                return String::from_utf8(message).unwrap();
+            }
+        }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"id": id, "method": method, "params": params}).to_string())
+            .await;
+        loop {
+            let message: Value = serde_json::from_str(&self.receive().await).unwrap();
+            if message["id"] == id {
+                assert!(message["error"].is_null(), "{method}: {message}");
+                return message["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates JavaScript in the page (awaiting a promise) and returns its value.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let result = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
+            )
+            .await;
+        assert!(result["exceptionDetails"].is_null(), "{expression}: {result}");
+        result["result"]["value"].clone()
+    }
+
+    /// Polls `expression` until it is true, for up to 10 s.
+    async fn wait_for(&mut self, what: &str, expression: &str) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if self.eval(expression).await == Value::Bool(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let body = self.eval("document.body.innerText").await;
+        panic!("the console did not show {what} within 10 s; the page says:\n{body}");
+    }
+
+    /// Saves a PNG screenshot under the test's artifacts directory.
+    async fn screenshot(&mut self, name: &str) -> std::path::PathBuf {
+        use base64_png::decode;
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        let png = decode(shot["data"].as_str().unwrap());
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-console");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+}
+
+/// Standard base64, for the screenshots (no crate for one decoder).
+mod base64_png {
+    pub fn decode(text: &str) -> Vec<u8> {
+        let value = |c: u8| match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        };
+        let bytes: Vec<u8> = text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()).collect();
+        let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+        for chunk in bytes.chunks(4) {
+            let v: Vec<u32> = chunk.iter().map(|c| u32::from(value(*c))).collect();
+            let n = v.iter().enumerate().fold(0u32, |n, (i, x)| n | x << (18 - 6 * i));
+            out.push((n >> 16) as u8);
+            if v.len() > 2 {
+                out.push((n >> 8) as u8);
+            }
+            if v.len() > 3 {
+                out.push(n as u8);
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
+    let chromium = support::tool("chromium");
+    let pg = start_cluster();
+    ok(&pg, &["tenants", "create", "acme", "--plan", "free"]);
+    let t = issue_tokens(&pg);
+    let pool = PgPool::connect(&pg.primary_url).await.unwrap();
+    // Usage this month: the month's first hour and the current hour.
+    sqlx::query(
+        "INSERT INTO usage_hourly (tenant_id, domain, hour, allowed, denied)
+         SELECT id, 'api', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 120, 7 FROM tenants
+         UNION ALL
+         SELECT id, 'web', date_trunc('hour', now()), 30, 2 FROM tenants
+         ON CONFLICT (tenant_id, domain, hour) DO NOTHING",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let api = Admin::start(&pg, 1000).await;
+    let usage = expect(&api.call("GET", "/admin/v1/tenants/acme/usage", Some(&t.acme), None).await, 200, None);
+    let expected: Vec<Value> = usage["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| json!([p["start"], p["allowed"], p["denied"]]))
+        .collect();
+    assert!(!expected.is_empty());
+
+    let profile = tempfile::tempdir().unwrap();
+    let log = profile.path().join("chromium.log");
+    let _browser = ChildGuard::spawn(
+        "chromium",
+        Command::new(&chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0", "--window-size=1000,1400"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(profile.path().join("chromium.err")).unwrap()),
+    );
+    let port_file = profile.path().join("DevToolsActivePort");
+    let mut port = None;
+    let started = Instant::now();
+    while port.is_none() && started.elapsed() < Duration::from_secs(30) {
+        port = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.parse::<u16>().ok()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let port = port.unwrap_or_else(|| {
+        panic!(
+            "chromium wrote no DevToolsActivePort in 30 s:\n{}",
+            std::fs::read_to_string(profile.path().join("chromium.err")).unwrap_or_default()
+        )
+    });
+    let devtools: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let targets = http::get(devtools, "/json/list").await.unwrap().json();
+    let page = targets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "page")
+        .expect("a page target");
+    let mut cdp = Cdp::connect(page["webSocketDebuggerUrl"].as_str().unwrap()).await;
+    cdp.call("Page.enable", json!({})).await;
+    cdp.call("Page.navigate", json!({"url": format!("http://{}/admin/", api.addr)})).await;
+    cdp.wait_for("the sign-in form", "document.readyState === 'complete' && !!document.getElementById('token')").await;
+
+    // A wrong token: refused, the form stays.
+    cdp.eval("document.getElementById('token').value = 'sla_wrong'; document.getElementById('signin').requestSubmit(); true").await;
+    cdp.wait_for("the sign-in error", "document.getElementById('signin-error').textContent.includes('Sign-in failed')").await;
+
+    // Sign in as acme's tenant token.
+    cdp.eval(&format!(
+        "document.getElementById('token').value = {}; document.getElementById('signin').requestSubmit(); true",
+        json!(t.acme)
+    ))
+    .await;
+    cdp.wait_for("the usage chart", "document.querySelectorAll('#chart g.bar').length > 0").await;
+    assert_eq!(cdp.eval("document.getElementById('staff').hidden").await, true, "a tenant sees the staff section");
+    let bars = cdp
+        .eval("[...document.querySelectorAll('#chart g.bar')].map(g => [g.dataset.start, +g.dataset.allowed, +g.dataset.denied])")
+        .await;
+    assert_eq!(bars, Value::Array(expected), "the chart does not show the API's numbers");
+    assert_eq!(cdp.eval("document.getElementById('usage-allowed').textContent").await, usage["allowed"].to_string());
+    assert_eq!(cdp.eval("document.getElementById('usage-quota').textContent").await, "100000");
+    let shot = cdp.screenshot("tenant-usage").await;
+    eprintln!("screenshot: {}", shot.display());
+
+    // Issue a key: shown once, listed by prefix.
+    cdp.eval("document.getElementById('issue-key').click(); true").await;
+    cdp.wait_for("the new key", "!document.getElementById('new-key').hidden && document.querySelectorAll('#keys tbody tr').length === 1").await;
+    let shown = cdp.eval("document.getElementById('new-key').textContent").await;
+    let prefix = cdp.eval("document.querySelector('#keys tbody tr').dataset.prefix").await;
+    let prefix = prefix.as_str().unwrap().to_owned();
+    assert!(shown.as_str().unwrap().contains(&format!("{prefix}_")), "{shown}");
+    let keys = expect(&api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.operator), None).await, 200, None);
+    assert_eq!(keys["keys"][0]["prefix"], prefix.as_str());
+    assert!(keys["keys"][0]["revoked_at"].is_null());
+
+    // Revoke it.
+    cdp.eval(&format!("document.querySelector('#keys tr[data-prefix=\"{prefix}\"] button.revoke').click(); true")).await;
+    cdp.wait_for("the revocation", &format!("document.querySelector('#keys tr[data-prefix=\"{prefix}\"] td:nth-child(4)').textContent !== ''")).await;
+    let keys = expect(&api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.operator), None).await, 200, None);
+    assert!(keys["keys"][0]["revoked_at"].is_string());
+    let shot = cdp.screenshot("tenant-keys-revoked").await;
+    eprintln!("screenshot: {}", shot.display());
+
+    // An operator sees tenants, plans, rule sets and the audit log (with the
+    // tenant's key changes in it).
+    cdp.eval("sessionStorage.clear(); location.reload(); true").await;
+    cdp.wait_for("the sign-in form", "document.readyState === 'complete' && !document.getElementById('signin').hidden").await;
+    cdp.eval(&format!(
+        "document.getElementById('token').value = {}; document.getElementById('signin').requestSubmit(); true",
+        json!(t.operator)
+    ))
+    .await;
+    cdp.wait_for("the audit log", "document.querySelectorAll('#audit tbody tr').length >= 2").await;
+    let tenants = cdp.eval("[...document.querySelectorAll('#tenants tbody tr td:first-child')].map(td => td.textContent)").await;
+    assert_eq!(tenants, json!(["acme"]));
+    cdp.eval("document.getElementById('rules-yaml').value = 'domain: api\\ndescriptors:\\n  - key: k\\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\\n'; document.getElementById('validate').click(); true").await;
+    cdp.wait_for("the validation errors inline", "document.getElementById('rules-result').textContent.startsWith('rules.yaml: ')").await;
+    let shot = cdp.screenshot("operator").await;
+    eprintln!("screenshot: {}", shot.display());
+    api.stop().await;
+}
