@@ -11,10 +11,11 @@ use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, Method};
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::IncomingStream;
+use tokio::net::TcpListener;
 
 use super::error::ApiError;
-use super::AdminState;
+use super::{AdminState, TlsListener};
 use crate::admin::audit::{self, NewEntry};
 use crate::admin::tokens::{self, Identity, Role};
 use crate::clock::Clock;
@@ -25,8 +26,14 @@ use crate::storage::memory::MemoryStore;
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
 
-impl<L: Listener<Addr = SocketAddr>> Connected<IncomingStream<'_, L>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, L>) -> Self {
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
         Peer(*stream.remote_addr())
     }
 }
@@ -207,5 +214,27 @@ impl Caller {
         if let Err(e) = audit::append(&state.pool, &entry).await {
             tracing::error!(error = %e, route, object, "writing the audit log failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[test]
+    fn failures_are_counted_per_address_until_the_window_ends() {
+        let clock = Arc::new(ManualClock::new(1_000_000_000_000));
+        let limiter = FailedAuthLimiter::new(3, std::time::Duration::from_secs(60), clock.clone());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            assert_eq!(limiter.blocked(a), None);
+            limiter.record_failure(a);
+        }
+        let wait = limiter.blocked(a).expect("blocked after 3 failures");
+        assert!((1..=60).contains(&wait), "{wait}");
+        assert_eq!(limiter.blocked(b), None, "another address is not blocked");
+        clock.advance(61_000_000);
+        assert_eq!(limiter.blocked(a), None, "still blocked after the window");
     }
 }

@@ -171,7 +171,7 @@ type TlsConnections =
     Pin<Box<dyn Stream<Item = io::Result<(TlsStream<TcpStream>, SocketAddr)>> + Send>>;
 
 /// TLS connections, handshaken concurrently by `tls::incoming_with_peers`.
-struct TlsListener {
+pub struct TlsListener {
     connections: TlsConnections,
     local: SocketAddr,
     _watch: OwnedTask,

@@ -223,7 +223,7 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
 
     // --- Authentication: missing, malformed, unknown, expired, revoked.
     expect(&api.call("GET", "/admin/v1/whoami", None, None).await, 401, Some("authorization"));
-    for bad in ["nonsense", &t.expired, &t.revoked, "sla_00000000_0000"] {
+    for bad in ["nonsense", t.expired.as_str(), t.revoked.as_str(), "sla_00000000_0000"] {
         let r = api.call("GET", "/admin/v1/tenants", Some(bad), None).await;
         expect(&r, 401, Some("authorization"));
         assert!(r.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")));
@@ -242,32 +242,32 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
     );
     let acme_prefix = acme_key["prefix"].as_str().unwrap().to_owned();
     let denied: Vec<(&str, String, Option<Value>, &str)> = vec![
-        ("GET", "/admin/v1/tenants/acme".into(), None, &t.globex),
-        ("GET", "/admin/v1/tenants/acme/keys".into(), None, &t.globex),
-        ("POST", "/admin/v1/tenants/acme/keys".into(), Some(json!({})), &t.globex),
-        ("DELETE", format!("/admin/v1/tenants/acme/keys/{acme_prefix}"), None, &t.globex),
-        ("GET", "/admin/v1/tenants/acme/usage".into(), None, &t.globex),
-        ("GET", "/admin/v1/tenants/acme/violations".into(), None, &t.globex),
-        ("GET", "/admin/v1/tenants/acme/top-rules".into(), None, &t.globex),
-        ("GET", "/admin/v1/tenants".into(), None, &t.acme),
-        ("POST", "/admin/v1/tenants".into(), Some(json!({"name": "x", "plan": "free"})), &t.acme),
-        ("PATCH", "/admin/v1/tenants/acme".into(), Some(json!({"plan": "startup"})), &t.acme),
-        ("DELETE", "/admin/v1/tenants/acme".into(), None, &t.acme),
-        ("GET", "/admin/v1/plans".into(), None, &t.acme),
-        ("POST", "/admin/v1/plans".into(), Some(json!({"name": "x"})), &t.acme),
-        ("PATCH", "/admin/v1/plans/free".into(), Some(json!({"monthly_quota": 5})), &t.acme),
-        ("GET", "/admin/v1/rules".into(), None, &t.acme),
-        ("GET", "/admin/v1/rules/api".into(), None, &t.acme),
-        ("GET", "/admin/v1/rules/api/export".into(), None, &t.acme),
-        ("POST", "/admin/v1/rules/validate".into(), Some(json!({"yaml": "domain: x"})), &t.acme),
-        ("PUT", "/admin/v1/rules/api".into(), Some(json!({"yaml": "domain: api", "version": 0})), &t.acme),
-        ("GET", "/admin/v1/audit".into(), None, &t.acme),
-        ("GET", "/admin/v1/tokens".into(), None, &t.acme),
-        ("POST", "/admin/v1/tokens".into(), Some(json!({"role": "admin"})), &t.acme),
-        ("DELETE", format!("/admin/v1/tokens/{}", &t.admin[..12]), None, &t.acme),
-        ("GET", "/admin/v1/tokens".into(), None, &t.operator),
-        ("POST", "/admin/v1/tokens".into(), Some(json!({"role": "admin"})), &t.operator),
-        ("DELETE", format!("/admin/v1/tokens/{}", &t.admin[..12]), None, &t.operator),
+        ("GET", "/admin/v1/tenants/acme".into(), None, t.globex.as_str()),
+        ("GET", "/admin/v1/tenants/acme/keys".into(), None, t.globex.as_str()),
+        ("POST", "/admin/v1/tenants/acme/keys".into(), Some(json!({})), t.globex.as_str()),
+        ("DELETE", format!("/admin/v1/tenants/acme/keys/{acme_prefix}"), None, t.globex.as_str()),
+        ("GET", "/admin/v1/tenants/acme/usage".into(), None, t.globex.as_str()),
+        ("GET", "/admin/v1/tenants/acme/violations".into(), None, t.globex.as_str()),
+        ("GET", "/admin/v1/tenants/acme/top-rules".into(), None, t.globex.as_str()),
+        ("GET", "/admin/v1/tenants".into(), None, t.acme.as_str()),
+        ("POST", "/admin/v1/tenants".into(), Some(json!({"name": "x", "plan": "free"})), t.acme.as_str()),
+        ("PATCH", "/admin/v1/tenants/acme".into(), Some(json!({"plan": "startup"})), t.acme.as_str()),
+        ("DELETE", "/admin/v1/tenants/acme".into(), None, t.acme.as_str()),
+        ("GET", "/admin/v1/plans".into(), None, t.acme.as_str()),
+        ("POST", "/admin/v1/plans".into(), Some(json!({"name": "x"})), t.acme.as_str()),
+        ("PATCH", "/admin/v1/plans/free".into(), Some(json!({"monthly_quota": 5})), t.acme.as_str()),
+        ("GET", "/admin/v1/rules".into(), None, t.acme.as_str()),
+        ("GET", "/admin/v1/rules/api".into(), None, t.acme.as_str()),
+        ("GET", "/admin/v1/rules/api/export".into(), None, t.acme.as_str()),
+        ("POST", "/admin/v1/rules/validate".into(), Some(json!({"yaml": "domain: x"})), t.acme.as_str()),
+        ("PUT", "/admin/v1/rules/api".into(), Some(json!({"yaml": "domain: api", "version": 0})), t.acme.as_str()),
+        ("GET", "/admin/v1/audit".into(), None, t.acme.as_str()),
+        ("GET", "/admin/v1/tokens".into(), None, t.acme.as_str()),
+        ("POST", "/admin/v1/tokens".into(), Some(json!({"role": "admin"})), t.acme.as_str()),
+        ("DELETE", format!("/admin/v1/tokens/{}", &t.admin[..12]), None, t.acme.as_str()),
+        ("GET", "/admin/v1/tokens".into(), None, t.operator.as_str()),
+        ("POST", "/admin/v1/tokens".into(), Some(json!({"role": "admin"})), t.operator.as_str()),
+        ("DELETE", format!("/admin/v1/tokens/{}", &t.admin[..12]), None, t.operator.as_str()),
     ];
     for (method, path, body, token) in &denied {
         let r = api.call(method, path, Some(token), body.as_ref()).await;
@@ -600,8 +600,7 @@ async fn rule_sets_validate_apply_with_versions_and_export() {
     let file = dir.path().join("rules.yaml");
     std::fs::write(&file, BAD_RULES).unwrap();
     let cli = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["rules", "validate"])
-        .arg(&file)
+        .args(["rules", "validate", "rules.yaml"])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -706,7 +705,7 @@ async fn rule_sets_validate_apply_with_versions_and_export() {
         .iter()
         .map(|s| (s["plan"].as_str(), s["tenant"].as_str(), s["version"].as_i64().unwrap()))
         .collect();
-    assert_eq!(sets, [(None, None, 3), (Some("free"), None, 1), (None, Some("acme"), 1)]);
+    assert_eq!(sets, [(None, None, 3), (None, Some("acme"), 1), (Some("free"), None, 1)]);
     // The CLI raises versions too, so an API edit never overwrites it.
     std::fs::write(&file, API_RULES).unwrap();
     ok(&pg, &["rules", "apply", file.to_str().unwrap()]);
