@@ -197,8 +197,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         match serde_path_to_error::deserialize(&mut de) {
             Ok(value) => Ok(JsonBody(value)),
             Err(e) => {
+                // Not JSON at all, or no particular field: the body.
                 let path = e.path().to_string();
-                let field = if path == "." { "body".to_owned() } else { path };
+                let whole = e.inner().is_syntax() || e.inner().is_eof();
+                let field = match path.as_str() {
+                    _ if whole => "body".to_owned(),
+                    "." | "?" => "body".to_owned(),
+                    _ => path,
+                };
                 Err(ApiError::bad_request(&field, e.into_inner().to_string()))
             }
         }

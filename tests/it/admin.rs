@@ -56,6 +56,8 @@ fn ok(pg: &PgCluster, args: &[&str]) -> String {
 fn start_cluster() -> PgCluster {
     let pg = PgCluster::start();
     ok(&pg, &["migrate"]);
+    ok(&pg, &["tenants", "create", "acme", "--plan", "free"]);
+    ok(&pg, &["tenants", "create", "globex", "--plan", "startup"]);
     pg
 }
 
@@ -180,8 +182,6 @@ async fn expire(pool: &PgPool, token: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
     let pg = start_cluster();
-    ok(&pg, &["tenants", "create", "acme", "--plan", "free"]);
-    ok(&pg, &["tenants", "create", "globex", "--plan", "startup"]);
     let t = issue_tokens(&pg);
     let pool = PgPool::connect(&pg.primary_url).await.unwrap();
     expire(&pool, &t.expired).await;
@@ -310,7 +310,7 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         (json!({"name": "ok", "plan": "no-such-plan"}), "plan"),
         (json!({"name": "ok"}), "body"),
         (json!({"name": 5, "plan": "free"}), "name"),
-        (json!({"name": "ok", "plan": "free", "extra": 1}), "body"),
+        (json!({"name": "ok", "plan": "free", "extra": 1}), "extra"),
     ] {
         let r = api.call("POST", "/admin/v1/tenants", Some(&t.admin), Some(&body)).await;
         let status = if body["name"] == "initech" { 409 } else { 400 };
@@ -561,9 +561,15 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
     assert_eq!(create["after"]["plan"], "free");
     let moved = entries
         .iter()
-        .find(|e| e["object"] == "tenant:initech" && e["after"]["plan"] == "startup")
-        .expect("the plan change");
-    assert_eq!(moved["before"]["plan"], "free");
+        .find(|e| e["object"] == "tenant:initech" && e["before"]["plan"] == "free" && e["after"]["plan"] == "startup")
+        .expect("the plan change, before and after");
+    assert_eq!(moved["method"], "PATCH");
+    let suspension = entries
+        .iter()
+        .find(|e| e["object"] == "tenant:initech" && e["before"]["suspended_at"].is_null() && e["after"]["suspended_at"].is_string())
+        .expect("the suspension");
+    assert_eq!(suspension["route"], "/admin/v1/tenants/{tenant}");
+    find("/admin/v1/tenants/{tenant}", "tenant:initech");
     find("/admin/v1/tenants/{tenant}/keys", &format!("tenant:acme/key:{acme_prefix}"));
     find("/admin/v1/plans/{plan}", "plan:gold");
     find("/admin/v1/tokens/{prefix}", &format!("token:{}", &new_token[..12]));
@@ -591,7 +597,6 @@ const BAD_RULES: &str = "domain: api\ndescriptors:\n  - key: api_key\n    rate_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_sets_validate_apply_with_versions_and_export() {
     let pg = start_cluster();
-    ok(&pg, &["tenants", "create", "acme", "--plan", "free"]);
     let t = issue_tokens(&pg);
     let api = Admin::start(&pg, 1000).await;
 
@@ -776,7 +781,6 @@ async fn https(addr: SocketAddr, ca_pem: &str, method: &str, path: &str, token: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_https_and_serve_sees_api_changes_within_a_second() {
     let pg = start_cluster();
-    ok(&pg, &["tenants", "create", "acme", "--plan", "free"]);
     let t = issue_tokens(&pg);
     let dir = tempfile::tempdir().unwrap();
     let ca = support::certs::TestCa::new("admin test CA");
@@ -1026,19 +1030,48 @@ mod base64_png {
     }
 }
 
+/// Chromium's `/json/list`: its HTTP server keeps the connection open, so
+/// read by `Content-Length` rather than to the end.
+async fn devtools_targets(addr: SocketAddr) -> Value {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /json/list HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("no answer from Chromium's /json/list in 10 s")
+            .unwrap();
+        assert!(n > 0, "Chromium closed /json/list early");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("Content-Length");
+            if raw.len() >= end + 4 + length {
+                return serde_json::from_slice(&raw[end + 4..end + 4 + length]).unwrap();
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
     let chromium = support::tool("chromium");
     let pg = start_cluster();
-    ok(&pg, &["tenants", "create", "acme", "--plan", "free"]);
     let t = issue_tokens(&pg);
     let pool = PgPool::connect(&pg.primary_url).await.unwrap();
     // Usage this month: the month's first hour and the current hour.
     sqlx::query(
         "INSERT INTO usage_hourly (tenant_id, domain, hour, allowed, denied)
-         SELECT id, 'api', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 120, 7 FROM tenants
+         SELECT id, 'api', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 120, 7
+         FROM tenants WHERE name = 'acme'
          UNION ALL
-         SELECT id, 'web', date_trunc('hour', now()), 30, 2 FROM tenants
+         SELECT id, 'web', date_trunc('hour', now()), 30, 2 FROM tenants WHERE name = 'acme'
          ON CONFLICT (tenant_id, domain, hour) DO NOTHING",
     )
     .execute(&pool)
@@ -1081,7 +1114,7 @@ async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
         )
     });
     let devtools: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let targets = http::get(devtools, "/json/list").await.unwrap().json();
+    let targets = devtools_targets(devtools).await;
     let page = targets
         .as_array()
         .unwrap()
@@ -1144,7 +1177,7 @@ async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
     .await;
     cdp.wait_for("the audit log", "document.querySelectorAll('#audit tbody tr').length >= 2").await;
     let tenants = cdp.eval("[...document.querySelectorAll('#tenants tbody tr td:first-child')].map(td => td.textContent)").await;
-    assert_eq!(tenants, json!(["acme"]));
+    assert_eq!(tenants, json!(["acme", "globex"]));
     cdp.eval("document.getElementById('rules-yaml').value = 'domain: api\\ndescriptors:\\n  - key: k\\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\\n'; document.getElementById('validate').click(); true").await;
     cdp.wait_for("the validation errors inline", "document.getElementById('rules-result').textContent.startsWith('rules.yaml: ')").await;
     let shot = cdp.screenshot("operator").await;
