@@ -215,16 +215,20 @@ pub async fn rule_set(
     if rows.is_empty() {
         return Ok(None);
     }
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM rule_set_versions WHERE domain = $1 AND scope = $2")
-            .bind(domain)
-            .bind(scope_key(plan.as_deref(), tenant_id.as_deref()))
-            .fetch_optional(&mut *tx)
-            .await?;
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM rule_set_versions WHERE domain = $1 AND scope = $2",
+    )
+    .bind(domain)
+    .bind(scope_key(plan.as_deref(), tenant_id.as_deref()))
+    .fetch_optional(&mut *tx)
+    .await?;
     tx.commit().await?;
     let refs: Vec<&RuleRow> = rows.iter().collect();
     let file = format!("postgres:{}", scope.label(domain));
-    Ok(Some((yaml_from_rows(domain, &file, &refs)?, version.unwrap_or(0))))
+    Ok(Some((
+        yaml_from_rows(domain, &file, &refs)?,
+        version.unwrap_or(0),
+    )))
 }
 
 /// The version of a rule set: 0 if it was never written.
@@ -235,12 +239,13 @@ pub async fn rule_set_version(
 ) -> Result<i64, AdminError> {
     let mut conn = pool.acquire().await?;
     let (plan, tenant_id) = scope_columns(&mut conn, scope).await?;
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM rule_set_versions WHERE domain = $1 AND scope = $2")
-            .bind(domain)
-            .bind(scope_key(plan.as_deref(), tenant_id.as_deref()))
-            .fetch_optional(&mut *conn)
-            .await?;
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM rule_set_versions WHERE domain = $1 AND scope = $2",
+    )
+    .bind(domain)
+    .bind(scope_key(plan.as_deref(), tenant_id.as_deref()))
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(version.unwrap_or(0))
 }
 
@@ -293,11 +298,11 @@ const PLAN_COLUMNS: &str = "SELECT p.name, p.monthly_quota, p.monthly_price_cent
 
 /// Every plan, smallest quota first (no quota last).
 pub async fn list_plans(pool: &PgPool) -> Result<Vec<PlanSummary>, AdminError> {
-    Ok(
-        sqlx::query_as(&format!("{PLAN_COLUMNS} ORDER BY p.monthly_quota NULLS LAST, p.name"))
-            .fetch_all(pool)
-            .await?,
-    )
+    Ok(sqlx::query_as(&format!(
+        "{PLAN_COLUMNS} ORDER BY p.monthly_quota NULLS LAST, p.name"
+    ))
+    .fetch_all(pool)
+    .await?)
 }
 
 /// One plan, or `NoSuchPlan`.
@@ -431,7 +436,8 @@ pub struct Tenant {
     pub live_keys: i64,
 }
 
-const TENANT_COLUMNS: &str = "SELECT t.id::text AS id, t.name, t.plan, t.created_at, t.suspended_at,
+const TENANT_COLUMNS: &str =
+    "SELECT t.id::text AS id, t.name, t.plan, t.created_at, t.suspended_at,
         (SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.revoked_at IS NULL)
             AS live_keys
      FROM tenants t";

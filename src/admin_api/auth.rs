@@ -53,8 +53,14 @@ pub struct FailedAuthLimiter {
 const FAILED_AUTH_DOMAIN: &str = "sluice-admin";
 
 impl FailedAuthLimiter {
-    pub fn new(limit: u32, period: std::time::Duration, clock: Arc<dyn Clock>) -> FailedAuthLimiter {
-        let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX).max(1_000_000);
+    pub fn new(
+        limit: u32,
+        period: std::time::Duration,
+        clock: Arc<dyn Clock>,
+    ) -> FailedAuthLimiter {
+        let period_us = u64::try_from(period.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1_000_000);
         FailedAuthLimiter {
             store: MemoryStore::new(100_000, clock.clone()),
             hasher: KeyHasher::random(),
@@ -91,7 +97,10 @@ impl FailedAuthLimiter {
     /// Seconds until `ip` may try again, if it has used up its failures.
     pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
         // hits 0 reads the counter without counting.
-        let outcome = self.store.apply_one(&self.op(ip, 0), self.clock.now_us()).ok()?;
+        let outcome = self
+            .store
+            .apply_one(&self.op(ip, 0), self.clock.now_us())
+            .ok()?;
         (outcome.remaining == 0).then(|| outcome.reset_us.div_ceil(1_000_000))
     }
 

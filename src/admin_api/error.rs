@@ -78,8 +78,7 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-            .with_field("authorization")
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).with_field("authorization")
     }
 
     pub fn forbidden(message: impl Into<String>) -> ApiError {

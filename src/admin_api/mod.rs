@@ -98,7 +98,10 @@ pub fn router(state: AdminState) -> Router {
             get(get_tenant).patch(update_tenant).delete(delete_tenant),
         )
         .route("/tenants/{tenant}/keys", get(list_keys).post(issue_key))
-        .route("/tenants/{tenant}/keys/{prefix}", axum::routing::delete(revoke_key))
+        .route(
+            "/tenants/{tenant}/keys/{prefix}",
+            axum::routing::delete(revoke_key),
+        )
         .route("/tenants/{tenant}/usage", get(usage))
         .route("/tenants/{tenant}/violations", get(violations))
         .route("/tenants/{tenant}/top-rules", get(top_rules))
@@ -116,7 +119,10 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .nest("/admin/v1", api)
         .route("/admin/", get(console))
-        .route("/admin", get(|| async { axum::response::Redirect::permanent("/admin/") }))
+        .route(
+            "/admin",
+            get(|| async { axum::response::Redirect::permanent("/admin/") }),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -159,10 +165,16 @@ pub async fn serve(
 ) -> io::Result<()> {
     let app = router(state).into_make_service_with_connect_info::<Peer>();
     match tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
         Some(tls) => {
             let listener = TlsListener::new(listener, tls)?;
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
         }
     }
 }

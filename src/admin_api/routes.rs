@@ -33,9 +33,10 @@ type ApiResult<T> = Result<T, ApiError>;
 fn check_tenant_name(field: &str, name: &str) -> ApiResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().enumerate().all(|(i, c)| {
-            c.is_ascii_alphanumeric() || (i > 0 && matches!(c, '.' | '_' | '-'))
-        });
+        && name
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_alphanumeric() || (i > 0 && matches!(c, '.' | '_' | '-')));
     match ok {
         true => Ok(()),
         false => Err(ApiError::bad_request(
@@ -64,7 +65,10 @@ fn check_quota(field: &str, quota: Option<i64>) -> ApiResult<()> {
     match quota {
         Some(q) if !(1..=i64::from(u32::MAX)).contains(&q) => Err(ApiError::bad_request(
             field,
-            format!("a monthly quota is from 1 to {} requests, or null for none", u32::MAX),
+            format!(
+                "a monthly quota is from 1 to {} requests, or null for none",
+                u32::MAX
+            ),
         )),
         _ => Ok(()),
     }
@@ -82,7 +86,11 @@ fn check_price(field: &str, price: Option<i64>) -> ApiResult<()> {
 
 fn check_prefix(field: &str, prefix: &str, head: &str) -> ApiResult<()> {
     let hex = prefix.strip_prefix(head).unwrap_or_default();
-    match hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    match hex.len() == 8
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         true => Ok(()),
         false => Err(ApiError::bad_request(
             field,
@@ -123,7 +131,10 @@ impl QueryParams {
                 DateTime::parse_from_rfc3339(s)
                     .map(|t| t.with_timezone(&Utc))
                     .map_err(|_| {
-                        ApiError::bad_request(name, "expected an RFC 3339 time, e.g. 2026-12-01T00:00:00Z")
+                        ApiError::bad_request(
+                            name,
+                            "expected an RFC 3339 time, e.g. 2026-12-01T00:00:00Z",
+                        )
                     })
             })
             .transpose()
@@ -261,15 +272,20 @@ pub async fn create_tenant(
     admin::create_tenant(&state.pool, &body.name, &body.plan)
         .await
         .map_err(|e| match e {
-            admin::AdminError::NoSuchPlan(_) => {
-                ApiError::bad_request("plan", e.to_string())
-            }
+            admin::AdminError::NoSuchPlan(_) => ApiError::bad_request("plan", e.to_string()),
             e => e.into(),
         })?;
     let tenant = admin::get_tenant(&state.pool, &body.name).await?;
     caller
-        .audit(&state, Method::POST, "/admin/v1/tenants", &format!("tenant:{}", tenant.name),
-            None, to_json(&tenant), 201)
+        .audit(
+            &state,
+            Method::POST,
+            "/admin/v1/tenants",
+            &format!("tenant:{}", tenant.name),
+            None,
+            to_json(&tenant),
+            201,
+        )
         .await;
     Ok((StatusCode::CREATED, Json(tenant)))
 }
@@ -325,8 +341,15 @@ pub async fn update_tenant(
             e => e.into(),
         })?;
     caller
-        .audit(&state, Method::PATCH, "/admin/v1/tenants/{tenant}", &format!("tenant:{name}"),
-            to_json(&before), to_json(&after), 200)
+        .audit(
+            &state,
+            Method::PATCH,
+            "/admin/v1/tenants/{tenant}",
+            &format!("tenant:{name}"),
+            to_json(&before),
+            to_json(&after),
+            200,
+        )
         .await;
     Ok(Json(after))
 }
@@ -347,8 +370,15 @@ pub async fn delete_tenant(
     let before = admin::get_tenant(&state.pool, &name).await?;
     admin::delete_tenant(&state.pool, &name).await?;
     caller
-        .audit(&state, Method::DELETE, "/admin/v1/tenants/{tenant}", &format!("tenant:{name}"),
-            to_json(&before), None, 204)
+        .audit(
+            &state,
+            Method::DELETE,
+            "/admin/v1/tenants/{tenant}",
+            &format!("tenant:{name}"),
+            to_json(&before),
+            None,
+            204,
+        )
         .await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -392,12 +422,23 @@ pub async fn create_plan(
     check_plan_name("name", &body.name)?;
     check_quota("monthly_quota", body.monthly_quota)?;
     check_price("monthly_price_cents", body.monthly_price_cents)?;
-    let plan =
-        admin::create_plan(&state.pool, &body.name, body.monthly_quota, body.monthly_price_cents)
-            .await?;
+    let plan = admin::create_plan(
+        &state.pool,
+        &body.name,
+        body.monthly_quota,
+        body.monthly_price_cents,
+    )
+    .await?;
     caller
-        .audit(&state, Method::POST, "/admin/v1/plans", &format!("plan:{}", plan.name), None,
-            to_json(&plan), 201)
+        .audit(
+            &state,
+            Method::POST,
+            "/admin/v1/plans",
+            &format!("plan:{}", plan.name),
+            None,
+            to_json(&plan),
+            201,
+        )
         .await;
     Ok((StatusCode::CREATED, Json(plan)))
 }
@@ -433,11 +474,23 @@ pub async fn update_plan(
     check_quota("monthly_quota", body.monthly_quota.flatten())?;
     check_price("monthly_price_cents", body.monthly_price_cents.flatten())?;
     let before = admin::get_plan(&state.pool, &name).await?;
-    let after =
-        admin::update_plan(&state.pool, &name, body.monthly_quota, body.monthly_price_cents).await?;
+    let after = admin::update_plan(
+        &state.pool,
+        &name,
+        body.monthly_quota,
+        body.monthly_price_cents,
+    )
+    .await?;
     caller
-        .audit(&state, Method::PATCH, "/admin/v1/plans/{plan}", &format!("plan:{name}"),
-            to_json(&before), to_json(&after), 200)
+        .audit(
+            &state,
+            Method::PATCH,
+            "/admin/v1/plans/{plan}",
+            &format!("plan:{name}"),
+            to_json(&before),
+            to_json(&after),
+            200,
+        )
         .await;
     Ok(Json(after))
 }
@@ -503,8 +556,9 @@ pub async fn issue_key(
     check_tenant_name("tenant", &tenant)?;
     if let Some(plan) = &body.plan {
         if caller.role() == Role::Tenant {
-            return Err(ApiError::forbidden("a tenant token cannot choose a key's plan")
-                .with_field("plan"));
+            return Err(
+                ApiError::forbidden("a tenant token cannot choose a key's plan").with_field("plan"),
+            );
         }
         check_plan_name("plan", plan)?;
     }
@@ -515,9 +569,15 @@ pub async fn issue_key(
             e => e.into(),
         })?;
     caller
-        .audit(&state, Method::POST, "/admin/v1/tenants/{tenant}/keys",
-            &format!("tenant:{tenant}/key:{}", key.prefix), None,
-            Some(json!({"prefix": key.prefix, "plan": body.plan})), 201)
+        .audit(
+            &state,
+            Method::POST,
+            "/admin/v1/tenants/{tenant}/keys",
+            &format!("tenant:{tenant}/key:{}", key.prefix),
+            None,
+            Some(json!({"prefix": key.prefix, "plan": body.plan})),
+            201,
+        )
         .await;
     Ok((
         StatusCode::CREATED,
@@ -547,9 +607,15 @@ pub async fn revoke_key(
     match admin::revoke_tenant_key(&state.pool, &tenant, &prefix).await? {
         Revocation::Revoked => {
             caller
-                .audit(&state, Method::DELETE, "/admin/v1/tenants/{tenant}/keys/{prefix}",
-                    &format!("tenant:{tenant}/key:{prefix}"), Some(json!({"revoked": false})),
-                    Some(json!({"revoked": true})), 204)
+                .audit(
+                    &state,
+                    Method::DELETE,
+                    "/admin/v1/tenants/{tenant}/keys/{prefix}",
+                    &format!("tenant:{tenant}/key:{prefix}"),
+                    Some(json!({"revoked": false})),
+                    Some(json!({"revoked": true})),
+                    204,
+                )
                 .await;
             Ok(StatusCode::NO_CONTENT)
         }
@@ -602,13 +668,14 @@ pub async fn usage(
     let tenant = visible_tenant(&state, &caller, &name).await?;
     let granularity = match query.text("granularity") {
         None => Granularity::Day,
-        Some(g) => Granularity::parse(g).ok_or_else(|| {
-            ApiError::bad_request("granularity", "expected hour, day or month")
-        })?,
+        Some(g) => Granularity::parse(g)
+            .ok_or_else(|| ApiError::bad_request("granularity", "expected hour, day or month"))?,
     };
     let range = query.range(start_of_month(Utc::now()))?;
     let points = admin::usage_series(&state.pool, &tenant.id, range, granularity).await?;
-    let quota = admin::get_plan(&state.pool, &tenant.plan).await?.monthly_quota;
+    let quota = admin::get_plan(&state.pool, &tenant.plan)
+        .await?
+        .monthly_quota;
     Ok(Json(UsageReport {
         tenant: tenant.name,
         granularity: query.text("granularity").unwrap_or("day").to_owned(),
@@ -705,7 +772,10 @@ pub struct RuleSetBody {
 fn check_domain(domain: &str) -> ApiResult<()> {
     match !domain.is_empty() && domain.len() <= 255 {
         true => Ok(()),
-        false => Err(ApiError::bad_request("domain", "a domain is 1 to 255 bytes")),
+        false => Err(ApiError::bad_request(
+            "domain",
+            "a domain is 1 to 255 bytes",
+        )),
     }
 }
 
@@ -767,7 +837,8 @@ pub async fn export_rule_set(
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .map_err(|_| ApiError::internal())?;
-    let set: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::internal())?;
+    let set: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| ApiError::internal())?;
     let yaml = set["yaml"].as_str().unwrap_or_default().to_owned();
     let mut response = ([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response();
     if let Some(tag) = parts.headers.get(header::ETAG) {
@@ -829,7 +900,10 @@ pub async fn validate_rule_set(
     caller.staff()?;
     let file = body.file.as_deref().unwrap_or("rules.yaml");
     if file.is_empty() || file.len() > 255 {
-        return Err(ApiError::bad_request("file", "a file name is 1 to 255 bytes"));
+        return Err(ApiError::bad_request(
+            "file",
+            "a file name is 1 to 255 bytes",
+        ));
     }
     let root = validate_yaml(file, &body.yaml)?;
     Ok(Json(Validated {
@@ -906,14 +980,21 @@ pub async fn put_rule_set(
         ])));
     }
     let before = admin::rule_set_version(&state.pool, &domain, &scope).await?;
-    let written = admin::replace_rules(&state.pool, &[(file, root)], &scope, Some(expected)).await?;
+    let written =
+        admin::replace_rules(&state.pool, &[(file, root)], &scope, Some(expected)).await?;
     let Some(applied) = written.into_iter().next() else {
         return Err(ApiError::internal());
     };
     caller
-        .audit(&state, Method::PUT, "/admin/v1/rules/{domain}",
-            &format!("rules:{}", scope.label(&domain)), Some(json!({"version": before})),
-            Some(json!({"version": applied.version, "descriptors": applied.descriptors})), 200)
+        .audit(
+            &state,
+            Method::PUT,
+            "/admin/v1/rules/{domain}",
+            &format!("rules:{}", scope.label(&domain)),
+            Some(json!({"version": before})),
+            Some(json!({"version": applied.version, "descriptors": applied.descriptors})),
+            200,
+        )
         .await;
     Ok(([(header::ETAG, etag(applied.version))], Json(applied)).into_response())
 }
@@ -956,7 +1037,10 @@ pub async fn issue_token(
     caller.require(&[Role::Admin])?;
     match (body.role, &body.tenant) {
         (Role::Tenant, None) => {
-            return Err(ApiError::bad_request("tenant", "a tenant token needs `tenant`"))
+            return Err(ApiError::bad_request(
+                "tenant",
+                "a tenant token needs `tenant`",
+            ))
         }
         (Role::Tenant, Some(t)) => check_tenant_name("tenant", t)?,
         (_, Some(_)) => {
@@ -968,7 +1052,10 @@ pub async fn issue_token(
         (_, None) => {}
     }
     if body.expires_at.is_some_and(|t| t <= Utc::now()) {
-        return Err(ApiError::bad_request("expires_at", "the expiry is in the past"));
+        return Err(ApiError::bad_request(
+            "expires_at",
+            "the expiry is in the past",
+        ));
     }
     let description = body.description.unwrap_or_default();
     if description.len() > 200 {
@@ -988,9 +1075,18 @@ pub async fn issue_token(
         e => e.into(),
     })?;
     caller
-        .audit(&state, Method::POST, "/admin/v1/tokens", &format!("token:{}", token.prefix), None,
-            Some(json!({"prefix": token.prefix, "role": body.role, "tenant": body.tenant,
-                "expires_at": body.expires_at})), 201)
+        .audit(
+            &state,
+            Method::POST,
+            "/admin/v1/tokens",
+            &format!("token:{}", token.prefix),
+            None,
+            Some(
+                json!({"prefix": token.prefix, "role": body.role, "tenant": body.tenant,
+                "expires_at": body.expires_at}),
+            ),
+            201,
+        )
         .await;
     Ok((StatusCode::CREATED, Json(token)))
 }
@@ -1012,9 +1108,15 @@ pub async fn revoke_token(
     match tokens::revoke(&state.pool, &prefix).await? {
         Revocation::Revoked => {
             caller
-                .audit(&state, Method::DELETE, "/admin/v1/tokens/{prefix}",
-                    &format!("token:{prefix}"), Some(json!({"revoked": false})),
-                    Some(json!({"revoked": true})), 204)
+                .audit(
+                    &state,
+                    Method::DELETE,
+                    "/admin/v1/tokens/{prefix}",
+                    &format!("token:{prefix}"),
+                    Some(json!({"revoked": false})),
+                    Some(json!({"revoked": true})),
+                    204,
+                )
                 .await;
             Ok(StatusCode::NO_CONTENT)
         }

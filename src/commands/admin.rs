@@ -109,7 +109,10 @@ pub async fn tokens(command: AdminTokensCommand) -> anyhow::Result<ExitCode> {
                 "PREFIX", "ROLE", "TENANT", "EXPIRES", "REVOKED", "DESCRIPTION"
             );
             let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-                t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                t.map_or_else(
+                    || "-".to_owned(),
+                    |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+                )
             };
             for t in tokens::list(&pool).await? {
                 let _ = writeln!(

@@ -93,7 +93,13 @@ impl Admin {
         }
     }
 
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> HttpResponse {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> HttpResponse {
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut headers: Vec<(&str, &str)> = Vec::new();
         if let Some(a) = &auth {
@@ -103,9 +109,15 @@ impl Admin {
         if text.is_some() {
             headers.push(("content-type", "application/json"));
         }
-        http::request(self.addr, method, path, &headers, text.as_deref().map(str::as_bytes))
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        http::request(
+            self.addr,
+            method,
+            path,
+            &headers,
+            text.as_deref().map(str::as_bytes),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     async fn stop(mut self) {
@@ -170,11 +182,13 @@ fn issue_tokens(pg: &PgCluster) -> Tokens {
 }
 
 async fn expire(pool: &PgPool, token: &str) {
-    sqlx::query("UPDATE admin_tokens SET expires_at = now() - interval '1 minute' WHERE prefix = $1")
-        .bind(&token[..12])
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE admin_tokens SET expires_at = now() - interval '1 minute' WHERE prefix = $1",
+    )
+    .bind(&token[..12])
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 // === The API ===
@@ -192,13 +206,24 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         .unwrap();
     assert!(stored.iter().all(|s| !s.contains(&t.admin[13..])));
     let listed = ok(&pg, &["admin-tokens", "list"]);
-    assert!(listed.contains(&t.admin[..12]) && !listed.contains(&t.admin), "{listed}");
+    assert!(
+        listed.contains(&t.admin[..12]) && !listed.contains(&t.admin),
+        "{listed}"
+    );
 
     let api = Admin::start(&pg, 1000).await;
 
     // --- The OpenAPI document, unauthenticated, 3.1, every route in it.
-    let doc = expect(&api.call("GET", "/admin/v1/openapi.json", None, None).await, 200, None);
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    let doc = expect(
+        &api.call("GET", "/admin/v1/openapi.json", None, None).await,
+        200,
+        None,
+    );
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
     for path in [
         "/admin/v1/tenants",
         "/admin/v1/tenants/{tenant}",
@@ -218,56 +243,179 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         "/admin/v1/audit",
         "/admin/v1/whoami",
     ] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from the document");
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the document"
+        );
     }
 
     // --- Authentication: missing, malformed, unknown, expired, revoked.
-    expect(&api.call("GET", "/admin/v1/whoami", None, None).await, 401, Some("authorization"));
-    for bad in ["nonsense", t.expired.as_str(), t.revoked.as_str(), "sla_00000000_0000"] {
+    expect(
+        &api.call("GET", "/admin/v1/whoami", None, None).await,
+        401,
+        Some("authorization"),
+    );
+    for bad in [
+        "nonsense",
+        t.expired.as_str(),
+        t.revoked.as_str(),
+        "sla_00000000_0000",
+    ] {
         let r = api.call("GET", "/admin/v1/tenants", Some(bad), None).await;
         expect(&r, 401, Some("authorization"));
-        assert!(r.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")));
+        assert!(r
+            .header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Bearer")));
     }
-    let me = expect(&api.call("GET", "/admin/v1/whoami", Some(&t.acme), None).await, 200, None);
-    assert_eq!((me["role"].as_str(), me["tenant"].as_str()), (Some("tenant"), Some("acme")));
+    let me = expect(
+        &api.call("GET", "/admin/v1/whoami", Some(&t.acme), None)
+            .await,
+        200,
+        None,
+    );
+    assert_eq!(
+        (me["role"].as_str(), me["tenant"].as_str()),
+        (Some("tenant"), Some("acme"))
+    );
     assert_eq!(me["actor"], t.acme[..12]);
 
     // --- Cross-tenant and wrong-role denial, every route: globex's token
     // on acme's routes, a tenant token on the staff routes, an operator on
     // the token routes.
     let acme_key = expect(
-        &api.call("POST", "/admin/v1/tenants/acme/keys", Some(&t.acme), Some(&json!({}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.acme),
+            Some(&json!({})),
+        )
+        .await,
         201,
         None,
     );
     let acme_prefix = acme_key["prefix"].as_str().unwrap().to_owned();
     let denied: Vec<(&str, String, Option<Value>, &str)> = vec![
-        ("GET", "/admin/v1/tenants/acme".into(), None, t.globex.as_str()),
-        ("GET", "/admin/v1/tenants/acme/keys".into(), None, t.globex.as_str()),
-        ("POST", "/admin/v1/tenants/acme/keys".into(), Some(json!({})), t.globex.as_str()),
-        ("DELETE", format!("/admin/v1/tenants/acme/keys/{acme_prefix}"), None, t.globex.as_str()),
-        ("GET", "/admin/v1/tenants/acme/usage".into(), None, t.globex.as_str()),
-        ("GET", "/admin/v1/tenants/acme/violations".into(), None, t.globex.as_str()),
-        ("GET", "/admin/v1/tenants/acme/top-rules".into(), None, t.globex.as_str()),
+        (
+            "GET",
+            "/admin/v1/tenants/acme".into(),
+            None,
+            t.globex.as_str(),
+        ),
+        (
+            "GET",
+            "/admin/v1/tenants/acme/keys".into(),
+            None,
+            t.globex.as_str(),
+        ),
+        (
+            "POST",
+            "/admin/v1/tenants/acme/keys".into(),
+            Some(json!({})),
+            t.globex.as_str(),
+        ),
+        (
+            "DELETE",
+            format!("/admin/v1/tenants/acme/keys/{acme_prefix}"),
+            None,
+            t.globex.as_str(),
+        ),
+        (
+            "GET",
+            "/admin/v1/tenants/acme/usage".into(),
+            None,
+            t.globex.as_str(),
+        ),
+        (
+            "GET",
+            "/admin/v1/tenants/acme/violations".into(),
+            None,
+            t.globex.as_str(),
+        ),
+        (
+            "GET",
+            "/admin/v1/tenants/acme/top-rules".into(),
+            None,
+            t.globex.as_str(),
+        ),
         ("GET", "/admin/v1/tenants".into(), None, t.acme.as_str()),
-        ("POST", "/admin/v1/tenants".into(), Some(json!({"name": "x", "plan": "free"})), t.acme.as_str()),
-        ("PATCH", "/admin/v1/tenants/acme".into(), Some(json!({"plan": "startup"})), t.acme.as_str()),
-        ("DELETE", "/admin/v1/tenants/acme".into(), None, t.acme.as_str()),
+        (
+            "POST",
+            "/admin/v1/tenants".into(),
+            Some(json!({"name": "x", "plan": "free"})),
+            t.acme.as_str(),
+        ),
+        (
+            "PATCH",
+            "/admin/v1/tenants/acme".into(),
+            Some(json!({"plan": "startup"})),
+            t.acme.as_str(),
+        ),
+        (
+            "DELETE",
+            "/admin/v1/tenants/acme".into(),
+            None,
+            t.acme.as_str(),
+        ),
         ("GET", "/admin/v1/plans".into(), None, t.acme.as_str()),
-        ("POST", "/admin/v1/plans".into(), Some(json!({"name": "x"})), t.acme.as_str()),
-        ("PATCH", "/admin/v1/plans/free".into(), Some(json!({"monthly_quota": 5})), t.acme.as_str()),
+        (
+            "POST",
+            "/admin/v1/plans".into(),
+            Some(json!({"name": "x"})),
+            t.acme.as_str(),
+        ),
+        (
+            "PATCH",
+            "/admin/v1/plans/free".into(),
+            Some(json!({"monthly_quota": 5})),
+            t.acme.as_str(),
+        ),
         ("GET", "/admin/v1/rules".into(), None, t.acme.as_str()),
         ("GET", "/admin/v1/rules/api".into(), None, t.acme.as_str()),
-        ("GET", "/admin/v1/rules/api/export".into(), None, t.acme.as_str()),
-        ("POST", "/admin/v1/rules/validate".into(), Some(json!({"yaml": "domain: x"})), t.acme.as_str()),
-        ("PUT", "/admin/v1/rules/api".into(), Some(json!({"yaml": "domain: api", "version": 0})), t.acme.as_str()),
+        (
+            "GET",
+            "/admin/v1/rules/api/export".into(),
+            None,
+            t.acme.as_str(),
+        ),
+        (
+            "POST",
+            "/admin/v1/rules/validate".into(),
+            Some(json!({"yaml": "domain: x"})),
+            t.acme.as_str(),
+        ),
+        (
+            "PUT",
+            "/admin/v1/rules/api".into(),
+            Some(json!({"yaml": "domain: api", "version": 0})),
+            t.acme.as_str(),
+        ),
         ("GET", "/admin/v1/audit".into(), None, t.acme.as_str()),
         ("GET", "/admin/v1/tokens".into(), None, t.acme.as_str()),
-        ("POST", "/admin/v1/tokens".into(), Some(json!({"role": "admin"})), t.acme.as_str()),
-        ("DELETE", format!("/admin/v1/tokens/{}", &t.admin[..12]), None, t.acme.as_str()),
+        (
+            "POST",
+            "/admin/v1/tokens".into(),
+            Some(json!({"role": "admin"})),
+            t.acme.as_str(),
+        ),
+        (
+            "DELETE",
+            format!("/admin/v1/tokens/{}", &t.admin[..12]),
+            None,
+            t.acme.as_str(),
+        ),
         ("GET", "/admin/v1/tokens".into(), None, t.operator.as_str()),
-        ("POST", "/admin/v1/tokens".into(), Some(json!({"role": "admin"})), t.operator.as_str()),
-        ("DELETE", format!("/admin/v1/tokens/{}", &t.admin[..12]), None, t.operator.as_str()),
+        (
+            "POST",
+            "/admin/v1/tokens".into(),
+            Some(json!({"role": "admin"})),
+            t.operator.as_str(),
+        ),
+        (
+            "DELETE",
+            format!("/admin/v1/tokens/{}", &t.admin[..12]),
+            None,
+            t.operator.as_str(),
+        ),
     ];
     for (method, path, body, token) in &denied {
         let r = api.call(method, path, Some(token), body.as_ref()).await;
@@ -275,35 +423,67 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         expect(&r, 403, None);
     }
     // ... and nothing changed: acme's key is live, acme still on free.
-    let keys = expect(&api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.acme), None).await, 200, None);
+    let keys = expect(
+        &api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.acme), None)
+            .await,
+        200,
+        None,
+    );
     assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
     assert!(keys["keys"][0]["revoked_at"].is_null());
     // A tenant cannot choose a key's plan.
     expect(
-        &api.call("POST", "/admin/v1/tenants/acme/keys", Some(&t.acme), Some(&json!({"plan": "enterprise"}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.acme),
+            Some(&json!({"plan": "enterprise"})),
+        )
+        .await,
         403,
         Some("plan"),
     );
     // Another tenant's key by acme's path: not acme's key.
     let globex_key = expect(
-        &api.call("POST", "/admin/v1/tenants/globex/keys", Some(&t.globex), Some(&json!({}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/tenants/globex/keys",
+            Some(&t.globex),
+            Some(&json!({})),
+        )
+        .await,
         201,
         None,
     );
     let globex_prefix = globex_key["prefix"].as_str().unwrap();
     expect(
-        &api.call("DELETE", &format!("/admin/v1/tenants/acme/keys/{globex_prefix}"), Some(&t.acme), None).await,
+        &api.call(
+            "DELETE",
+            &format!("/admin/v1/tenants/acme/keys/{globex_prefix}"),
+            Some(&t.acme),
+            None,
+        )
+        .await,
         404,
         None,
     );
 
     // --- Tenants.
     let created = expect(
-        &api.call("POST", "/admin/v1/tenants", Some(&t.operator), Some(&json!({"name": "initech", "plan": "free"}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/tenants",
+            Some(&t.operator),
+            Some(&json!({"name": "initech", "plan": "free"})),
+        )
+        .await,
         201,
         None,
     );
-    assert_eq!((created["name"].as_str(), created["plan"].as_str()), (Some("initech"), Some("free")));
+    assert_eq!(
+        (created["name"].as_str(), created["plan"].as_str()),
+        (Some("initech"), Some("free"))
+    );
     for (body, field) in [
         (json!({"name": "initech", "plan": "free"}), "name"), // 409 below
         (json!({"name": "bad name!", "plan": "free"}), "name"),
@@ -312,7 +492,9 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         (json!({"name": 5, "plan": "free"}), "name"),
         (json!({"name": "ok", "plan": "free", "extra": 1}), "extra"),
     ] {
-        let r = api.call("POST", "/admin/v1/tenants", Some(&t.admin), Some(&body)).await;
+        let r = api
+            .call("POST", "/admin/v1/tenants", Some(&t.admin), Some(&body))
+            .await;
         let status = if body["name"] == "initech" { 409 } else { 400 };
         expect(&r, status, Some(field));
     }
@@ -320,109 +502,364 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         api.addr,
         "POST",
         "/admin/v1/tenants",
-        &[("authorization", &format!("Bearer {}", t.admin)), ("content-type", "application/json")],
+        &[
+            ("authorization", &format!("Bearer {}", t.admin)),
+            ("content-type", "application/json"),
+        ],
         Some(b"{not json"),
     )
     .await
     .unwrap();
     expect(&r, 400, Some("body"));
-    let page = expect(&api.call("GET", "/admin/v1/tenants?limit=2&offset=1", Some(&t.admin), None).await, 200, None);
+    let page = expect(
+        &api.call(
+            "GET",
+            "/admin/v1/tenants?limit=2&offset=1",
+            Some(&t.admin),
+            None,
+        )
+        .await,
+        200,
+        None,
+    );
     assert_eq!(page["total"], 3);
-    let names: Vec<&str> = page["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["globex", "initech"]);
     for q in ["limit=0", "limit=abc", "limit=1001", "offset=-1"] {
         let field = q.split('=').next().unwrap();
-        expect(&api.call("GET", &format!("/admin/v1/tenants?{q}"), Some(&t.admin), None).await, 400, Some(field));
+        expect(
+            &api.call(
+                "GET",
+                &format!("/admin/v1/tenants?{q}"),
+                Some(&t.admin),
+                None,
+            )
+            .await,
+            400,
+            Some(field),
+        );
     }
-    let acme = expect(&api.call("GET", "/admin/v1/tenants/acme", Some(&t.acme), None).await, 200, None);
-    assert_eq!((acme["plan"].as_str(), acme["live_keys"].as_i64()), (Some("free"), Some(1)));
-    expect(&api.call("GET", "/admin/v1/tenants/nobody", Some(&t.operator), None).await, 404, None);
-    expect(&api.call("GET", "/admin/v1/tenants/bad%20name", Some(&t.operator), None).await, 400, Some("tenant"));
+    let acme = expect(
+        &api.call("GET", "/admin/v1/tenants/acme", Some(&t.acme), None)
+            .await,
+        200,
+        None,
+    );
+    assert_eq!(
+        (acme["plan"].as_str(), acme["live_keys"].as_i64()),
+        (Some("free"), Some(1))
+    );
+    expect(
+        &api.call("GET", "/admin/v1/tenants/nobody", Some(&t.operator), None)
+            .await,
+        404,
+        None,
+    );
+    expect(
+        &api.call(
+            "GET",
+            "/admin/v1/tenants/bad%20name",
+            Some(&t.operator),
+            None,
+        )
+        .await,
+        400,
+        Some("tenant"),
+    );
     let moved = expect(
-        &api.call("PATCH", "/admin/v1/tenants/initech", Some(&t.operator), Some(&json!({"plan": "startup"}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            Some(&json!({"plan": "startup"})),
+        )
+        .await,
         200,
         None,
     );
     assert_eq!(moved["plan"], "startup");
     let suspended = expect(
-        &api.call("PATCH", "/admin/v1/tenants/initech", Some(&t.operator), Some(&json!({"suspended": true}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            Some(&json!({"suspended": true})),
+        )
+        .await,
         200,
         None,
     );
     assert!(suspended["suspended_at"].is_string());
     let resumed = expect(
-        &api.call("PATCH", "/admin/v1/tenants/initech", Some(&t.operator), Some(&json!({"suspended": false}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            Some(&json!({"suspended": false})),
+        )
+        .await,
         200,
         None,
     );
     assert!(resumed["suspended_at"].is_null());
     expect(
-        &api.call("PATCH", "/admin/v1/tenants/initech", Some(&t.operator), Some(&json!({"plan": "nope"}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            Some(&json!({"plan": "nope"})),
+        )
+        .await,
         400,
         Some("plan"),
     );
     expect(
-        &api.call("PATCH", "/admin/v1/tenants/initech", Some(&t.operator), Some(&json!({"suspended": "yes"}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            Some(&json!({"suspended": "yes"})),
+        )
+        .await,
         400,
         Some("suspended"),
     );
     expect(
-        &api.call("PATCH", "/admin/v1/tenants/nobody", Some(&t.operator), Some(&json!({"plan": "free"}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/tenants/nobody",
+            Some(&t.operator),
+            Some(&json!({"plan": "free"})),
+        )
+        .await,
         404,
         None,
     );
-    expect(&api.call("DELETE", "/admin/v1/tenants/initech", Some(&t.operator), None).await, 204, None);
-    expect(&api.call("DELETE", "/admin/v1/tenants/initech", Some(&t.operator), None).await, 404, None);
+    expect(
+        &api.call(
+            "DELETE",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            None,
+        )
+        .await,
+        204,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            "/admin/v1/tenants/initech",
+            Some(&t.operator),
+            None,
+        )
+        .await,
+        404,
+        None,
+    );
 
     // --- Plans.
-    let plans = expect(&api.call("GET", "/admin/v1/plans", Some(&t.operator), None).await, 200, None);
-    assert!(plans.as_array().unwrap().iter().any(|p| p["name"] == "free" && p["monthly_quota"] == 100000));
+    let plans = expect(
+        &api.call("GET", "/admin/v1/plans", Some(&t.operator), None)
+            .await,
+        200,
+        None,
+    );
+    assert!(plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "free" && p["monthly_quota"] == 100000));
     let gold = expect(
-        &api.call("POST", "/admin/v1/plans", Some(&t.operator),
-            Some(&json!({"name": "gold", "monthly_quota": 1000, "monthly_price_cents": 4900}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/plans",
+            Some(&t.operator),
+            Some(&json!({"name": "gold", "monthly_quota": 1000, "monthly_price_cents": 4900})),
+        )
+        .await,
         201,
         None,
     );
-    assert_eq!((gold["monthly_quota"].as_i64(), gold["monthly_price_cents"].as_i64()), (Some(1000), Some(4900)));
-    expect(&api.call("POST", "/admin/v1/plans", Some(&t.operator), Some(&json!({"name": "gold"}))).await, 409, Some("name"));
-    expect(&api.call("POST", "/admin/v1/plans", Some(&t.operator), Some(&json!({"name": "Gold"}))).await, 400, Some("name"));
+    assert_eq!(
+        (
+            gold["monthly_quota"].as_i64(),
+            gold["monthly_price_cents"].as_i64()
+        ),
+        (Some(1000), Some(4900))
+    );
     expect(
-        &api.call("POST", "/admin/v1/plans", Some(&t.operator), Some(&json!({"name": "big", "monthly_quota": 5_000_000_000i64}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/plans",
+            Some(&t.operator),
+            Some(&json!({"name": "gold"})),
+        )
+        .await,
+        409,
+        Some("name"),
+    );
+    expect(
+        &api.call(
+            "POST",
+            "/admin/v1/plans",
+            Some(&t.operator),
+            Some(&json!({"name": "Gold"})),
+        )
+        .await,
+        400,
+        Some("name"),
+    );
+    expect(
+        &api.call(
+            "POST",
+            "/admin/v1/plans",
+            Some(&t.operator),
+            Some(&json!({"name": "big", "monthly_quota": 5_000_000_000i64})),
+        )
+        .await,
         400,
         Some("monthly_quota"),
     );
     let changed = expect(
-        &api.call("PATCH", "/admin/v1/plans/gold", Some(&t.operator), Some(&json!({"monthly_quota": null, "monthly_price_cents": 9900}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/plans/gold",
+            Some(&t.operator),
+            Some(&json!({"monthly_quota": null, "monthly_price_cents": 9900})),
+        )
+        .await,
         200,
         None,
     );
-    assert_eq!((changed["monthly_quota"].as_i64(), changed["monthly_price_cents"].as_i64()), (None, Some(9900)));
+    assert_eq!(
+        (
+            changed["monthly_quota"].as_i64(),
+            changed["monthly_price_cents"].as_i64()
+        ),
+        (None, Some(9900))
+    );
     let unchanged = expect(
-        &api.call("PATCH", "/admin/v1/plans/gold", Some(&t.operator), Some(&json!({}))).await,
+        &api.call(
+            "PATCH",
+            "/admin/v1/plans/gold",
+            Some(&t.operator),
+            Some(&json!({})),
+        )
+        .await,
         200,
         None,
     );
     assert_eq!(unchanged["monthly_price_cents"], 9900);
-    expect(&api.call("PATCH", "/admin/v1/plans/gold", Some(&t.operator), Some(&json!({"monthly_price_cents": -1}))).await, 400, Some("monthly_price_cents"));
-    expect(&api.call("PATCH", "/admin/v1/plans/nope", Some(&t.operator), Some(&json!({}))).await, 404, None);
+    expect(
+        &api.call(
+            "PATCH",
+            "/admin/v1/plans/gold",
+            Some(&t.operator),
+            Some(&json!({"monthly_price_cents": -1})),
+        )
+        .await,
+        400,
+        Some("monthly_price_cents"),
+    );
+    expect(
+        &api.call(
+            "PATCH",
+            "/admin/v1/plans/nope",
+            Some(&t.operator),
+            Some(&json!({})),
+        )
+        .await,
+        404,
+        None,
+    );
 
     // --- API keys: the raw key once, prefixes after.
     let raw = acme_key["key"].as_str().unwrap();
     assert!(raw.starts_with(&acme_prefix) && raw.len() == 4 + 8 + 1 + 48);
-    let listed = api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.operator), None).await;
+    let listed = api
+        .call(
+            "GET",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.operator),
+            None,
+        )
+        .await;
     assert!(!listed.text().contains(raw), "a raw key listed");
     let staff_key = expect(
-        &api.call("POST", "/admin/v1/tenants/acme/keys", Some(&t.operator), Some(&json!({"plan": "gold"}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.operator),
+            Some(&json!({"plan": "gold"})),
+        )
+        .await,
         201,
         None,
     );
-    expect(&api.call("POST", "/admin/v1/tenants/acme/keys", Some(&t.operator), Some(&json!({"plan": "nope"}))).await, 400, Some("plan"));
-    expect(&api.call("POST", "/admin/v1/tenants/nobody/keys", Some(&t.operator), Some(&json!({}))).await, 404, None);
-    let path = format!("/admin/v1/tenants/acme/keys/{}", staff_key["prefix"].as_str().unwrap());
-    expect(&api.call("DELETE", &path, Some(&t.acme), None).await, 204, None);
-    expect(&api.call("DELETE", &path, Some(&t.acme), None).await, 409, None);
-    expect(&api.call("DELETE", "/admin/v1/tenants/acme/keys/slk_00000000", Some(&t.acme), None).await, 404, None);
-    expect(&api.call("DELETE", "/admin/v1/tenants/acme/keys/nope", Some(&t.acme), None).await, 400, Some("prefix"));
+    expect(
+        &api.call(
+            "POST",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.operator),
+            Some(&json!({"plan": "nope"})),
+        )
+        .await,
+        400,
+        Some("plan"),
+    );
+    expect(
+        &api.call(
+            "POST",
+            "/admin/v1/tenants/nobody/keys",
+            Some(&t.operator),
+            Some(&json!({})),
+        )
+        .await,
+        404,
+        None,
+    );
+    let path = format!(
+        "/admin/v1/tenants/acme/keys/{}",
+        staff_key["prefix"].as_str().unwrap()
+    );
+    expect(
+        &api.call("DELETE", &path, Some(&t.acme), None).await,
+        204,
+        None,
+    );
+    expect(
+        &api.call("DELETE", &path, Some(&t.acme), None).await,
+        409,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            "/admin/v1/tenants/acme/keys/slk_00000000",
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        404,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            "/admin/v1/tenants/acme/keys/nope",
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        400,
+        Some("prefix"),
+    );
 
     // --- Usage, violations, top rules.
     let acme_id: String = sqlx::query_scalar("SELECT id::text FROM tenants WHERE name = 'acme'")
@@ -440,7 +877,10 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
     .execute(&pool)
     .await
     .unwrap();
-    sqlx::query("SELECT sluice_violations_partition('2026-11-03T10:00:00Z')").execute(&pool).await.unwrap();
+    sqlx::query("SELECT sluice_violations_partition('2026-11-03T10:00:00Z')")
+        .execute(&pool)
+        .await
+        .unwrap();
     sqlx::query(
         "INSERT INTO violations (at, tenant_id, domain, rule, client_id, hits) VALUES
            ('2026-11-03T10:05:00Z', $1::uuid, 'api', 'per_key', '00000000000000aa', 4),
@@ -453,24 +893,48 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
     .unwrap();
     let range = "from=2026-11-01T00:00:00Z&to=2026-12-01T00:00:00Z";
     let daily = expect(
-        &api.call("GET", &format!("/admin/v1/tenants/acme/usage?granularity=day&{range}"), Some(&t.acme), None).await,
+        &api.call(
+            "GET",
+            &format!("/admin/v1/tenants/acme/usage?granularity=day&{range}"),
+            Some(&t.acme),
+            None,
+        )
+        .await,
         200,
         None,
     );
-    assert_eq!((daily["allowed"].as_i64(), daily["denied"].as_i64()), (Some(157), Some(8)));
+    assert_eq!(
+        (daily["allowed"].as_i64(), daily["denied"].as_i64()),
+        (Some(157), Some(8))
+    );
     assert_eq!(daily["monthly_quota"], 100000);
     let points: Vec<(String, i64, i64)> = daily["points"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["start"].as_str().unwrap().to_owned(), p["allowed"].as_i64().unwrap(), p["denied"].as_i64().unwrap()))
+        .map(|p| {
+            (
+                p["start"].as_str().unwrap().to_owned(),
+                p["allowed"].as_i64().unwrap(),
+                p["denied"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         points,
-        [("2026-11-03T00:00:00Z".to_owned(), 150, 5), ("2026-11-04T00:00:00Z".to_owned(), 7, 3)]
+        [
+            ("2026-11-03T00:00:00Z".to_owned(), 150, 5),
+            ("2026-11-04T00:00:00Z".to_owned(), 7, 3)
+        ]
     );
     let hourly = expect(
-        &api.call("GET", &format!("/admin/v1/tenants/acme/usage?granularity=hour&{range}"), Some(&t.operator), None).await,
+        &api.call(
+            "GET",
+            &format!("/admin/v1/tenants/acme/usage?granularity=hour&{range}"),
+            Some(&t.operator),
+            None,
+        )
+        .await,
         200,
         None,
     );
@@ -488,41 +952,98 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         ("from=2026-12-01T00:00:00Z&to=2026-11-01T00:00:00Z", "from"),
         ("from=1990-01-01T00:00:00Z&to=2026-11-01T00:00:00Z", "from"),
     ] {
-        expect(&api.call("GET", &format!("/admin/v1/tenants/acme/usage?{q}"), Some(&t.acme), None).await, 400, Some(field));
+        expect(
+            &api.call(
+                "GET",
+                &format!("/admin/v1/tenants/acme/usage?{q}"),
+                Some(&t.acme),
+                None,
+            )
+            .await,
+            400,
+            Some(field),
+        );
     }
     let violations = expect(
-        &api.call("GET", &format!("/admin/v1/tenants/acme/violations?{range}&limit=2"), Some(&t.acme), None).await,
+        &api.call(
+            "GET",
+            &format!("/admin/v1/tenants/acme/violations?{range}&limit=2"),
+            Some(&t.acme),
+            None,
+        )
+        .await,
         200,
         None,
     );
     let items = violations["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!((items[0]["rule"].as_str(), items[0]["hits"].as_i64()), (Some("per_ip"), Some(3)));
+    assert_eq!(
+        (items[0]["rule"].as_str(), items[0]["hits"].as_i64()),
+        (Some("per_ip"), Some(3))
+    );
     let second = expect(
-        &api.call("GET", &format!("/admin/v1/tenants/acme/violations?{range}&limit=2&offset=2"), Some(&t.acme), None).await,
+        &api.call(
+            "GET",
+            &format!("/admin/v1/tenants/acme/violations?{range}&limit=2&offset=2"),
+            Some(&t.acme),
+            None,
+        )
+        .await,
         200,
         None,
     );
     assert_eq!(second["items"][0]["client_id"], "00000000000000aa");
     let top = expect(
-        &api.call("GET", &format!("/admin/v1/tenants/acme/top-rules?{range}"), Some(&t.acme), None).await,
+        &api.call(
+            "GET",
+            &format!("/admin/v1/tenants/acme/top-rules?{range}"),
+            Some(&t.acme),
+            None,
+        )
+        .await,
         200,
         None,
     );
     assert_eq!(top[0]["rule"], "per_key");
-    assert_eq!((top[0]["hits"].as_i64(), top[0]["clients"].as_i64()), (Some(5), Some(2)));
-    let globex_usage = expect(&api.call("GET", "/admin/v1/tenants/globex/usage", Some(&t.globex), None).await, 200, None);
+    assert_eq!(
+        (top[0]["hits"].as_i64(), top[0]["clients"].as_i64()),
+        (Some(5), Some(2))
+    );
+    let globex_usage = expect(
+        &api.call(
+            "GET",
+            "/admin/v1/tenants/globex/usage",
+            Some(&t.globex),
+            None,
+        )
+        .await,
+        200,
+        None,
+    );
     assert_eq!(globex_usage["allowed"], 0, "globex sees acme's usage");
 
     // --- Admin tokens over the API.
     let issued = expect(
-        &api.call("POST", "/admin/v1/tokens", Some(&t.admin), Some(&json!({"role": "operator", "description": "ci"}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/tokens",
+            Some(&t.admin),
+            Some(&json!({"role": "operator", "description": "ci"})),
+        )
+        .await,
         201,
         None,
     );
     let new_token = issued["token"].as_str().unwrap().to_owned();
-    expect(&api.call("GET", "/admin/v1/whoami", Some(&new_token), None).await, 200, None);
-    let tokens = api.call("GET", "/admin/v1/tokens", Some(&t.admin), None).await;
+    expect(
+        &api.call("GET", "/admin/v1/whoami", Some(&new_token), None)
+            .await,
+        200,
+        None,
+    );
+    let tokens = api
+        .call("GET", "/admin/v1/tokens", Some(&t.admin), None)
+        .await;
     expect(&tokens, 200, None);
     assert!(tokens.text().contains(&new_token[..12]) && !tokens.text().contains(&new_token));
     for (body, field) in [
@@ -530,23 +1051,83 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         (json!({"role": "admin", "tenant": "acme"}), "tenant"),
         (json!({"role": "root"}), "role"),
         (json!({"role": "tenant", "tenant": "nobody"}), "tenant"),
-        (json!({"role": "admin", "expires_at": "2000-01-01T00:00:00Z"}), "expires_at"),
+        (
+            json!({"role": "admin", "expires_at": "2000-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
     ] {
-        expect(&api.call("POST", "/admin/v1/tokens", Some(&t.admin), Some(&body)).await, 400, Some(field));
+        expect(
+            &api.call("POST", "/admin/v1/tokens", Some(&t.admin), Some(&body))
+                .await,
+            400,
+            Some(field),
+        );
     }
-    expect(&api.call("DELETE", &format!("/admin/v1/tokens/{}", &new_token[..12]), Some(&t.admin), None).await, 204, None);
-    expect(&api.call("GET", "/admin/v1/whoami", Some(&new_token), None).await, 401, None);
-    expect(&api.call("DELETE", &format!("/admin/v1/tokens/{}", &new_token[..12]), Some(&t.admin), None).await, 409, None);
-    expect(&api.call("DELETE", "/admin/v1/tokens/sla_00000000", Some(&t.admin), None).await, 404, None);
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("/admin/v1/tokens/{}", &new_token[..12]),
+            Some(&t.admin),
+            None,
+        )
+        .await,
+        204,
+        None,
+    );
+    expect(
+        &api.call("GET", "/admin/v1/whoami", Some(&new_token), None)
+            .await,
+        401,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("/admin/v1/tokens/{}", &new_token[..12]),
+            Some(&t.admin),
+            None,
+        )
+        .await,
+        409,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            "/admin/v1/tokens/sla_00000000",
+            Some(&t.admin),
+            None,
+        )
+        .await,
+        404,
+        None,
+    );
 
     // --- Errors: 404 route, 405, 413.
-    expect(&api.call("GET", "/admin/v1/nothing", Some(&t.admin), None).await, 404, None);
-    expect(&api.call("PUT", "/admin/v1/tenants", Some(&t.admin), Some(&json!({}))).await, 405, None);
+    expect(
+        &api.call("GET", "/admin/v1/nothing", Some(&t.admin), None)
+            .await,
+        404,
+        None,
+    );
+    expect(
+        &api.call("PUT", "/admin/v1/tenants", Some(&t.admin), Some(&json!({})))
+            .await,
+        405,
+        None,
+    );
     let huge = json!({"name": "x".repeat(2 << 20), "plan": "free"});
-    expect(&api.call("POST", "/admin/v1/tenants", Some(&t.admin), Some(&huge)).await, 413, Some("body"));
+    expect(
+        &api.call("POST", "/admin/v1/tenants", Some(&t.admin), Some(&huge))
+            .await,
+        413,
+        Some("body"),
+    );
 
     // --- The audit log: who, what, from where; no raw key or token.
-    let audit = api.call("GET", "/admin/v1/audit?limit=1000", Some(&t.operator), None).await;
+    let audit = api
+        .call("GET", "/admin/v1/audit?limit=1000", Some(&t.operator), None)
+        .await;
     let log = expect(&audit, 200, None);
     let entries = log["items"].as_array().unwrap();
     let find = |route: &str, object: &str| {
@@ -556,31 +1137,62 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
             .unwrap_or_else(|| panic!("no audit entry for {route} {object}: {log}"))
     };
     let create = find("/admin/v1/tenants", "tenant:initech");
-    assert_eq!((create["actor"].as_str(), create["role"].as_str()), (Some(&t.operator[..12]), Some("operator")));
+    assert_eq!(
+        (create["actor"].as_str(), create["role"].as_str()),
+        (Some(&t.operator[..12]), Some("operator"))
+    );
     assert_eq!(create["source"], "127.0.0.1");
     assert_eq!(create["after"]["plan"], "free");
     let moved = entries
         .iter()
-        .find(|e| e["object"] == "tenant:initech" && e["before"]["plan"] == "free" && e["after"]["plan"] == "startup")
+        .find(|e| {
+            e["object"] == "tenant:initech"
+                && e["before"]["plan"] == "free"
+                && e["after"]["plan"] == "startup"
+        })
         .expect("the plan change, before and after");
     assert_eq!(moved["method"], "PATCH");
     let suspension = entries
         .iter()
-        .find(|e| e["object"] == "tenant:initech" && e["before"]["suspended_at"].is_null() && e["after"]["suspended_at"].is_string())
+        .find(|e| {
+            e["object"] == "tenant:initech"
+                && e["before"]["suspended_at"].is_null()
+                && e["after"]["suspended_at"].is_string()
+        })
         .expect("the suspension");
     assert_eq!(suspension["route"], "/admin/v1/tenants/{tenant}");
     find("/admin/v1/tenants/{tenant}", "tenant:initech");
-    find("/admin/v1/tenants/{tenant}/keys", &format!("tenant:acme/key:{acme_prefix}"));
+    find(
+        "/admin/v1/tenants/{tenant}/keys",
+        &format!("tenant:acme/key:{acme_prefix}"),
+    );
     find("/admin/v1/plans/{plan}", "plan:gold");
-    find("/admin/v1/tokens/{prefix}", &format!("token:{}", &new_token[..12]));
-    for secret in [raw, staff_key["key"].as_str().unwrap(), new_token.as_str(), t.admin.as_str()] {
-        assert!(!audit.text().contains(secret), "the audit log holds a raw key or token");
+    find(
+        "/admin/v1/tokens/{prefix}",
+        &format!("token:{}", &new_token[..12]),
+    );
+    for secret in [
+        raw,
+        staff_key["key"].as_str().unwrap(),
+        new_token.as_str(),
+        t.admin.as_str(),
+    ] {
+        assert!(
+            !audit.text().contains(secret),
+            "the audit log holds a raw key or token"
+        );
     }
     // Append-only.
     let deleted = sqlx::query("DELETE FROM audit_log").execute(&pool).await;
     assert!(deleted.is_err(), "the audit log accepted a DELETE");
     let window = expect(
-        &api.call("GET", "/admin/v1/audit?from=2000-01-01T00:00:00Z&to=2000-01-02T00:00:00Z", Some(&t.admin), None).await,
+        &api.call(
+            "GET",
+            "/admin/v1/audit?from=2000-01-01T00:00:00Z&to=2000-01-02T00:00:00Z",
+            Some(&t.admin),
+            None,
+        )
+        .await,
         200,
         None,
     );
@@ -610,9 +1222,19 @@ async fn rule_sets_validate_apply_with_versions_and_export() {
         .output()
         .unwrap();
     assert!(!cli.status.success());
-    let cli_lines: Vec<String> = String::from_utf8_lossy(&cli.stderr).lines().map(str::to_owned).collect();
+    let cli_lines: Vec<String> = String::from_utf8_lossy(&cli.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     assert!(!cli_lines.is_empty());
-    let r = api.call("POST", "/admin/v1/rules/validate", Some(&t.operator), Some(&json!({"yaml": BAD_RULES}))).await;
+    let r = api
+        .call(
+            "POST",
+            "/admin/v1/rules/validate",
+            Some(&t.operator),
+            Some(&json!({"yaml": BAD_RULES})),
+        )
+        .await;
     let body = expect(&r, 422, Some("yaml"));
     assert_eq!(body["error"]["code"], "invalid_rules");
     let api_lines: Vec<String> = body["error"]["problems"]
@@ -622,40 +1244,125 @@ async fn rule_sets_validate_apply_with_versions_and_export() {
         .map(|p| p["text"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(api_lines, cli_lines);
-    assert!(api_lines.iter().all(|l| l.starts_with("rules.yaml: ")), "{api_lines:?}");
+    assert!(
+        api_lines.iter().all(|l| l.starts_with("rules.yaml: ")),
+        "{api_lines:?}"
+    );
     let good = expect(
-        &api.call("POST", "/admin/v1/rules/validate", Some(&t.operator), Some(&json!({"yaml": API_RULES}))).await,
+        &api.call(
+            "POST",
+            "/admin/v1/rules/validate",
+            Some(&t.operator),
+            Some(&json!({"yaml": API_RULES})),
+        )
+        .await,
         200,
         None,
     );
-    assert_eq!((good["valid"].as_bool(), good["domain"].as_str()), (Some(true), Some("api")));
-    expect(&api.call("POST", "/admin/v1/rules/validate", Some(&t.operator), Some(&json!({}))).await, 400, Some("body"));
+    assert_eq!(
+        (good["valid"].as_bool(), good["domain"].as_str()),
+        (Some(true), Some("api"))
+    );
+    expect(
+        &api.call(
+            "POST",
+            "/admin/v1/rules/validate",
+            Some(&t.operator),
+            Some(&json!({})),
+        )
+        .await,
+        400,
+        Some("body"),
+    );
 
     // Apply: a version is required; 0 for a new rule set.
-    expect(&api.call("PUT", "/admin/v1/rules/api", Some(&t.operator), Some(&json!({"yaml": API_RULES}))).await, 400, Some("version"));
-    expect(&api.call("GET", "/admin/v1/rules/api", Some(&t.operator), None).await, 404, None);
-    let bad = api.call("PUT", "/admin/v1/rules/api", Some(&t.operator), Some(&json!({"yaml": BAD_RULES, "version": 0}))).await;
+    expect(
+        &api.call(
+            "PUT",
+            "/admin/v1/rules/api",
+            Some(&t.operator),
+            Some(&json!({"yaml": API_RULES})),
+        )
+        .await,
+        400,
+        Some("version"),
+    );
+    expect(
+        &api.call("GET", "/admin/v1/rules/api", Some(&t.operator), None)
+            .await,
+        404,
+        None,
+    );
+    let bad = api
+        .call(
+            "PUT",
+            "/admin/v1/rules/api",
+            Some(&t.operator),
+            Some(&json!({"yaml": BAD_RULES, "version": 0})),
+        )
+        .await;
     let bad = expect(&bad, 422, Some("yaml"));
-    assert!(bad["error"]["problems"][0]["text"].as_str().unwrap().starts_with("api.yaml: "));
-    let other = api.call("PUT", "/admin/v1/rules/web", Some(&t.operator), Some(&json!({"yaml": API_RULES, "version": 0}))).await;
+    assert!(bad["error"]["problems"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("api.yaml: "));
+    let other = api
+        .call(
+            "PUT",
+            "/admin/v1/rules/web",
+            Some(&t.operator),
+            Some(&json!({"yaml": API_RULES, "version": 0})),
+        )
+        .await;
     expect(&other, 422, Some("yaml"));
-    let applied = api.call("PUT", "/admin/v1/rules/api", Some(&t.operator), Some(&json!({"yaml": API_RULES, "version": 0}))).await;
+    let applied = api
+        .call(
+            "PUT",
+            "/admin/v1/rules/api",
+            Some(&t.operator),
+            Some(&json!({"yaml": API_RULES, "version": 0})),
+        )
+        .await;
     let body = expect(&applied, 200, None);
-    assert_eq!((body["version"].as_i64(), body["descriptors"].as_i64()), (Some(1), Some(1)));
+    assert_eq!(
+        (body["version"].as_i64(), body["descriptors"].as_i64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(applied.header("etag"), Some("\"1\""));
-    let got = api.call("GET", "/admin/v1/rules/api", Some(&t.operator), None).await;
+    let got = api
+        .call("GET", "/admin/v1/rules/api", Some(&t.operator), None)
+        .await;
     let set = expect(&got, 200, None);
-    assert_eq!((set["version"].as_i64(), got.header("etag")), (Some(1), Some("\"1\"")));
+    assert_eq!(
+        (set["version"].as_i64(), got.header("etag")),
+        (Some(1), Some("\"1\""))
+    );
     assert!(set["yaml"].as_str().unwrap().contains("per_key"));
-    let export = api.call("GET", "/admin/v1/rules/api/export", Some(&t.operator), None).await;
+    let export = api
+        .call("GET", "/admin/v1/rules/api/export", Some(&t.operator), None)
+        .await;
     assert_eq!(export.status, 200);
     assert_eq!(export.header("content-type"), Some("application/yaml"));
-    assert_eq!(export.text(), ok(&pg, &["rules", "export", "--domain", "api"]) + "\n");
+    assert_eq!(
+        export.text(),
+        ok(&pg, &["rules", "export", "--domain", "api"]) + "\n"
+    );
 
     // A stale version: 409, nothing written.
-    let stale = api.call("PUT", "/admin/v1/rules/api", Some(&t.operator), Some(&json!({"yaml": API_RULES.replace("100", "7"), "version": 0}))).await;
+    let stale = api
+        .call(
+            "PUT",
+            "/admin/v1/rules/api",
+            Some(&t.operator),
+            Some(&json!({"yaml": API_RULES.replace("100", "7"), "version": 0})),
+        )
+        .await;
     expect(&stale, 409, Some("version"));
-    assert!(!api.call("GET", "/admin/v1/rules/api/export", Some(&t.operator), None).await.text().contains("7"));
+    assert!(!api
+        .call("GET", "/admin/v1/rules/api/export", Some(&t.operator), None)
+        .await
+        .text()
+        .contains("7"));
     // If-Match works too, and must agree with `version`.
     let auth = format!("Bearer {}", t.operator);
     let put = |if_match: &'static str, body: Value| {
@@ -666,16 +1373,32 @@ async fn rule_sets_validate_apply_with_versions_and_export() {
                 addr,
                 "PUT",
                 "/admin/v1/rules/api",
-                &[("authorization", &auth), ("content-type", "application/json"), ("if-match", if_match)],
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                    ("if-match", if_match),
+                ],
                 Some(body.to_string().as_bytes()),
             )
             .await
             .unwrap()
         }
     };
-    expect(&put("\"0\"", json!({"yaml": API_RULES})).await, 409, Some("version"));
-    expect(&put("\"1\"", json!({"yaml": API_RULES, "version": 0})).await, 400, Some("version"));
-    expect(&put("one", json!({"yaml": API_RULES})).await, 400, Some("If-Match"));
+    expect(
+        &put("\"0\"", json!({"yaml": API_RULES})).await,
+        409,
+        Some("version"),
+    );
+    expect(
+        &put("\"1\"", json!({"yaml": API_RULES, "version": 0})).await,
+        400,
+        Some("version"),
+    );
+    expect(
+        &put("one", json!({"yaml": API_RULES})).await,
+        400,
+        Some("If-Match"),
+    );
     expect(&put("\"1\"", json!({"yaml": API_RULES})).await, 200, None);
 
     // Two operators with the same version at once: one wins, one gets 409.
@@ -683,38 +1406,120 @@ async fn rule_sets_validate_apply_with_versions_and_export() {
         let addr = api.addr;
         let auth = format!("Bearer {}", t.operator);
         async move {
-            let body = json!({"yaml": API_RULES.replace("100", &limit.to_string()), "version": 2}).to_string();
-            http::request(addr, "PUT", "/admin/v1/rules/api",
-                &[("authorization", &auth), ("content-type", "application/json")], Some(body.as_bytes()))
-                .await
-                .unwrap()
+            let body = json!({"yaml": API_RULES.replace("100", &limit.to_string()), "version": 2})
+                .to_string();
+            http::request(
+                addr,
+                "PUT",
+                "/admin/v1/rules/api",
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                Some(body.as_bytes()),
+            )
+            .await
+            .unwrap()
         }
     };
     let (a, b) = tokio::join!(tokio::spawn(edit(11)), tokio::spawn(edit(22)));
     let mut statuses = [a.unwrap().status, b.unwrap().status];
     statuses.sort();
     assert_eq!(statuses, [200, 409]);
-    let set = expect(&api.call("GET", "/admin/v1/rules/api", Some(&t.operator), None).await, 200, None);
+    let set = expect(
+        &api.call("GET", "/admin/v1/rules/api", Some(&t.operator), None)
+            .await,
+        200,
+        None,
+    );
     assert_eq!(set["version"], 3);
 
     // Scopes: a plan's and a tenant's rule sets are versioned apart.
     let plan_rules = json!({"yaml": API_RULES, "version": 0});
-    expect(&api.call("PUT", "/admin/v1/rules/api?plan=free", Some(&t.admin), Some(&plan_rules)).await, 200, None);
-    expect(&api.call("PUT", "/admin/v1/rules/api?tenant=acme", Some(&t.admin), Some(&plan_rules)).await, 200, None);
-    expect(&api.call("PUT", "/admin/v1/rules/api?tenant=nobody", Some(&t.admin), Some(&plan_rules)).await, 404, None);
-    expect(&api.call("GET", "/admin/v1/rules/api?plan=free&tenant=acme", Some(&t.admin), None).await, 400, Some("tenant"));
-    let sets = expect(&api.call("GET", "/admin/v1/rules", Some(&t.operator), None).await, 200, None);
+    expect(
+        &api.call(
+            "PUT",
+            "/admin/v1/rules/api?plan=free",
+            Some(&t.admin),
+            Some(&plan_rules),
+        )
+        .await,
+        200,
+        None,
+    );
+    expect(
+        &api.call(
+            "PUT",
+            "/admin/v1/rules/api?tenant=acme",
+            Some(&t.admin),
+            Some(&plan_rules),
+        )
+        .await,
+        200,
+        None,
+    );
+    expect(
+        &api.call(
+            "PUT",
+            "/admin/v1/rules/api?tenant=nobody",
+            Some(&t.admin),
+            Some(&plan_rules),
+        )
+        .await,
+        404,
+        None,
+    );
+    expect(
+        &api.call(
+            "GET",
+            "/admin/v1/rules/api?plan=free&tenant=acme",
+            Some(&t.admin),
+            None,
+        )
+        .await,
+        400,
+        Some("tenant"),
+    );
+    let sets = expect(
+        &api.call("GET", "/admin/v1/rules", Some(&t.operator), None)
+            .await,
+        200,
+        None,
+    );
     let sets: Vec<(Option<&str>, Option<&str>, i64)> = sets
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["plan"].as_str(), s["tenant"].as_str(), s["version"].as_i64().unwrap()))
+        .map(|s| {
+            (
+                s["plan"].as_str(),
+                s["tenant"].as_str(),
+                s["version"].as_i64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(sets, [(None, None, 3), (None, Some("acme"), 1), (Some("free"), None, 1)]);
+    assert_eq!(
+        sets,
+        [
+            (None, None, 3),
+            (None, Some("acme"), 1),
+            (Some("free"), None, 1)
+        ]
+    );
     // The CLI raises versions too, so an API edit never overwrites it.
     std::fs::write(&file, API_RULES).unwrap();
     ok(&pg, &["rules", "apply", file.to_str().unwrap()]);
-    expect(&api.call("PUT", "/admin/v1/rules/api", Some(&t.operator), Some(&json!({"yaml": API_RULES, "version": 3}))).await, 409, Some("version"));
+    expect(
+        &api.call(
+            "PUT",
+            "/admin/v1/rules/api",
+            Some(&t.operator),
+            Some(&json!({"yaml": API_RULES, "version": 3})),
+        )
+        .await,
+        409,
+        Some("version"),
+    );
     api.stop().await;
 }
 
@@ -726,7 +1531,12 @@ async fn failed_sign_ins_are_limited_per_source_address() {
     let t = issue_tokens(&pg);
     let api = Admin::start(&pg, 3).await;
     for _ in 0..3 {
-        expect(&api.call("GET", "/admin/v1/whoami", Some("sla_guess"), None).await, 401, None);
+        expect(
+            &api.call("GET", "/admin/v1/whoami", Some("sla_guess"), None)
+                .await,
+            401,
+            None,
+        );
     }
     // Refused before the token is even checked, a valid one too.
     for token in ["sla_guess", t.admin.as_str()] {
@@ -736,33 +1546,55 @@ async fn failed_sign_ins_are_limited_per_source_address() {
         assert!((1..=60).contains(&wait), "{wait}");
     }
     // The OpenAPI document needs no token and stays open.
-    expect(&api.call("GET", "/admin/v1/openapi.json", None, None).await, 200, None);
+    expect(
+        &api.call("GET", "/admin/v1/openapi.json", None, None).await,
+        200,
+        None,
+    );
     api.stop().await;
 
     // A server with room for failures: no token at all is not a failure.
     let api = Admin::start(&pg, 1).await;
     for _ in 0..3 {
-        expect(&api.call("GET", "/admin/v1/whoami", None, None).await, 401, None);
+        expect(
+            &api.call("GET", "/admin/v1/whoami", None, None).await,
+            401,
+            None,
+        );
     }
-    expect(&api.call("GET", "/admin/v1/whoami", Some(&t.admin), None).await, 200, None);
+    expect(
+        &api.call("GET", "/admin/v1/whoami", Some(&t.admin), None)
+            .await,
+        200,
+        None,
+    );
     api.stop().await;
 }
 
 // === The binary, over HTTPS, and a change in force on `sluice serve` ===
 
 /// One HTTP/1.1 request over TLS, trusting `ca_pem`.
-async fn https(addr: SocketAddr, ca_pem: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> HttpResponse {
+async fn https(
+    addr: SocketAddr,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+) -> HttpResponse {
     use rustls_pki_types::pem::PemObject as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -787,7 +1619,10 @@ async fn the_binary_serves_https_and_serve_sees_api_changes_within_a_second() {
     let (cert, key) = ca.server().write(dir.path(), "admin");
 
     // Loopback by default.
-    let help = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["admin", "--help"]).output().unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["admin", "--help"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("127.0.0.1:8090"));
 
     let port = support::free_port();
@@ -818,18 +1653,41 @@ async fn the_binary_serves_https_and_serve_sees_api_changes_within_a_second() {
     assert_eq!(me.status, 200, "{}", me.text());
     assert_eq!(me.json()["role"], "admin");
     // Plain HTTP on the TLS port gets nothing.
-    assert!(http::get(addr, "/admin/v1/openapi.json").await.map_or(true, |r| r.status != 200));
+    assert!(http::get(addr, "/admin/v1/openapi.json")
+        .await
+        .map_or(true, |r| r.status != 200));
 
     // A decision server on the same catalog.
     let server = TestServer::from_cli(&[
-        "--rules", "postgres", "--database-url", &pg.primary_url, "--key-secret", KEY_SECRET,
+        "--rules",
+        "postgres",
+        "--database-url",
+        &pg.primary_url,
+        "--key-secret",
+        KEY_SECRET,
     ])
     .await;
     let client = server.client().await;
     let rules = json!({"yaml": API_RULES.replace("100", "5"), "version": 0}).to_string();
-    let put = https(addr, &ca_pem, "PUT", "/admin/v1/rules/api", &t.operator, Some(&rules)).await;
+    let put = https(
+        addr,
+        &ca_pem,
+        "PUT",
+        "/admin/v1/rules/api",
+        &t.operator,
+        Some(&rules),
+    )
+    .await;
     assert_eq!(put.status, 200, "{}", put.text());
-    let issued = https(addr, &ca_pem, "POST", "/admin/v1/tenants/acme/keys", &t.acme, Some("{}")).await;
+    let issued = https(
+        addr,
+        &ca_pem,
+        "POST",
+        "/admin/v1/tenants/acme/keys",
+        &t.acme,
+        Some("{}"),
+    )
+    .await;
     assert_eq!(issued.status, 201, "{}", issued.text());
     let key = issued.json()["key"].as_str().unwrap().to_owned();
     let started = Instant::now();
@@ -838,7 +1696,13 @@ async fn the_binary_serves_https_and_serve_sees_api_changes_within_a_second() {
         let mut client = client.clone();
         async move {
             let r = client.should_rate_limit(req).await.unwrap().into_inner();
-            (r.overall_code(), r.statuses[0].current_limit.as_ref().map(|l| l.requests_per_unit))
+            (
+                r.overall_code(),
+                r.statuses[0]
+                    .current_limit
+                    .as_ref()
+                    .map(|l| l.requests_per_unit),
+            )
         }
     };
     let mut seen = None;
@@ -852,7 +1716,15 @@ async fn the_binary_serves_https_and_serve_sees_api_changes_within_a_second() {
     let seen = seen.expect("the key and rules issued through the API were not in force within 3 s");
     eprintln!("MEASURED admin API change in force on sluice serve after {seen:?}");
     // Suspending the tenant refuses its key.
-    let suspend = https(addr, &ca_pem, "PATCH", "/admin/v1/tenants/acme", &t.operator, Some(r#"{"suspended":true}"#)).await;
+    let suspend = https(
+        addr,
+        &ca_pem,
+        "PATCH",
+        "/admin/v1/tenants/acme",
+        &t.operator,
+        Some(r#"{"suspended":true}"#),
+    )
+    .await;
     assert_eq!(suspend.status, 200, "{}", suspend.text());
     let started = Instant::now();
     let mut refused = false;
@@ -894,7 +1766,10 @@ impl Cdp {
             response.push(byte[0]);
         }
         let text = String::from_utf8_lossy(&response);
-        assert!(text.starts_with("HTTP/1.1 101"), "no WebSocket upgrade: {text}");
+        assert!(
+            text.starts_with("HTTP/1.1 101"),
+            "no WebSocket upgrade: {text}"
+        );
         Cdp { stream, next_id: 1 }
     }
 
@@ -971,7 +1846,10 @@ impl Cdp {
                 json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
             )
             .await;
-        assert!(result["exceptionDetails"].is_null(), "{expression}: {result}");
+        assert!(
+            result["exceptionDetails"].is_null(),
+            "{expression}: {result}"
+        );
         result["result"]["value"].clone()
     }
 
@@ -991,7 +1869,9 @@ impl Cdp {
     /// Saves a PNG screenshot under the test's artifacts directory.
     async fn screenshot(&mut self, name: &str) -> std::path::PathBuf {
         use base64_png::decode;
-        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        let shot = self
+            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .await;
         let png = decode(shot["data"].as_str().unwrap());
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-console");
@@ -1013,11 +1893,17 @@ mod base64_png {
             b'/' => 63,
             _ => panic!("not base64: {c}"),
         };
-        let bytes: Vec<u8> = text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()).collect();
+        let bytes: Vec<u8> = text
+            .bytes()
+            .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+            .collect();
         let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
         for chunk in bytes.chunks(4) {
             let v: Vec<u32> = chunk.iter().map(|c| u32::from(value(*c))).collect();
-            let n = v.iter().enumerate().fold(0u32, |n, (i, x)| n | x << (18 - 6 * i));
+            let n = v
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, x)| n | x << (18 - 6 * i));
             out.push((n >> 16) as u8);
             if v.len() > 2 {
                 out.push((n >> 8) as u8);
@@ -1050,7 +1936,11 @@ async fn devtools_targets(addr: SocketAddr) -> Value {
         if let Some(end) = text.find("\r\n\r\n") {
             let length: usize = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
                 .expect("Content-Length");
             if raw.len() >= end + 4 + length {
                 return serde_json::from_slice(&raw[end + 4..end + 4 + length]).unwrap();
@@ -1078,7 +1968,12 @@ async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
     .await
     .unwrap();
     let api = Admin::start(&pg, 1000).await;
-    let usage = expect(&api.call("GET", "/admin/v1/tenants/acme/usage", Some(&t.acme), None).await, 200, None);
+    let usage = expect(
+        &api.call("GET", "/admin/v1/tenants/acme/usage", Some(&t.acme), None)
+            .await,
+        200,
+        None,
+    );
     let expected: Vec<Value> = usage["points"]
         .as_array()
         .unwrap()
@@ -1092,7 +1987,14 @@ async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
     let _browser = ChildGuard::spawn(
         "chromium",
         Command::new(&chromium)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0", "--window-size=1000,1400"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "--window-size=1000,1400",
+            ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
             .stdout(std::fs::File::create(&log).unwrap())
@@ -1123,12 +2025,24 @@ async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
         .expect("a page target");
     let mut cdp = Cdp::connect(page["webSocketDebuggerUrl"].as_str().unwrap()).await;
     cdp.call("Page.enable", json!({})).await;
-    cdp.call("Page.navigate", json!({"url": format!("http://{}/admin/", api.addr)})).await;
-    cdp.wait_for("the sign-in form", "document.readyState === 'complete' && !!document.getElementById('token')").await;
+    cdp.call(
+        "Page.navigate",
+        json!({"url": format!("http://{}/admin/", api.addr)}),
+    )
+    .await;
+    cdp.wait_for(
+        "the sign-in form",
+        "document.readyState === 'complete' && !!document.getElementById('token')",
+    )
+    .await;
 
     // A wrong token: refused, the form stays.
     cdp.eval("document.getElementById('token').value = 'sla_wrong'; document.getElementById('signin').requestSubmit(); true").await;
-    cdp.wait_for("the sign-in error", "document.getElementById('signin-error').textContent.includes('Sign-in failed')").await;
+    cdp.wait_for(
+        "the sign-in error",
+        "document.getElementById('signin-error').textContent.includes('Sign-in failed')",
+    )
+    .await;
 
     // Sign in as acme's tenant token.
     cdp.eval(&format!(
@@ -1136,50 +2050,114 @@ async fn the_console_in_chromium_signs_in_charts_usage_and_manages_keys() {
         json!(t.acme)
     ))
     .await;
-    cdp.wait_for("the usage chart", "document.querySelectorAll('#chart g.bar').length > 0").await;
-    assert_eq!(cdp.eval("document.getElementById('staff').hidden").await, true, "a tenant sees the staff section");
+    cdp.wait_for(
+        "the usage chart",
+        "document.querySelectorAll('#chart g.bar').length > 0",
+    )
+    .await;
+    assert_eq!(
+        cdp.eval("document.getElementById('staff').hidden").await,
+        true,
+        "a tenant sees the staff section"
+    );
     let bars = cdp
         .eval("[...document.querySelectorAll('#chart g.bar')].map(g => [g.dataset.start, +g.dataset.allowed, +g.dataset.denied])")
         .await;
-    assert_eq!(bars, Value::Array(expected), "the chart does not show the API's numbers");
-    assert_eq!(cdp.eval("document.getElementById('usage-allowed').textContent").await, usage["allowed"].to_string());
-    assert_eq!(cdp.eval("document.getElementById('usage-quota').textContent").await, "100000");
+    assert_eq!(
+        bars,
+        Value::Array(expected),
+        "the chart does not show the API's numbers"
+    );
+    assert_eq!(
+        cdp.eval("document.getElementById('usage-allowed').textContent")
+            .await,
+        usage["allowed"].to_string()
+    );
+    assert_eq!(
+        cdp.eval("document.getElementById('usage-quota').textContent")
+            .await,
+        "100000"
+    );
     let shot = cdp.screenshot("tenant-usage").await;
     eprintln!("screenshot: {}", shot.display());
 
     // Issue a key: shown once, listed by prefix.
-    cdp.eval("document.getElementById('issue-key').click(); true").await;
+    cdp.eval("document.getElementById('issue-key').click(); true")
+        .await;
     cdp.wait_for("the new key", "!document.getElementById('new-key').hidden && document.querySelectorAll('#keys tbody tr').length === 1").await;
-    let shown = cdp.eval("document.getElementById('new-key').textContent").await;
-    let prefix = cdp.eval("document.querySelector('#keys tbody tr').dataset.prefix").await;
+    let shown = cdp
+        .eval("document.getElementById('new-key').textContent")
+        .await;
+    let prefix = cdp
+        .eval("document.querySelector('#keys tbody tr').dataset.prefix")
+        .await;
     let prefix = prefix.as_str().unwrap().to_owned();
-    assert!(shown.as_str().unwrap().contains(&format!("{prefix}_")), "{shown}");
-    let keys = expect(&api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.operator), None).await, 200, None);
+    assert!(
+        shown.as_str().unwrap().contains(&format!("{prefix}_")),
+        "{shown}"
+    );
+    let keys = expect(
+        &api.call(
+            "GET",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.operator),
+            None,
+        )
+        .await,
+        200,
+        None,
+    );
     assert_eq!(keys["keys"][0]["prefix"], prefix.as_str());
     assert!(keys["keys"][0]["revoked_at"].is_null());
 
     // Revoke it.
-    cdp.eval(&format!("document.querySelector('#keys tr[data-prefix=\"{prefix}\"] button.revoke').click(); true")).await;
+    cdp.eval(&format!(
+        "document.querySelector('#keys tr[data-prefix=\"{prefix}\"] button.revoke').click(); true"
+    ))
+    .await;
     cdp.wait_for("the revocation", &format!("document.querySelector('#keys tr[data-prefix=\"{prefix}\"] td:nth-child(4)').textContent !== ''")).await;
-    let keys = expect(&api.call("GET", "/admin/v1/tenants/acme/keys", Some(&t.operator), None).await, 200, None);
+    let keys = expect(
+        &api.call(
+            "GET",
+            "/admin/v1/tenants/acme/keys",
+            Some(&t.operator),
+            None,
+        )
+        .await,
+        200,
+        None,
+    );
     assert!(keys["keys"][0]["revoked_at"].is_string());
     let shot = cdp.screenshot("tenant-keys-revoked").await;
     eprintln!("screenshot: {}", shot.display());
 
     // An operator sees tenants, plans, rule sets and the audit log (with the
     // tenant's key changes in it).
-    cdp.eval("sessionStorage.clear(); location.reload(); true").await;
-    cdp.wait_for("the sign-in form", "document.readyState === 'complete' && !document.getElementById('signin').hidden").await;
+    cdp.eval("sessionStorage.clear(); location.reload(); true")
+        .await;
+    cdp.wait_for(
+        "the sign-in form",
+        "document.readyState === 'complete' && !document.getElementById('signin').hidden",
+    )
+    .await;
     cdp.eval(&format!(
         "document.getElementById('token').value = {}; document.getElementById('signin').requestSubmit(); true",
         json!(t.operator)
     ))
     .await;
-    cdp.wait_for("the audit log", "document.querySelectorAll('#audit tbody tr').length >= 2").await;
+    cdp.wait_for(
+        "the audit log",
+        "document.querySelectorAll('#audit tbody tr').length >= 2",
+    )
+    .await;
     let tenants = cdp.eval("[...document.querySelectorAll('#tenants tbody tr td:first-child')].map(td => td.textContent)").await;
     assert_eq!(tenants, json!(["acme", "globex"]));
     cdp.eval("document.getElementById('rules-yaml').value = 'domain: api\\ndescriptors:\\n  - key: k\\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\\n'; document.getElementById('validate').click(); true").await;
-    cdp.wait_for("the validation errors inline", "document.getElementById('rules-result').textContent.startsWith('rules.yaml: ')").await;
+    cdp.wait_for(
+        "the validation errors inline",
+        "document.getElementById('rules-result').textContent.startsWith('rules.yaml: ')",
+    )
+    .await;
     let shot = cdp.screenshot("operator").await;
     eprintln!("screenshot: {}", shot.display());
     api.stop().await;
