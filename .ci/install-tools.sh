@@ -417,7 +417,7 @@ step_rabbitmq() {
     STATUS="${STATUS}rabbitmq $(as_root "$ctl" version 2>/dev/null || echo '?') ($server)"
 }
 
-# Chromium: the admin console's browser test (tests/it/admin_console.rs)
+# Chromium: the admin console's browser test (tests/it/admin.rs)
 # drives Debian's chromium headless over the DevTools protocol.
 step_chromium() {
     local c
