@@ -87,6 +87,29 @@ pub struct AdminArgs {
     pub auth_failures: std::num::NonZeroU32,
     #[arg(long, env = "SLUICE_ADMIN_AUTH_FAILURE_WINDOW", default_value = "1m", value_parser = parse_window)]
     pub auth_failure_window: Duration,
+    /// Also accept JWTs from this OIDC issuer (`iss`), checked against
+    /// --oidc-jwks, for --oidc-audience.
+    #[arg(long, env = "SLUICE_ADMIN_OIDC_ISSUER", requires_all = ["oidc_audience", "oidc_jwks"])]
+    pub oidc_issuer: Option<String>,
+    #[arg(long, env = "SLUICE_ADMIN_OIDC_AUDIENCE", requires = "oidc_issuer")]
+    pub oidc_audience: Option<String>,
+    /// The provider's signing keys, a JWKS file (read at start-up).
+    #[arg(long, env = "SLUICE_ADMIN_OIDC_JWKS", requires = "oidc_issuer")]
+    pub oidc_jwks: Option<PathBuf>,
+    /// The claim naming the role: admin, operator or tenant.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_OIDC_ROLE_CLAIM",
+        default_value = "sluice_role"
+    )]
+    pub oidc_role_claim: String,
+    /// The claim naming a tenant role's tenant.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_OIDC_TENANT_CLAIM",
+        default_value = "sluice_tenant"
+    )]
+    pub oidc_tenant_claim: String,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_parser = choice(LOG_FORMAT), default_value = "text")]
     pub log_format: LogFormat,
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]

@@ -15,6 +15,7 @@ use axum::serve::IncomingStream;
 use tokio::net::TcpListener;
 
 use super::error::ApiError;
+use super::oidc::OidcVerifier;
 use super::{AdminState, TlsListener};
 use crate::admin::audit::{self, NewEntry};
 use crate::admin::tokens::{self, Identity, Role};
@@ -138,15 +139,19 @@ impl FromRequestParts<AdminState> for Caller {
                 "missing `Authorization: Bearer <token>`",
             ));
         };
+        // JWTs run to a few kilobytes; admin tokens are 61 bytes.
         let token = value
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .filter(|t| !t.is_empty() && t.len() <= 256);
-        let identity = match token {
-            Some(token) => tokens::authenticate(&state.pool, &state.hasher, token).await?,
-            None => None,
+            .filter(|t| !t.is_empty() && t.len() <= 16 * 1024);
+        let identity = match (token, &state.oidc) {
+            (Some(token), _) if token.starts_with("sla_") => {
+                tokens::authenticate(&state.pool, &state.hasher, token).await?
+            }
+            (Some(token), Some(oidc)) => oidc_identity(state, oidc, token).await?,
+            _ => None,
         };
         match identity {
             Some(identity) => Ok(Caller { identity, source }),
@@ -158,6 +163,35 @@ impl FromRequestParts<AdminState> for Caller {
             }
         }
     }
+}
+
+/// The identity of a verified OIDC token; `None` if it is refused or names
+/// a tenant that does not exist.
+async fn oidc_identity(
+    state: &AdminState,
+    oidc: &OidcVerifier,
+    token: &str,
+) -> Result<Option<Identity>, ApiError> {
+    let verified = match oidc.verify(token) {
+        Ok(v) => v,
+        Err(reason) => {
+            tracing::info!(%reason, "admin API: OIDC token refused");
+            return Ok(None);
+        }
+    };
+    let tenant = match &verified.tenant {
+        None => None,
+        Some(name) => match crate::admin::get_tenant(&state.pool, name).await {
+            Ok(t) => Some((t.id, t.name)),
+            Err(crate::admin::AdminError::NoSuchTenant(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    Ok(Some(Identity {
+        actor: format!("oidc:{}", verified.subject),
+        role: verified.role,
+        tenant,
+    }))
 }
 
 impl Caller {

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod oidc;
 pub mod routes;
 
 use std::future::Future;
@@ -46,6 +47,8 @@ pub struct AdminState {
     /// stored as its keyed hashes.
     pub hasher: KeyHasher,
     pub failures: Arc<FailedAuthLimiter>,
+    /// Accept provider-signed JWTs as well as admin tokens.
+    pub oidc: Option<Arc<oidc::OidcVerifier>>,
 }
 
 #[derive(OpenApi)]

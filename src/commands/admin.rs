@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use crate::admin::tokens::{self, Role};
 use crate::admin::Revocation;
 use crate::admin_api::auth::FailedAuthLimiter;
+use crate::admin_api::oidc::OidcVerifier;
 use crate::admin_api::{self, AdminState};
 use crate::clock::SystemClock;
 use crate::config::{AdminArgs, AdminTokensCommand, DatabaseArgs};
@@ -37,6 +38,20 @@ pub async fn serve(
         args.database.database_password.as_ref(),
     )
     .await?;
+    let oidc = match (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks) {
+        (Some(issuer), Some(audience), Some(jwks)) => Some(Arc::new(
+            OidcVerifier::from_jwks_file(
+                jwks,
+                issuer.clone(),
+                audience.clone(),
+                args.oidc_role_claim.clone(),
+                args.oidc_tenant_claim.clone(),
+            )
+            .map_err(anyhow::Error::msg)
+            .context("--oidc-jwks")?,
+        )),
+        _ => None,
+    };
     let state = AdminState {
         pool,
         hasher: KeyHasher::from_secret(args.key_secret.0.as_bytes()),
@@ -45,6 +60,7 @@ pub async fn serve(
             args.auth_failure_window,
             Arc::new(SystemClock),
         )),
+        oidc,
     };
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

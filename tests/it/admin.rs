@@ -70,6 +70,14 @@ struct Admin {
 
 impl Admin {
     async fn start(pg: &PgCluster, auth_failures: u32) -> Admin {
+        Admin::start_with(pg, auth_failures, None).await
+    }
+
+    async fn start_with(
+        pg: &PgCluster,
+        auth_failures: u32,
+        oidc: Option<Arc<sluice::admin_api::oidc::OidcVerifier>>,
+    ) -> Admin {
         let pool = PgPool::connect(&pg.primary_url).await.unwrap();
         let state = AdminState {
             pool,
@@ -79,6 +87,7 @@ impl Admin {
                 Duration::from_secs(60),
                 Arc::new(SystemClock),
             )),
+            oidc,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -2224,5 +2233,190 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
             .unwrap_or_default();
         eprintln!("schemathesis as {who}: {}", summary.trim());
     }
+    api.stop().await;
+}
+
+// === OIDC ===
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A P-256 signing key and its JWKS entry, as an identity provider has.
+struct Provider {
+    key: rcgen::KeyPair,
+    kid: &'static str,
+}
+
+impl Provider {
+    fn new(kid: &'static str) -> Provider {
+        Provider {
+            key: rcgen::KeyPair::generate().unwrap(),
+            kid,
+        }
+    }
+
+    fn jwk(&self) -> Value {
+        let point = self.key.public_key_raw(); // 0x04 || x || y
+        assert_eq!(point.len(), 65);
+        json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": self.kid,
+               "x": base64url(&point[1..33]), "y": base64url(&point[33..])})
+    }
+
+    fn sign(&self, claims: Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.to_owned());
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.key.serialize_der());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_tokens_signed_by_the_provider_map_a_claim_to_a_role() {
+    let pg = start_cluster();
+    let t = issue_tokens(&pg);
+    let provider = Provider::new("k1");
+    let stranger = Provider::new("k1"); // same kid, another key
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [provider.jwk()]}).to_string()).unwrap();
+    let verifier = sluice::admin_api::oidc::OidcVerifier::from_jwks_file(
+        &jwks,
+        "https://id.example".into(),
+        "sluice-admin".into(),
+        "sluice_role".into(),
+        "sluice_tenant".into(),
+    )
+    .unwrap();
+    let api = Admin::start_with(&pg, 1000, Some(Arc::new(verifier))).await;
+    let now = chrono::Utc::now().timestamp();
+    let claims = |extra: Value| {
+        let mut c = json!({"iss": "https://id.example", "aud": "sluice-admin", "sub": "alice",
+                           "exp": now + 300, "sluice_role": "operator"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+
+    let operator = provider.sign(claims(json!({})));
+    let me = expect(
+        &api.call("GET", "/admin/v1/whoami", Some(&operator), None)
+            .await,
+        200,
+        None,
+    );
+    assert_eq!(
+        (me["actor"].as_str(), me["role"].as_str()),
+        (Some("oidc:alice"), Some("operator"))
+    );
+    expect(
+        &api.call("GET", "/admin/v1/tokens", Some(&operator), None)
+            .await,
+        403,
+        None,
+    );
+    let created = api
+        .call(
+            "POST",
+            "/admin/v1/tenants",
+            Some(&operator),
+            Some(&json!({"name": "oidc-co", "plan": "free"})),
+        )
+        .await;
+    expect(&created, 201, None);
+    let audit = expect(
+        &api.call("GET", "/admin/v1/audit", Some(&t.admin), None)
+            .await,
+        200,
+        None,
+    );
+    assert_eq!(audit["items"][0]["actor"], "oidc:alice");
+
+    let tenant = provider.sign(claims(
+        json!({"sub": "bob", "sluice_role": "tenant", "sluice_tenant": "globex"}),
+    ));
+    expect(
+        &api.call("GET", "/admin/v1/tenants/globex/usage", Some(&tenant), None)
+            .await,
+        200,
+        None,
+    );
+    expect(
+        &api.call("GET", "/admin/v1/tenants/acme/usage", Some(&tenant), None)
+            .await,
+        403,
+        None,
+    );
+    expect(
+        &api.call("GET", "/admin/v1/tenants", Some(&tenant), None)
+            .await,
+        403,
+        None,
+    );
+
+    // Refused: another key, another issuer or audience, expired, no or a
+    // bad role, a tenant role without a known tenant, an unsigned token.
+    for (what, token) in [
+        ("another key", stranger.sign(claims(json!({})))),
+        (
+            "another issuer",
+            provider.sign(claims(json!({"iss": "https://evil.example"}))),
+        ),
+        (
+            "another audience",
+            provider.sign(claims(json!({"aud": "other"}))),
+        ),
+        ("expired", provider.sign(claims(json!({"exp": now - 600})))),
+        (
+            "no role",
+            provider.sign(claims(json!({"sluice_role": null}))),
+        ),
+        (
+            "a bad role",
+            provider.sign(claims(json!({"sluice_role": "root"}))),
+        ),
+        (
+            "no tenant",
+            provider.sign(claims(json!({"sluice_role": "tenant"}))),
+        ),
+        (
+            "an unknown tenant",
+            provider.sign(claims(
+                json!({"sluice_role": "tenant", "sluice_tenant": "nobody"}),
+            )),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                base64url(br#"{"alg":"none","typ":"JWT"}"#),
+                base64url(claims(json!({})).to_string().as_bytes())
+            ),
+        ),
+    ] {
+        let r = api
+            .call("GET", "/admin/v1/whoami", Some(&token), None)
+            .await;
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+    }
+    // Admin tokens still work beside OIDC.
+    expect(
+        &api.call("GET", "/admin/v1/whoami", Some(&t.admin), None)
+            .await,
+        200,
+        None,
+    );
     api.stop().await;
 }
