@@ -215,27 +215,49 @@ impl Batch {
         if self.len() + 1 + event.violations.len() > MAX_PENDING {
             return false;
         }
-        if let Some(tenant) = event.tenant_id {
-            let hour = (event.at_us / 1_000_000 / 3_600 * 3_600) as i64;
-            let sums = self
-                .usage
-                .entry((tenant, event.domain.clone(), hour))
-                .or_default();
-            if event.allowed {
-                sums.0 += 1;
-            } else {
-                sums.1 += 1;
-            }
-        }
-        for v in event.violations {
-            let entry = self
-                .violations
-                .entry((v.tenant_id, event.domain.clone(), v.rule, v.client_id))
-                .or_insert((event.at_us, 0));
-            entry.0 = entry.0.min(event.at_us);
-            entry.1 += 1;
-        }
+        fold(
+            &mut self.usage,
+            &mut self.violations,
+            event,
+            3_600,
+            |v, domain, _hour| (v.tenant_id, domain, v.rule, v.client_id),
+        );
         true
+    }
+}
+
+/// Folds one event into per-bucket usage sums, `(allowed, denied)` per
+/// tenant, domain and bucket start (Unix seconds, buckets of `bucket_s`),
+/// and into violation counts, `(first seen in µs, hits)` under `key`. The
+/// one fold behind the PostgreSQL writer (hours) and the event stream
+/// (minutes).
+pub fn fold<K, N>(
+    usage: &mut HashMap<UsageKey, (N, N)>,
+    violations: &mut HashMap<K, (u64, N)>,
+    event: UsageEvent,
+    bucket_s: u64,
+    key: impl Fn(Violation, Arc<str>, i64) -> K,
+) where
+    K: std::hash::Hash + Eq,
+    N: Default + std::ops::AddAssign + From<u8>,
+{
+    let bucket = (event.at_us / 1_000_000 / bucket_s * bucket_s) as i64;
+    if let Some(tenant) = event.tenant_id {
+        let sums = usage
+            .entry((tenant, event.domain.clone(), bucket))
+            .or_default();
+        if event.allowed {
+            sums.0 += N::from(1);
+        } else {
+            sums.1 += N::from(1);
+        }
+    }
+    for v in event.violations {
+        let entry = violations
+            .entry(key(v, event.domain.clone(), bucket))
+            .or_insert((event.at_us, N::default()));
+        entry.0 = entry.0.min(event.at_us);
+        entry.1 += N::from(1);
     }
 }
 
