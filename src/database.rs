@@ -93,6 +93,10 @@ mod tests {
                 5,
                 "events",
                 "494dd0db95ac309f9dd71660fdb6444ea395977c030f1aa88583c90af55c4cc43060112166bf39b9bc6ca950a5b25b8e".to_owned(),
+            ), (
+                7,
+                "cycles alerts billing",
+                "7eaacb449e45a03486648ec51582f83e5ec171e24dce2c2ea75ab9da1dcefcd0e754656d2d45c127ce0d1c01647c7986".to_owned(),
             )],
             "add a migration; never edit an applied one"
         );

@@ -42,6 +42,8 @@ async fn main() -> ExitCode {
             commands::postgres::usage(&args.tenant, args.month, &args.database).await
         }
         Command::Consume(command) => commands::consume(command, app::shutdown_signal()).await,
+        Command::Webhooks(command) => commands::postgres::webhooks(command).await,
+        Command::Billing(args) => commands::postgres::billing(&args).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("sluice: {e:#}");

@@ -12,6 +12,7 @@
 
 mod support;
 
+mod alerts;
 mod cli;
 mod compat;
 mod edges;
