@@ -42,12 +42,8 @@ command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp
 [ -x "$BIN/sluice" ] || { echo "$BIN/sluice not found: cargo build --release --bins" >&2; exit 1; }
 
 rm -rf "$WORK" && mkdir -p "$WORK/rules" "$WORK/spool"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
 
 psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
 export SLUICE_DATABASE_URL="$PGURL/$DB" SLUICE_KEY_SECRET=bench
@@ -73,15 +69,6 @@ entry = field(1, b"api_key") + field(2, sys.argv[2].encode())
 message = field(1, b"bench") + field(2, field(1, entry))
 open(sys.argv[1], "wb").write(b"\0" + struct.pack(">I", len(message)) + message)
 EOF
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listening on $1" >&2
-    return 1
-}
 
 serve() { # name port extra-args...
     local name=$1 port=$2

@@ -18,7 +18,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::cycles::{self, Moved};
-use super::{Event, QuotaAlertData, Record, Topic};
+use super::{outbox, Event, QuotaAlertData, Topic};
 use crate::telemetry::names;
 
 /// Records the alerts of the thresholds `moved` crossed, with their
@@ -60,17 +60,7 @@ pub async fn record(
             if inserted.rows_affected() == 0 {
                 continue;
             }
-            let record = Record::of(&event, Some(&m.tenant_id));
-            let body: serde_json::Value = serde_json::from_slice(&record.body).unwrap_or_default();
-            sqlx::query(
-                "INSERT INTO event_outbox (id, topic, routing_key, body) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(event.id)
-            .bind(Topic::QuotaAlerts.name())
-            .bind(&record.key)
-            .bind(&body)
-            .execute(&mut *tx)
-            .await?;
+            let body = outbox::stage(&mut *tx, &event, &m.tenant_id).await?;
             sqlx::query(
                 "INSERT INTO webhook_deliveries (webhook_id, event_id, body, give_up_at)
                  SELECT id, $2, $3, now() + make_interval(secs => $4)

@@ -11,7 +11,7 @@ use metrics::counter;
 use sqlx::{PgConnection, PgPool};
 
 use super::cycles;
-use super::{BillingData, BillingLine, Event, Record, Topic};
+use super::{outbox, BillingData, BillingLine, Event, Topic};
 use crate::telemetry::names;
 
 #[derive(sqlx::FromRow)]
@@ -190,15 +190,7 @@ async fn close(tx: &mut PgConnection, c: &Closing, instance: &str) -> Result<boo
             lines,
         },
     );
-    let record = Record::of(&event, Some(&c.tenant_id));
-    let body: serde_json::Value = serde_json::from_slice(&record.body).unwrap_or_default();
-    sqlx::query("INSERT INTO event_outbox (id, topic, routing_key, body) VALUES ($1, $2, $3, $4)")
-        .bind(event.id)
-        .bind(Topic::Billing.name())
-        .bind(&record.key)
-        .bind(&body)
-        .execute(&mut *tx)
-        .await?;
+    outbox::stage(&mut *tx, &event, &c.tenant_id).await?;
     counter!(names::INVOICES).increment(1);
     Ok(true)
 }

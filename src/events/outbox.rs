@@ -7,10 +7,30 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{EventSink, Record, Topic};
+use super::{Event, EventSink, Record, Topic};
+
+/// Stages an event in the outbox, inside the caller's transaction, keyed
+/// by `routing_key` (the tenant id); returns its JSON body.
+pub async fn stage<T: Serialize>(
+    tx: &mut PgConnection,
+    event: &Event<T>,
+    routing_key: &str,
+) -> Result<serde_json::Value, sqlx::Error> {
+    let record = Record::of(event, Some(routing_key));
+    let body: serde_json::Value = serde_json::from_slice(&record.body).unwrap_or_default();
+    sqlx::query("INSERT INTO event_outbox (id, topic, routing_key, body) VALUES ($1, $2, $3, $4)")
+        .bind(event.id)
+        .bind(event.topic.name())
+        .bind(&record.key)
+        .bind(&body)
+        .execute(&mut *tx)
+        .await?;
+    Ok(body)
+}
 
 #[derive(sqlx::FromRow)]
 struct Pending {

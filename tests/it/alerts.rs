@@ -21,8 +21,8 @@ use sluice::proto::rls::rate_limit_response::Code;
 use sqlx::PgPool;
 
 use crate::events::{
-    check_bodies, require_rabbitmq, serve, sluice_cmd, tap, unique_prefix, BROKER, KEY_SECRET,
-    RABBIT,
+    check_bodies, database_with, require_rabbitmq, serve, sluice_cmd, tap, unique_prefix, BROKER,
+    KEY_SECRET, RABBIT,
 };
 use crate::support::postgres::PgCluster;
 use crate::support::{eventually, request, ChildGuard};
@@ -124,17 +124,9 @@ fn consume(pg: &PgCluster, prefix: &str, kind: &str, args: &[&str], name: &str) 
 /// PostgreSQL with the schema and a domain whose only rule is generous:
 /// the tenants' monthly quotas are what denies.
 fn database() -> PgCluster {
-    let pg = PgCluster::start();
-    sluice_cmd(&pg, &["migrate"]);
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("metered.yaml");
-    std::fs::write(
-        &rules,
+    database_with(
         "domain: metered\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 10000}\n",
     )
-    .unwrap();
-    sluice_cmd(&pg, &["rules", "apply", rules.to_str().unwrap()]);
-    pg
 }
 
 fn tenant_with_key(pg: &PgCluster, name: &str, plan: &str, zone: &str) -> String {

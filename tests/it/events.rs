@@ -98,19 +98,23 @@ impl Drop for BrokerStopped {
     }
 }
 
-/// PostgreSQL with the schema, a domain metered by API key, and tenants
-/// with one key each: (cluster, keys by tenant name).
-fn database(tenants: &[&str]) -> (PgCluster, HashMap<String, String>) {
+/// PostgreSQL with the schema and `rules` (YAML) applied.
+pub(crate) fn database_with(rules: &str) -> PgCluster {
     let pg = PgCluster::start();
     sluice_cmd(&pg, &["migrate"]);
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("metered.yaml");
-    std::fs::write(
-        &rules,
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules).unwrap();
+    sluice_cmd(&pg, &["rules", "apply", path.to_str().unwrap()]);
+    pg
+}
+
+/// PostgreSQL with the schema, a domain metered by API key, and tenants
+/// with one key each: (cluster, keys by tenant name).
+fn database(tenants: &[&str]) -> (PgCluster, HashMap<String, String>) {
+    let pg = database_with(
         "domain: metered\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 40, name: per_key}\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 3, name: per_user}\n",
-    )
-    .unwrap();
-    sluice_cmd(&pg, &["rules", "apply", rules.to_str().unwrap()]);
+    );
     let mut keys = HashMap::new();
     for t in tenants {
         sluice_cmd(&pg, &["tenants", "create", t, "--plan", "startup"]);
