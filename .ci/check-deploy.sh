@@ -263,6 +263,7 @@ VARIANTS=(
     "redisCluster+configMap|--set store.type=redisCluster --set keySecret.existingSecret=sluice-key --set store.redisCluster.nodes={redis-0.redis:6379,redis-1.redis:6379}"
     "redisCluster+postgres|--set store.type=redisCluster --set keySecret.existingSecret=sluice-key --set store.redisCluster.nodes={redis-0.redis:6379} --set rules.source=postgres --set postgres.urlSecret.name=sluice-db"
     "redis+postgres+events|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set events.enabled=true --set events.urlSecret.name=sluice-amqp --set events.requestLogSample=0.01"
+    "redis+postgres+events, alerts and billing consumers|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set events.enabled=true --set events.urlSecret.name=sluice-amqp --set events.alerts.enabled=true --set events.alerts.webhookRetryFor=2h --set events.billing.enabled=true --set events.billing.grace=30m"
 )
 for f in "$CHART"/ci/*-values.yaml; do
     VARIANTS+=("$(basename "$f" -values.yaml) (ci/$(basename "$f"))|-f $f")

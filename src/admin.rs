@@ -46,6 +46,10 @@ pub enum AdminError {
     StaleVersion { current: i64 },
     #[error("there is no admin token with prefix '{0}'")]
     NoSuchToken(String),
+    #[error("there is no webhook {0}")]
+    NoSuchWebhook(uuid::Uuid),
+    #[error("invalid webhook URL '{0}': expected http:// or https:// and a host")]
+    InvalidUrl(String),
 }
 
 fn unique_violation(e: &sqlx::Error) -> bool {
@@ -289,10 +293,14 @@ pub struct PlanSummary {
     pub monthly_quota: Option<i64>,
     /// Price per month in cents; `None`: not priced.
     pub monthly_price_cents: Option<i64>,
+    /// Price per 1 000 requests over the quota, in cents; `None`: the quota
+    /// is hard (denied past it), else soft (billed past it).
+    pub overage_cents_per_1000: Option<i64>,
     pub tenants: i64,
 }
 
-const PLAN_COLUMNS: &str = "SELECT p.name, p.monthly_quota, p.monthly_price_cents,
+const PLAN_COLUMNS: &str =
+    "SELECT p.name, p.monthly_quota, p.monthly_price_cents, p.overage_cents_per_1000,
         (SELECT count(*) FROM tenants t WHERE t.plan = p.name) AS tenants
      FROM plans p";
 
@@ -334,24 +342,35 @@ pub async fn create_plan(
     get_plan(pool, name).await
 }
 
-/// Changes a plan's quota and/or price (`Some(None)` clears one).
+/// What [`update_plan`] changes: each `None` leaves its field as it is,
+/// `Some(None)` clears it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanUpdate {
+    pub monthly_quota: Option<Option<i64>>,
+    pub monthly_price_cents: Option<Option<i64>>,
+    pub overage_cents_per_1000: Option<Option<i64>>,
+}
+
+/// Changes a plan's quota and/or prices.
 pub async fn update_plan(
     pool: &PgPool,
     name: &str,
-    monthly_quota: Option<Option<i64>>,
-    monthly_price_cents: Option<Option<i64>>,
+    change: PlanUpdate,
 ) -> Result<PlanSummary, AdminError> {
     let updated = sqlx::query(
         "UPDATE plans SET
              monthly_quota = CASE WHEN $2 THEN $3 ELSE monthly_quota END,
-             monthly_price_cents = CASE WHEN $4 THEN $5 ELSE monthly_price_cents END
+             monthly_price_cents = CASE WHEN $4 THEN $5 ELSE monthly_price_cents END,
+             overage_cents_per_1000 = CASE WHEN $6 THEN $7 ELSE overage_cents_per_1000 END
          WHERE name = $1",
     )
     .bind(name)
-    .bind(monthly_quota.is_some())
-    .bind(monthly_quota.flatten())
-    .bind(monthly_price_cents.is_some())
-    .bind(monthly_price_cents.flatten())
+    .bind(change.monthly_quota.is_some())
+    .bind(change.monthly_quota.flatten())
+    .bind(change.monthly_price_cents.is_some())
+    .bind(change.monthly_price_cents.flatten())
+    .bind(change.overage_cents_per_1000.is_some())
+    .bind(change.overage_cents_per_1000.flatten())
     .execute(pool)
     .await?;
     if updated.rows_affected() == 0 {
@@ -389,18 +408,32 @@ async fn check_plan<'c>(db: impl PgExecutor<'c>, plan: &str) -> Result<(), Admin
 
 // === Tenants ===
 
-/// Creates a tenant on a plan; returns its id.
+/// Creates a tenant on a plan; returns its id. Its billing cycles are
+/// calendar months in UTC; [`create_tenant_in`] names another zone.
 pub async fn create_tenant(pool: &PgPool, name: &str, plan: &str) -> Result<String, AdminError> {
+    create_tenant_in(pool, name, plan, chrono_tz::Tz::UTC).await
+}
+
+/// Creates a tenant on a plan, its billing cycles in `time_zone`.
+pub async fn create_tenant_in(
+    pool: &PgPool,
+    name: &str,
+    plan: &str,
+    time_zone: chrono_tz::Tz,
+) -> Result<String, AdminError> {
     check_plan(pool, plan).await?;
-    sqlx::query_scalar("INSERT INTO tenants (name, plan) VALUES ($1, $2) RETURNING id::text")
-        .bind(name)
-        .bind(plan)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| match unique_violation(&e) {
-            true => AdminError::TenantExists(name.to_owned()),
-            false => AdminError::Database(e),
-        })
+    sqlx::query_scalar(
+        "INSERT INTO tenants (name, plan, time_zone) VALUES ($1, $2, $3) RETURNING id::text",
+    )
+    .bind(name)
+    .bind(plan)
+    .bind(time_zone.name())
+    .fetch_one(pool)
+    .await
+    .map_err(|e| match unique_violation(&e) {
+        true => AdminError::TenantExists(name.to_owned()),
+        false => AdminError::Database(e),
+    })
 }
 
 /// A tenant and how many keys it has that are not revoked.
@@ -683,21 +716,9 @@ pub async fn list_keys(pool: &PgPool, tenant: &str) -> Result<TenantKeys, AdminE
 
 // === Usage ===
 
-/// A calendar month in UTC, as [start, end).
-pub fn month_range(year: i32, month: u32) -> Result<(DateTime<Utc>, DateTime<Utc>), AdminError> {
-    let start = NaiveDate::from_ymd_opt(year, month, 1).ok_or(AdminError::InvalidMonth)?;
-    let end = if month == 12 {
-        NaiveDate::from_ymd_opt(year + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(year, month + 1, 1)
-    }
-    .ok_or(AdminError::InvalidMonth)?;
-    let at = |d: NaiveDate| {
-        d.and_hms_opt(0, 0, 0)
-            .map(|t| t.and_utc())
-            .ok_or(AdminError::InvalidMonth)
-    };
-    Ok((at(start)?, at(end)?))
+/// A billing cycle, `YEAR-MONTH`, as the date of its first day.
+pub fn cycle(year: i32, month: u32) -> Result<NaiveDate, AdminError> {
+    NaiveDate::from_ymd_opt(year, month, 1).ok_or(AdminError::InvalidMonth)
 }
 
 /// A tenant's allowed and denied requests in one domain.
@@ -708,23 +729,23 @@ pub struct DomainUsage {
     pub denied: i64,
 }
 
-/// A tenant's usage per domain in [start, end), summed over all instances'
-/// hourly rows.
+/// A tenant's usage per domain in one billing cycle (a calendar month in
+/// the tenant's time zone, as its quota counts it), summed over all
+/// instances.
 pub async fn usage(
     pool: &PgPool,
     tenant: &str,
-    (start, end): (DateTime<Utc>, DateTime<Utc>),
+    cycle: NaiveDate,
 ) -> Result<Vec<DomainUsage>, AdminError> {
     find_tenant(pool, tenant).await?;
     Ok(sqlx::query_as(
-        "SELECT u.domain, sum(u.allowed)::int8 AS allowed, sum(u.denied)::int8 AS denied
-         FROM usage_hourly u JOIN tenants t ON t.id = u.tenant_id
-         WHERE t.name = $1 AND u.hour >= $2 AND u.hour < $3
-         GROUP BY u.domain ORDER BY u.domain",
+        "SELECT u.domain, u.allowed, u.denied
+         FROM usage_monthly u JOIN tenants t ON t.id = u.tenant_id
+         WHERE t.name = $1 AND u.cycle = $2
+         ORDER BY u.domain",
     )
     .bind(tenant)
-    .bind(start)
-    .bind(end)
+    .bind(cycle)
     .fetch_all(pool)
     .await?)
 }
@@ -847,4 +868,140 @@ pub async fn top_rules(
     .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+// === Webhooks ===
+
+/// A webhook just added: its signing secret is shown once.
+#[derive(Debug)]
+pub struct NewWebhook {
+    pub id: uuid::Uuid,
+    pub secret: String,
+}
+
+/// Adds a webhook to a tenant, with a new random signing secret.
+pub async fn add_webhook(pool: &PgPool, tenant: &str, url: &str) -> Result<NewWebhook, AdminError> {
+    let valid = url.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.starts_with('/')
+    });
+    if !valid {
+        return Err(AdminError::InvalidUrl(url.to_owned()));
+    }
+    let tenant_id = find_tenant(pool, tenant).await?.id;
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(AdminError::Random)?;
+    let secret = format!("whsec_{}", hex::encode(bytes));
+    let id = sqlx::query_scalar(
+        "INSERT INTO webhooks (tenant_id, url, secret) VALUES ($1::uuid, $2, $3) RETURNING id",
+    )
+    .bind(tenant_id)
+    .bind(url)
+    .bind(&secret)
+    .fetch_one(pool)
+    .await?;
+    Ok(NewWebhook { id, secret })
+}
+
+/// A webhook and its deliveries so far (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct WebhookSummary {
+    pub id: uuid::Uuid,
+    pub url: String,
+    pub created_at: DateTime<Utc>,
+    pub delivered: i64,
+    pub pending: i64,
+    pub failed: i64,
+    /// The last attempt's status code, if any answered.
+    pub last_status: Option<i32>,
+}
+
+pub async fn list_webhooks(pool: &PgPool, tenant: &str) -> Result<Vec<WebhookSummary>, AdminError> {
+    let tenant_id = find_tenant(pool, tenant).await?.id;
+    Ok(sqlx::query_as(
+        "SELECT w.id, w.url, w.created_at,
+                count(d.id) FILTER (WHERE d.state = 'delivered') AS delivered,
+                count(d.id) FILTER (WHERE d.state = 'pending') AS pending,
+                count(d.id) FILTER (WHERE d.state = 'failed') AS failed,
+                (SELECT a.status_code FROM webhook_attempts a
+                 JOIN webhook_deliveries d2 ON d2.id = a.delivery_id
+                 WHERE d2.webhook_id = w.id ORDER BY a.at DESC LIMIT 1) AS last_status
+         FROM webhooks w LEFT JOIN webhook_deliveries d ON d.webhook_id = w.id
+         WHERE w.tenant_id = $1::uuid GROUP BY w.id ORDER BY w.created_at, w.id",
+    )
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn remove_webhook(pool: &PgPool, id: uuid::Uuid) -> Result<(), AdminError> {
+    let done = sqlx::query("DELETE FROM webhooks WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    match done.rows_affected() {
+        0 => Err(AdminError::NoSuchWebhook(id)),
+        _ => Ok(()),
+    }
+}
+
+// === Invoices ===
+
+/// One line of a closed cycle's invoice.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct InvoiceLine {
+    pub kind: String,
+    pub description: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
+    pub amount_cents: i64,
+}
+
+/// A cycle's invoice, or where an open cycle stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Invoice {
+    Closed {
+        plan: String,
+        requests: i64,
+        total_cents: i64,
+        lines: Vec<InvoiceLine>,
+    },
+    /// Not closed yet: the requests the billing consumer has counted.
+    Open { requests: i64 },
+}
+
+pub async fn invoice(pool: &PgPool, tenant: &str, cycle: NaiveDate) -> Result<Invoice, AdminError> {
+    let tenant_id = find_tenant(pool, tenant).await?.id;
+    let head: Option<(String, i64, i64)> = sqlx::query_as(
+        "SELECT plan, requests, total_cents FROM invoices WHERE tenant_id = $1::uuid AND cycle = $2",
+    )
+    .bind(&tenant_id)
+    .bind(cycle)
+    .fetch_optional(pool)
+    .await?;
+    let Some((plan, requests, total_cents)) = head else {
+        let requests = sqlx::query_scalar(
+            "SELECT requests FROM cycle_usage
+             WHERE consumer = 'billing' AND tenant_id = $1::uuid AND cycle = $2",
+        )
+        .bind(&tenant_id)
+        .bind(cycle)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(0);
+        return Ok(Invoice::Open { requests });
+    };
+    let lines = sqlx::query_as(
+        "SELECT kind, description, quantity, unit_price_cents, amount_cents FROM invoice_lines
+         WHERE tenant_id = $1::uuid AND cycle = $2 ORDER BY line",
+    )
+    .bind(&tenant_id)
+    .bind(cycle)
+    .fetch_all(pool)
+    .await?;
+    Ok(Invoice::Closed {
+        plan,
+        requests,
+        total_cents,
+        lines,
+    })
 }

@@ -97,6 +97,10 @@ mod tests {
                 6,
                 "admin",
                 "af5976befabf670e2cb9d44be736e7cd62089fe73b92f3f3a941a82ecb9e53f36398df770137cbe55b3827f1e9f7cf2c".to_owned(),
+            ), (
+                7,
+                "cycles alerts billing",
+                "7eaacb449e45a03486648ec51582f83e5ec171e24dce2c2ea75ab9da1dcefcd0e754656d2d45c127ce0d1c01647c7986".to_owned(),
             )],
             "add a migration; never edit an applied one"
         );

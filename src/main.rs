@@ -50,6 +50,8 @@ async fn main() -> ExitCode {
             commands::admin::serve(*args, app::shutdown_signal()).await
         }
         Command::AdminTokens(command) => commands::admin::tokens(command).await,
+        Command::Webhooks(command) => commands::postgres::webhooks(command).await,
+        Command::Billing(args) => commands::postgres::billing(&args).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("sluice: {e:#}");

@@ -78,7 +78,7 @@ fn check_price(field: &str, price: Option<i64>) -> ApiResult<()> {
     match price {
         Some(p) if !(0..=1_000_000_000_000).contains(&p) => Err(ApiError::bad_request(
             field,
-            "a monthly price is from 0 to 10^12 cents, or null for none",
+            "a price is from 0 to 10^12 cents, or null for none",
         )),
         _ => Ok(()),
     }
@@ -454,6 +454,11 @@ pub struct PlanChange {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub monthly_price_cents: Option<Option<i64>>,
+    /// A price per 1 000 requests over the quota (the quota becomes soft);
+    /// null: a hard quota; absent: unchanged.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
+    pub overage_cents_per_1000: Option<Option<i64>>,
 }
 
 /// Changes a plan's quota and/or price (admin, operator).
@@ -473,12 +478,19 @@ pub async fn update_plan(
     check_plan_name("plan", &name)?;
     check_quota("monthly_quota", body.monthly_quota.flatten())?;
     check_price("monthly_price_cents", body.monthly_price_cents.flatten())?;
+    check_price(
+        "overage_cents_per_1000",
+        body.overage_cents_per_1000.flatten(),
+    )?;
     let before = admin::get_plan(&state.pool, &name).await?;
     let after = admin::update_plan(
         &state.pool,
         &name,
-        body.monthly_quota,
-        body.monthly_price_cents,
+        admin::PlanUpdate {
+            monthly_quota: body.monthly_quota,
+            monthly_price_cents: body.monthly_price_cents,
+            overage_cents_per_1000: body.overage_cents_per_1000,
+        },
     )
     .await?;
     caller

@@ -12,12 +12,15 @@ pub async fn load_catalog(pool: &PgPool) -> Result<Catalog, sqlx::Error> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let plans = sqlx::query_as("SELECT name, monthly_quota FROM plans ORDER BY name")
-        .fetch_all(&mut *tx)
-        .await?;
-    let tenants = sqlx::query_as("SELECT id::text AS id, name, plan FROM tenants ORDER BY name")
-        .fetch_all(&mut *tx)
-        .await?;
+    let plans = sqlx::query_as(
+        "SELECT name, monthly_quota, overage_cents_per_1000 FROM plans ORDER BY name",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let tenants =
+        sqlx::query_as("SELECT id::text AS id, name, plan, time_zone FROM tenants ORDER BY name")
+            .fetch_all(&mut *tx)
+            .await?;
     let keys = sqlx::query_as(
         // A suspended tenant's keys are refused as unknown ones are.
         "SELECT k.key_hash AS hash, k.tenant_id::text AS tenant_id, k.plan
