@@ -263,6 +263,7 @@ VARIANTS=(
     "redisCluster+configMap|--set store.type=redisCluster --set keySecret.existingSecret=sluice-key --set store.redisCluster.nodes={redis-0.redis:6379,redis-1.redis:6379}"
     "redisCluster+postgres|--set store.type=redisCluster --set keySecret.existingSecret=sluice-key --set store.redisCluster.nodes={redis-0.redis:6379} --set rules.source=postgres --set postgres.urlSecret.name=sluice-db"
     "redis+postgres+events|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set events.enabled=true --set events.urlSecret.name=sluice-amqp --set events.requestLogSample=0.01"
+    "redis+postgres+events, alerts and billing consumers|--set store.type=redis --set store.redis.host=redis --set keySecret.existingSecret=sluice-key --set rules.source=postgres --set postgres.url=postgres://sluice@postgres:5432/sluice --set events.enabled=true --set events.urlSecret.name=sluice-amqp --set events.alerts.enabled=true --set events.alerts.webhookRetryFor=2h --set events.billing.enabled=true --set events.billing.grace=30m"
 )
 for f in "$CHART"/ci/*-values.yaml; do
     VARIANTS+=("$(basename "$f" -values.yaml) (ci/$(basename "$f"))|-f $f")
@@ -304,6 +305,10 @@ for var in SLUICE_REDIS_CA_CERT SLUICE_BREAKER_FAILURES SLUICE_BREAKER_COOLDOWN 
     check "ci/redis-values.yaml renders $var" sh -c \
         "helm template sluice '$CHART' -f '$CHART/ci/redis-values.yaml' | grep -qw $var"
 done
+for var in SLUICE_ADMIN_ADDR SLUICE_ADMIN_TLS_CERT SLUICE_ADMIN_AUTH_FAILURES SLUICE_ADMIN_AUTH_FAILURE_WINDOW; do
+    check "ci/postgres-values.yaml renders the admin Deployment with $var" sh -c \
+        "helm template sluice '$CHART' -f '$CHART/ci/postgres-values.yaml' | grep -qw $var"
+done
 for var in SLUICE_USAGE_FLUSH SLUICE_USAGE_QUEUE; do
     check "ci/postgres-values.yaml renders $var" sh -c \
         "helm template sluice '$CHART' -f '$CHART/ci/postgres-values.yaml' | grep -qw $var"
@@ -325,6 +330,8 @@ MUST_FAIL=(
     "unknown logFormat|log.format must be one of|--set log.format=xml"
     "unknown algorithm|defaultAlgorithm must be one of|--set defaultAlgorithm=leaky_bucket"
     "misspelt value|Additional property storeType is not allowed|--set storeType=redis"
+    "admin API without TLS|admin.enabled serves tokens and API keys|--set admin.enabled=true --set postgres.url=postgres://db/sluice --set keySecret.existingSecret=k"
+    "admin API without PostgreSQL|admin.enabled needs PostgreSQL|--set admin.enabled=true --set admin.tls.secretName=t"
 )
 for case in "${MUST_FAIL[@]}"; do
     IFS='|' read -r name expect argstr <<<"$case"

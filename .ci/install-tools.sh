@@ -21,6 +21,7 @@ KUBECTL_LAYER_VERSION=2.0.0
 HELM_SERIES=v3.18.
 KUBECTL_SERIES=v1.33.
 KUBERNETES_VALIDATE_VERSION=1.37.0
+SCHEMATHESIS_VERSION=4.32.5
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$REPO/.tools"
@@ -417,6 +418,36 @@ step_rabbitmq() {
     STATUS="${STATUS}rabbitmq $(as_root "$ctl" version 2>/dev/null || echo '?') ($server)"
 }
 
+# schemathesis: the admin API's property-based run from its own OpenAPI
+# document (tests/it/admin.rs). A venv of its own, so its jsonschema never
+# meets kubernetes-validate's.
+step_schemathesis() {
+    local venv="$TOOLS/schemathesis-venv"
+    link "$venv/bin/schemathesis" schemathesis
+    if "$BIN/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+        STATUS="ok $SCHEMATHESIS_VERSION (already installed)"
+        return
+    fi
+    rm -rf "$venv"
+    "$VENV/bin/python" -m venv "$venv" || die "creating $venv failed"
+    "$venv/bin/python" -m pip install -q "schemathesis==$SCHEMATHESIS_VERSION" \
+        || die "pip install schemathesis==$SCHEMATHESIS_VERSION failed"
+    STATUS="installed $SCHEMATHESIS_VERSION ($venv)"
+}
+
+# Chromium: the admin console's browser test (tests/it/admin.rs)
+# drives Debian's chromium headless over the DevTools protocol.
+step_chromium() {
+    local c
+    if ! c=$(sys_which chromium); then
+        apt_install chromium || die "apt-get install chromium failed"
+        c=$(sys_which chromium) || die "chromium not found after install"
+        STATUS="installed with apt, "
+    fi
+    link "$c" chromium
+    STATUS="$STATUS$("$BIN/chromium" --version 2>/dev/null | head -n1) ($c)"
+}
+
 T0=$SECONDS
 run_step redis step_redis
 run_step redis-sentinel step_redis_sentinel
@@ -429,6 +460,8 @@ run_step envoy step_envoy
 run_step grpcurl step_grpcurl
 run_step helm+kubectl step_helm_kubectl
 run_step lua step_lua
+run_step chromium step_chromium
+run_step schemathesis step_schemathesis
 if [ "$BENCH" = 1 ]; then
     run_step h2load step_h2load
 fi

@@ -10,6 +10,16 @@ write_rules() {
         "$1" "$2" "${3:+, algorithm: $3}" >"$WORK/rules/bench.yaml"
 }
 
+# wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most).
+wait_port() { # port
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listening on $1" >&2
+    return 1
+}
+
 # On exit: kill the processes listed in `pids`, and stop the Redis and the
 # Cluster the run may have started.
 pids=()

@@ -89,15 +89,6 @@ cpu_ticks() { # pid -> utime + stime
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
-wait_port() { # port
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listening on $1" >&2
-    return 1
-}
-
 redis_pid=
 redis_port=
 redis_calls() { # total script calls on every Redis node of this mode

@@ -384,7 +384,12 @@ fn event_stream(
         .with_context(|| format!("opening the event spool {}", dir.display()))?;
     let status = Arc::new(EventsStatus::default());
     readiness.set_events(status.clone());
-    let sink = AmqpSink::new(&url.0, &args.events_prefix, args.events_confirm_timeout);
+    let sink = AmqpSink::new(
+        &url.0,
+        &args.events_prefix,
+        args.events_confirm_timeout,
+        &args.events_groups,
+    );
     let (recorder, aggregator, publisher) = pipeline::start(
         PipelineSettings {
             instance: args.instance.clone(),

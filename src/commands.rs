@@ -1,6 +1,7 @@
 //! The one-shot subcommands: `check`, `explain` and `rules validate`; those
 //! that work on PostgreSQL are in [`postgres`].
 
+pub mod admin;
 pub mod postgres;
 
 use std::fmt::Write as _;
@@ -8,7 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::{CheckArgs, ConsumeCommand, ExplainArgs};
+use crate::events::amqp::AmqpSink;
 use crate::events::consume::{self, ConsumeSettings};
+use crate::events::{alerts, billing, outbox, Group};
 use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
 use crate::proto::rls::{
     rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient, RateLimitRequest,
@@ -211,11 +214,14 @@ fn seconds(d: Option<&pbjson_types::Duration>) -> String {
 }
 
 /// `sluice consume ...`: a consumer of the event stream, until `shutdown`.
+/// The alerts consumer also delivers webhooks and the billing consumer
+/// closes cycles; both publish the events they make from the outbox.
 pub async fn consume(
     command: ConsumeCommand,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
-    let ConsumeCommand::Usage(args) = command;
+    use futures::FutureExt as _;
+    let args = command.common();
     telemetry::init_tracing(LogFormat::Text, &args.log_level, None)?;
     let database = &args.database;
     let options = crate::database::options(
@@ -223,14 +229,81 @@ pub async fn consume(
         database.database_password.as_ref(),
     )
     .map_err(anyhow::Error::msg)?;
-    let pool = crate::database::lazy_pool(options, 2, std::time::Duration::from_secs(5));
+    let pool = crate::database::lazy_pool(options, 4, std::time::Duration::from_secs(5));
     let settings = ConsumeSettings {
         url: args.events_url.0.clone(),
         prefix: args.events_prefix.clone(),
         prefetch: args.prefetch.get(),
         batch_wait: args.batch_wait,
+        webhook_retry_for: match &command {
+            ConsumeCommand::Alerts(a) => a.webhook_retry_for,
+            _ => std::time::Duration::from_secs(24 * 3_600),
+        },
+        instance: args.instance.clone(),
     };
-    consume::usage(settings, pool, shutdown).await;
+    let shutdown = shutdown.shared();
+    let outbox = || {
+        // The outbox's events (quota-alerts, billing) feed no group of ours.
+        let sink = AmqpSink::new(
+            &settings.url,
+            &settings.prefix,
+            std::time::Duration::from_secs(5),
+            &[],
+        );
+        outbox::publish(
+            pool.clone(),
+            sink,
+            std::time::Duration::from_millis(500),
+            shutdown.clone(),
+        )
+    };
+    match &command {
+        ConsumeCommand::Usage(_) => {
+            consume::run(
+                Group::Usage,
+                settings.clone(),
+                pool.clone(),
+                shutdown.clone(),
+            )
+            .await;
+        }
+        ConsumeCommand::Alerts(a) => {
+            let delivery = alerts::DeliverySettings {
+                backoff: a.webhook_backoff,
+                max_backoff: a.webhook_max_backoff,
+                timeout: a.webhook_timeout,
+                poll: std::time::Duration::from_millis(500),
+            };
+            tokio::join!(
+                consume::run(
+                    Group::Alerts,
+                    settings.clone(),
+                    pool.clone(),
+                    shutdown.clone()
+                ),
+                alerts::deliver(pool.clone(), delivery, shutdown.clone()),
+                outbox(),
+            );
+        }
+        ConsumeCommand::Billing(b) => {
+            tokio::join!(
+                consume::run(
+                    Group::Billing,
+                    settings.clone(),
+                    pool.clone(),
+                    shutdown.clone()
+                ),
+                billing::close_cycles(
+                    pool.clone(),
+                    b.grace,
+                    b.close_every,
+                    settings.instance.clone(),
+                    shutdown.clone()
+                ),
+                outbox(),
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

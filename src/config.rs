@@ -49,11 +49,119 @@ pub enum Command {
     /// API keys, stored in PostgreSQL only as keyed hashes.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// A tenant's allowed and denied requests per domain in one month (UTC).
+    /// A tenant's allowed and denied requests per domain in one billing
+    /// cycle (a calendar month in the tenant's time zone).
     Usage(UsageArgs),
     /// Consume events from the broker (--events-url) into PostgreSQL.
     #[command(subcommand)]
     Consume(ConsumeCommand),
+    /// A tenant's webhooks (quota alerts are POSTed to them, signed).
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+    /// A tenant's invoice lines for one billing cycle.
+    Billing(BillingArgs),
+    /// Serve the admin API and console (tenants, plans, keys, rules, usage,
+    /// audit log) on their own port, apart from the decision servers.
+    Admin(Box<AdminArgs>),
+    /// Tokens for the admin API, stored in PostgreSQL only as keyed hashes.
+    #[command(subcommand)]
+    AdminTokens(AdminTokensCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Where the admin API listens; loopback by default, so exposing it is
+    /// a decision (with --tls-cert).
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:8090")]
+    pub addr: SocketAddr,
+    /// The secret the servers hash API keys with (their --key-secret);
+    /// admin tokens are hashed with it too.
+    #[arg(long, env = "SLUICE_KEY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub key_secret: Secret,
+    /// Serve HTTPS with this certificate chain (PEM); reloaded on change.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Failed sign-ins a source address may make per --auth-failure-window
+    /// before it is refused (429) without its token being checked.
+    #[arg(long, env = "SLUICE_ADMIN_AUTH_FAILURES", default_value = "10")]
+    pub auth_failures: std::num::NonZeroU32,
+    #[arg(long, env = "SLUICE_ADMIN_AUTH_FAILURE_WINDOW", default_value = "1m", value_parser = parse_window)]
+    pub auth_failure_window: Duration,
+    /// Also accept JWTs from this OIDC issuer (`iss`), checked against
+    /// --oidc-jwks, for --oidc-audience.
+    #[arg(long, env = "SLUICE_ADMIN_OIDC_ISSUER", requires_all = ["oidc_audience", "oidc_jwks"])]
+    pub oidc_issuer: Option<String>,
+    #[arg(long, env = "SLUICE_ADMIN_OIDC_AUDIENCE", requires = "oidc_issuer")]
+    pub oidc_audience: Option<String>,
+    /// The provider's signing keys, a JWKS file (read at start-up).
+    #[arg(long, env = "SLUICE_ADMIN_OIDC_JWKS", requires = "oidc_issuer")]
+    pub oidc_jwks: Option<PathBuf>,
+    /// The claim naming the role: admin, operator or tenant.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_OIDC_ROLE_CLAIM",
+        default_value = "sluice_role"
+    )]
+    pub oidc_role_claim: String,
+    /// The claim naming a tenant role's tenant.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_OIDC_TENANT_CLAIM",
+        default_value = "sluice_tenant"
+    )]
+    pub oidc_tenant_claim: String,
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_parser = choice(LOG_FORMAT), default_value = "text")]
+    pub log_format: LogFormat,
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(86_400) {
+        return Err("expected from 1s to 24h".into());
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokensCommand {
+    /// Issue a token: print it once; only its keyed hash is stored.
+    Issue {
+        /// admin (everything), operator (all but tokens) or tenant (its own
+        /// tenant: usage, violations, API keys).
+        #[arg(long, value_parser = ["admin", "operator", "tenant"])]
+        role: String,
+        /// The tenant of a `tenant` token.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Expire the token after this long, e.g. 90d; default: never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// What the token is for, shown in lists.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, env = "SLUICE_KEY_SECRET", value_parser = parse_secret, hide_env_values = true)]
+        key_secret: Secret,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List tokens by prefix.
+    List(DatabaseArgs),
+    /// Revoke a token by its prefix.
+    Revoke {
+        prefix: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +169,92 @@ pub enum ConsumeCommand {
     /// `usage` and `rate-limit-violations` events into the usage and
     /// violations tables (what `sluice usage` reports); runs until SIGTERM.
     Usage(ConsumeArgs),
+    /// `usage` events into each tenant's cycle total: 80, 90 and 100 % of
+    /// the monthly quota raise one `quota-alerts` event each per cycle,
+    /// POSTed, signed, to the tenant's webhooks; runs until SIGTERM.
+    Alerts(AlertsArgs),
+    /// `usage` events into each tenant's cycle total; a closed cycle
+    /// becomes invoice lines and a `billing` event; runs until SIGTERM.
+    Billing(BillingConsumeArgs),
+}
+
+impl ConsumeCommand {
+    /// The flags every consumer has.
+    pub fn common(&self) -> &ConsumeArgs {
+        match self {
+            ConsumeCommand::Usage(args) => args,
+            ConsumeCommand::Alerts(args) => &args.common,
+            ConsumeCommand::Billing(args) => &args.common,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    #[command(flatten)]
+    pub common: ConsumeArgs,
+    /// How long a webhook delivery is retried before it is marked failed.
+    #[arg(long, env = "SLUICE_WEBHOOK_RETRY_FOR", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub webhook_retry_for: Duration,
+    /// The first retry's delay; each next doubles (jittered) up to --webhook-max-backoff.
+    #[arg(long, env = "SLUICE_WEBHOOK_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub webhook_backoff: Duration,
+    #[arg(long, env = "SLUICE_WEBHOOK_MAX_BACKOFF", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub webhook_max_backoff: Duration,
+    /// One delivery attempt's bound.
+    #[arg(long, env = "SLUICE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct BillingConsumeArgs {
+    #[command(flatten)]
+    pub common: ConsumeArgs,
+    /// How long after a cycle ends (in the tenant's zone) its invoice is
+    /// written: late usage events within it still count.
+    #[arg(long, env = "SLUICE_BILLING_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// How often ended cycles are looked for.
+    #[arg(long, env = "SLUICE_BILLING_CLOSE_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub close_every: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Add a webhook; prints its id and signing secret (shown once).
+    Add {
+        #[arg(long)]
+        tenant: String,
+        /// http:// or https:// URL receiving POSTed events.
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List a tenant's webhooks and their deliveries.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Remove a webhook by id.
+    Remove {
+        id: uuid::Uuid,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BillingArgs {
+    #[arg(long)]
+    pub tenant: String,
+    /// The cycle, e.g. 2026-11 (the calendar month in the tenant's zone).
+    #[arg(long, value_parser = parse_month)]
+    pub cycle: (i32, u32),
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +271,9 @@ pub struct ConsumeArgs {
     /// How long a batch waits for more deliveries after its first.
     #[arg(long, env = "SLUICE_CONSUME_BATCH_WAIT", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub batch_wait: Duration,
+    /// This consumer's name in the events it makes (default: the host name).
+    #[arg(long, env = "SLUICE_INSTANCE", default_value_t = host_name())]
+    pub instance: String,
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     #[command(flatten)]
@@ -139,13 +336,21 @@ pub struct DatabaseArgs {
 pub enum PlansCommand {
     /// List plans and their quotas.
     List(DatabaseArgs),
-    /// Create a plan or change its monthly quota.
+    /// Create a plan or change its monthly quota and prices.
     Set {
         name: String,
-        /// Requests per month (30 days) for each tenant on the plan; `none`
-        /// for no quota.
+        /// Requests per billing cycle (a calendar month in the tenant's time
+        /// zone) for each tenant on the plan; `none` for no quota.
         #[arg(long, value_parser = parse_quota)]
         monthly_quota: Quota,
+        /// The plan's price per cycle, in cents (kept when not given).
+        #[arg(long)]
+        price_cents: Option<u32>,
+        /// Price per 1 000 requests over the quota, in cents: the quota
+        /// becomes soft (requests over it are allowed and billed); `none`:
+        /// a hard quota (kept when not given).
+        #[arg(long, value_parser = parse_overage)]
+        overage_cents_per_1000: Option<Overage>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -155,6 +360,22 @@ pub enum PlansCommand {
 pub enum Quota {
     None,
     Requests(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overage {
+    /// A hard quota.
+    None,
+    CentsPer1000(u32),
+}
+
+fn parse_overage(s: &str) -> Result<Overage, String> {
+    if s == "none" {
+        return Ok(Overage::None);
+    }
+    s.parse::<u32>()
+        .map(Overage::CentsPer1000)
+        .map_err(|_| "expected 'none' or a price in cents".to_owned())
 }
 
 fn parse_quota(s: &str) -> Result<Quota, String> {
@@ -177,6 +398,9 @@ pub enum TenantsCommand {
         name: String,
         #[arg(long)]
         plan: String,
+        /// The IANA time zone of its billing cycles (calendar months).
+        #[arg(long, default_value = "UTC", value_parser = parse_time_zone)]
+        time_zone: chrono_tz::Tz,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -223,6 +447,17 @@ pub struct UsageArgs {
     pub month: (i32, u32),
     #[command(flatten)]
     pub database: DatabaseArgs,
+}
+
+fn parse_group(s: &str) -> Result<crate::events::Group, String> {
+    crate::events::Group::from_name(s.trim())
+        .ok_or_else(|| format!("unknown consumer group '{s}' (expected usage, alerts or billing)"))
+}
+
+fn parse_time_zone(s: &str) -> Result<chrono_tz::Tz, String> {
+    s.parse().map_err(|_| {
+        format!("unknown time zone '{s}' (expected an IANA name such as Europe/Berlin)")
+    })
 }
 
 fn parse_month(s: &str) -> Result<(i32, u32), String> {
@@ -625,6 +860,12 @@ pub struct ServeArgs {
     /// Prefix of the exchange and queue names (e.g. one per environment).
     #[arg(long, env = "SLUICE_EVENTS_PREFIX", default_value = "")]
     pub events_prefix: String,
+
+    /// The consumer groups that will read the stream (`usage`, `alerts`,
+    /// `billing`, comma-separated): their queues are declared with the
+    /// exchanges, so events wait for a consumer that has not started yet.
+    #[arg(long, env = "SLUICE_EVENTS_GROUPS", default_value = "usage", value_delimiter = ',', value_parser = parse_group)]
+    pub events_groups: Vec<crate::events::Group>,
 
     /// Directory where events wait until the broker confirms them; kept
     /// across restarts. Required with --events-url.

@@ -8,7 +8,7 @@ use pbjson_types::value::Kind;
 
 use crate::limiter::{
     Algorithm, Candidate, Code, CounterReading, Descriptor, Limit, LimitOverride, Matched,
-    MetaValue, Metadata, Reason, Request, RequestError, Rule, RuleLimit, Scope, Unit,
+    MetaValue, Metadata, Reason, Request, RequestError, Rule, RuleLimit, Scope, Unit, Window,
     MONTHLY_QUOTA,
 };
 use crate::proto::common::RateLimitDescriptor;
@@ -100,16 +100,10 @@ fn duration_to_proto(d: Duration) -> pbjson_types::Duration {
 fn status_to_proto(s: &Status) -> rsp::DescriptorStatus {
     rsp::DescriptorStatus {
         code: code_to_proto(s.code) as i32,
-        current_limit: s.limit.as_ref().map(|l| rsp::RateLimit {
-            name: l.name.as_deref().unwrap_or_default().to_owned(),
-            requests_per_unit: l.requests_per_unit,
-            // No unit is as long as a 5-minute window: UNKNOWN, so
-            // that Envoy states no window rather than a wrong one.
-            unit: l
-                .window
-                .reported_unit()
-                .map_or(rsp::rate_limit::Unit::Unknown, unit_to_proto) as i32,
-        }),
+        current_limit: s
+            .limit
+            .as_ref()
+            .map(|l| rate_limit_to_proto(l.name.as_deref(), l.requests_per_unit, &l.window)),
         limit_remaining: s.remaining,
         duration_until_reset: s.reset.map(duration_to_proto),
         quota: s.quota.map(|(requests, until_us)| rsp::Quota {
@@ -267,11 +261,20 @@ fn rule_to_proto(rule: &Rule) -> api::Rule {
 }
 
 fn limit_to_proto(l: &Limit) -> rsp::RateLimit {
+    rate_limit_to_proto(l.name.as_deref(), l.requests_per_unit, &l.window)
+}
+
+fn rate_limit_to_proto(
+    name: Option<&str>,
+    requests_per_unit: u32,
+    window: &Window,
+) -> rsp::RateLimit {
     rsp::RateLimit {
-        name: l.name.as_deref().unwrap_or_default().to_owned(),
-        requests_per_unit: l.requests_per_unit,
-        unit: l
-            .window
+        name: name.unwrap_or_default().to_owned(),
+        requests_per_unit,
+        // No unit is as long as a 5-minute window: UNKNOWN, so that Envoy
+        // states no window rather than a wrong one.
+        unit: window
             .reported_unit()
             .map_or(rsp::rate_limit::Unit::Unknown, unit_to_proto) as i32,
     }

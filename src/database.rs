@@ -93,6 +93,14 @@ mod tests {
                 5,
                 "events",
                 "494dd0db95ac309f9dd71660fdb6444ea395977c030f1aa88583c90af55c4cc43060112166bf39b9bc6ca950a5b25b8e".to_owned(),
+            ), (
+                6,
+                "admin",
+                "af5976befabf670e2cb9d44be736e7cd62089fe73b92f3f3a941a82ecb9e53f36398df770137cbe55b3827f1e9f7cf2c".to_owned(),
+            ), (
+                7,
+                "cycles alerts billing",
+                "5429bf32db6839f1bda373dc0a9a87ddccb69961720ed076fec713b1d8e8672a5fed4ed0f56589497e79c43d2a481bb0".to_owned(),
             )],
             "add a migration; never edit an applied one"
         );

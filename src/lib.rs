@@ -7,16 +7,17 @@
 //! | module      | job |
 //! |-------------|-----|
 //! | `app`       | composition root: build store, rules, servers; run until shutdown |
-//! | `commands`  | one-shot subcommands (`check`, `explain`, `rules`, and the PostgreSQL admin ones) |
+//! | `commands`  | subcommands (`check`, `explain`, `rules`, the PostgreSQL admin ones, `admin`, `admin-tokens`) |
 //! | `config`    | the command line (every flag also a `SLUICE_*` env var), mapped to domain types |
 //! | `grpc`      | Envoy's `RateLimitService`, `sluice.v1.Sluice` (`Explain`), health, reflection |
 //! | `http`      | `/json`, `/explain`, `/metrics`, `/healthz`, `/readyz` |
-//! | `tls`       | TLS and mutual TLS for gRPC, with certificate reloads |
+//! | `tls`       | TLS and mutual TLS for gRPC and the admin API, with certificate reloads |
 //! | `listen`    | accepting connections within bounds: a cap, handshake deadlines |
+//! | `admin_api` | the admin API and console (`sluice admin`): REST under `/admin/v1`, OpenAPI, tokens and roles, audit |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
 //! | `rlqs`      | Envoy's Rate Limit Quota Service: buckets on rules, shares of the budget, streams |
 //! | `service`   | the shell: rules snapshot, store call with timeout, failure mode, metrics |
-//! | `admin`     | the catalog's administration in PostgreSQL: rules, plans, tenants, API keys, usage |
+//! | `admin`     | the catalog's administration in PostgreSQL: rules, plans, tenants, API keys, usage, admin tokens, audit log |
 //! | `storage`   | the `CounterStore` trait and its backends |
 //! | `rules`     | rule sources: envoyproxy/ratelimit YAML, file reloads, PostgreSQL rules and API keys |
 //! | `usage`     | usage and violation metering: bounded queue, batched writes |
@@ -43,7 +44,7 @@
 //! | layer | modules |
 //! |-------|---------|
 //! | 7 | `app`, `commands` |
-//! | 6 | `config` |
+//! | 6 | `config`, `admin_api` |
 //! | 5 | `grpc`, `http`, `tls` |
 //! | 4 | `convert`, `rlqs` |
 //! | 3 | `service`, `admin`, `events` |
@@ -52,6 +53,7 @@
 //! | 0 | `proto`, `clock`, `task`, `reload`, `secret`, `telemetry`, `health`, `allocator` |
 
 pub mod admin;
+pub mod admin_api;
 mod allocator;
 pub mod app;
 pub mod clock;

@@ -42,6 +42,16 @@ async fn main() -> ExitCode {
             commands::postgres::usage(&args.tenant, args.month, &args.database).await
         }
         Command::Consume(command) => commands::consume(command, app::shutdown_signal()).await,
+        Command::Admin(args) => {
+            if let Err(e) = telemetry::init_tracing(args.log_format, &args.log_level, None) {
+                eprintln!("sluice: {e:#}");
+                return ExitCode::from(2);
+            }
+            commands::admin::serve(*args, app::shutdown_signal()).await
+        }
+        Command::AdminTokens(command) => commands::admin::tokens(command).await,
+        Command::Webhooks(command) => commands::postgres::webhooks(command).await,
+        Command::Billing(args) => commands::postgres::billing(&args).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("sluice: {e:#}");

@@ -79,6 +79,13 @@ pub mod names {
     /// Events a consumer applied to PostgreSQL, by consumer and `result`
     /// (`applied`, `duplicate`, `invalid`).
     pub const EVENTS_CONSUMED: &str = "sluice_events_consumed_total";
+    /// Quota alerts raised (alerts consumer), by `threshold`.
+    pub const QUOTA_ALERTS: &str = "sluice_quota_alerts_total";
+    /// Webhook delivery attempts, by the delivery's `result` after it
+    /// (`delivered`, `pending`: to be retried, `failed`: given up).
+    pub const WEBHOOK_ATTEMPTS: &str = "sluice_webhook_attempts_total";
+    /// Invoices written when billing cycles close (billing consumer).
+    pub const INVOICES: &str = "sluice_invoices_total";
     // The Rate Limit Quota Service (RLQS).
     /// Quota streams open (one per Envoy).
     pub const RLQS_STREAMS: &str = "sluice_rlqs_streams";

@@ -4,7 +4,7 @@
 //! A decision hands its event to a bounded queue with `try_send` and moves
 //! on: when the queue is full the event is dropped and counted
 //! (`sluice_usage_dropped_total`), so metering never slows or blocks a
-//! decision. One writer task folds events into per-hour sums and per-batch
+//! decision. One writer task folds events into per-minute sums and per-batch
 //! violation counts and writes them every `--usage-flush` and at shutdown.
 //! A failed write keeps the sums for the next attempt (up to a bound).
 
@@ -187,7 +187,7 @@ fn client_id(hasher: &KeyHasher, request: &Request<'_>, index: usize) -> String 
 
 // === The writer ===
 
-/// A `usage_hourly` row's key: tenant id, domain, hour start (Unix seconds).
+/// Usage sums' key: tenant id, domain, minute start (Unix seconds).
 pub type UsageKey = (Arc<str>, Arc<str>, i64);
 /// A `violations` row's key: tenant id, domain, rule, client.
 pub type ViolationKey = (Option<Arc<str>>, Arc<str>, Arc<str>, String);
@@ -215,27 +215,48 @@ impl Batch {
         if self.len() + 1 + event.violations.len() > MAX_PENDING {
             return false;
         }
-        if let Some(tenant) = event.tenant_id {
-            let hour = (event.at_us / 1_000_000 / 3_600 * 3_600) as i64;
-            let sums = self
-                .usage
-                .entry((tenant, event.domain.clone(), hour))
-                .or_default();
-            if event.allowed {
-                sums.0 += 1;
-            } else {
-                sums.1 += 1;
-            }
-        }
-        for v in event.violations {
-            let entry = self
-                .violations
-                .entry((v.tenant_id, event.domain.clone(), v.rule, v.client_id))
-                .or_insert((event.at_us, 0));
-            entry.0 = entry.0.min(event.at_us);
-            entry.1 += 1;
-        }
+        fold(
+            &mut self.usage,
+            &mut self.violations,
+            event,
+            60,
+            |v, domain, _minute| (v.tenant_id, domain, v.rule, v.client_id),
+        );
         true
+    }
+}
+
+/// Folds one event into per-bucket usage sums, `(allowed, denied)` per
+/// tenant, domain and bucket start (Unix seconds, buckets of `bucket_s`),
+/// and into violation counts, `(first seen in µs, hits)` under `key`. The
+/// one fold behind the PostgreSQL writer and the event stream.
+pub fn fold<K, N>(
+    usage: &mut HashMap<UsageKey, (N, N)>,
+    violations: &mut HashMap<K, (u64, N)>,
+    event: UsageEvent,
+    bucket_s: u64,
+    key: impl Fn(Violation, Arc<str>, i64) -> K,
+) where
+    K: std::hash::Hash + Eq,
+    N: Default + std::ops::AddAssign + From<u8>,
+{
+    let bucket = (event.at_us / 1_000_000 / bucket_s * bucket_s) as i64;
+    if let Some(tenant) = event.tenant_id {
+        let sums = usage
+            .entry((tenant, event.domain.clone(), bucket))
+            .or_default();
+        if event.allowed {
+            sums.0 += N::from(1);
+        } else {
+            sums.1 += N::from(1);
+        }
+    }
+    for v in event.violations {
+        let entry = violations
+            .entry(key(v, event.domain.clone(), bucket))
+            .or_insert((event.at_us, N::default()));
+        entry.0 = entry.0.min(event.at_us);
+        entry.1 += N::from(1);
     }
 }
 
@@ -286,8 +307,8 @@ impl Writer {
     }
 }
 
-/// Adds a batch's sums to `usage_hourly` and its rows to `violations`
-/// inside the caller's transaction (the writer here, the `usage` event
+/// Adds a batch's sums to `usage_hourly` and `usage_monthly`, and its rows
+/// to `violations`, inside the caller's transaction (the writer here, the `usage` event
 /// consumer in `events`). `partitions` are the months known to exist;
 /// returns those created, to remember once the transaction commits.
 pub async fn write_batch(
@@ -299,31 +320,46 @@ pub async fn write_batch(
     if !batch.usage.is_empty() {
         let mut tenants = Vec::with_capacity(batch.usage.len());
         let mut domains = Vec::with_capacity(batch.usage.len());
-        let mut hours = Vec::with_capacity(batch.usage.len());
+        let mut minutes = Vec::with_capacity(batch.usage.len());
         let mut allowed = Vec::with_capacity(batch.usage.len());
         let mut denied = Vec::with_capacity(batch.usage.len());
-        for ((tenant, domain, hour), (a, d)) in &batch.usage {
+        for ((tenant, domain, minute), (a, d)) in &batch.usage {
             tenants.push(tenant.to_string());
             domains.push(domain.to_string());
-            hours.push(DateTime::<Utc>::from_timestamp(*hour, 0).unwrap_or_default());
+            minutes.push(DateTime::<Utc>::from_timestamp(*minute, 0).unwrap_or_default());
             allowed.push(*a);
             denied.push(*d);
         }
-        // A tenant deleted meanwhile loses its last rows rather than
-        // failing the batch for everyone.
+        // Minutes sum into hours (UTC) and into billing cycles: calendar
+        // months in each tenant's zone, exact in every zone since zone
+        // offsets are whole minutes. A tenant deleted meanwhile loses its
+        // last rows rather than failing the batch for everyone.
         sqlx::query(
-            "INSERT INTO usage_hourly (tenant_id, domain, hour, allowed, denied)
-             SELECT u.tenant_id::uuid, u.domain, u.hour, u.allowed, u.denied
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
-                  AS u(tenant_id, domain, hour, allowed, denied)
-             WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.id = u.tenant_id::uuid)
-             ON CONFLICT (tenant_id, domain, hour) DO UPDATE
-             SET allowed = usage_hourly.allowed + EXCLUDED.allowed,
-                 denied = usage_hourly.denied + EXCLUDED.denied",
+            "WITH u AS (
+                 SELECT t.id AS tenant_id, t.time_zone, u.domain, u.minute, u.allowed, u.denied
+                 FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int8[], $5::int8[])
+                      AS u(tenant_id, domain, minute, allowed, denied)
+                 JOIN tenants t ON t.id = u.tenant_id::uuid
+             ), hourly AS (
+                 INSERT INTO usage_hourly (tenant_id, domain, hour, allowed, denied)
+                 SELECT tenant_id, domain, date_trunc('hour', minute AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                        sum(allowed)::int8, sum(denied)::int8
+                 FROM u GROUP BY 1, 2, 3
+                 ON CONFLICT (tenant_id, domain, hour) DO UPDATE
+                 SET allowed = usage_hourly.allowed + EXCLUDED.allowed,
+                     denied = usage_hourly.denied + EXCLUDED.denied
+             )
+             INSERT INTO usage_monthly (tenant_id, domain, cycle, allowed, denied)
+             SELECT tenant_id, domain, date_trunc('month', minute AT TIME ZONE time_zone)::date,
+                    sum(allowed)::int8, sum(denied)::int8
+             FROM u GROUP BY 1, 2, 3
+             ON CONFLICT (tenant_id, cycle, domain) DO UPDATE
+             SET allowed = usage_monthly.allowed + EXCLUDED.allowed,
+                 denied = usage_monthly.denied + EXCLUDED.denied",
         )
         .bind(tenants)
         .bind(domains)
-        .bind(hours)
+        .bind(minutes)
         .bind(allowed)
         .bind(denied)
         .execute(&mut *tx)
@@ -437,19 +473,20 @@ mod tests {
     }
 
     const HOUR_US: u64 = 3_600 * 1_000_000;
+    const MINUTE_US: u64 = 60 * 1_000_000;
 
     #[test]
-    fn events_fold_into_hourly_sums_and_violation_counts() {
+    fn events_fold_into_minute_sums_and_violation_counts() {
         let mut b = Batch::default();
         let t0 = 490_000 * HOUR_US;
         assert!(b.add(event(Some("t"), t0 + 5, true, &[])));
-        assert!(b.add(event(Some("t"), t0 + HOUR_US - 1, false, &[("r", "c")])));
-        assert!(b.add(event(Some("t"), t0 + HOUR_US, true, &[])));
+        assert!(b.add(event(Some("t"), t0 + MINUTE_US - 1, false, &[("r", "c")])));
+        assert!(b.add(event(Some("t"), t0 + MINUTE_US, true, &[])));
         assert!(b.add(event(Some("t"), t0 + 7, false, &[("r", "c")])));
         assert!(b.add(event(None, t0 + 9, false, &[("r", "c")])));
-        let hour = (t0 / 1_000_000) as i64;
-        assert_eq!(b.usage[&("t".into(), "api".into(), hour)], (1, 2));
-        assert_eq!(b.usage[&("t".into(), "api".into(), hour + 3_600)], (1, 0));
+        let minute = (t0 / 1_000_000) as i64;
+        assert_eq!(b.usage[&("t".into(), "api".into(), minute)], (1, 2));
+        assert_eq!(b.usage[&("t".into(), "api".into(), minute + 60)], (1, 0));
         assert_eq!(b.usage.len(), 2);
         let key = (
             Some(Arc::from("t")),

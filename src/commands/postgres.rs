@@ -12,7 +12,8 @@ use sqlx::PgPool;
 
 use crate::admin::{self, AdminError, Revocation};
 use crate::config::{
-    DatabaseArgs, KeysCommand, PlansCommand, Quota, RulesCommand, ScopeArgs, Secret, TenantsCommand,
+    BillingArgs, DatabaseArgs, KeysCommand, Overage, PlansCommand, Quota, RulesCommand, ScopeArgs,
+    Secret, TenantsCommand, WebhooksCommand,
 };
 use crate::database;
 use crate::limiter::KeyHasher;
@@ -75,9 +76,14 @@ pub async fn rules_apply(
     };
     let pool = connect(db).await?;
     let scope = scope(scope_args);
-    let written = admin::replace_rules(&pool, &files, &scope).await?;
-    for (domain, rows) in written {
-        println!("applied {}: {rows} descriptors", scope.label(&domain));
+    let written = admin::replace_rules(&pool, &files, &scope, None).await?;
+    for set in written {
+        println!(
+            "applied {}: {} descriptors (version {})",
+            scope.label(&set.domain),
+            set.descriptors,
+            set.version
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -124,7 +130,13 @@ pub async fn plans_list(db: &DatabaseArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `sluice plans set`.
-pub async fn plans_set(name: &str, quota: Quota, db: &DatabaseArgs) -> anyhow::Result<ExitCode> {
+pub async fn plans_set(
+    name: &str,
+    quota: Quota,
+    price_cents: Option<u32>,
+    overage: Option<Overage>,
+    db: &DatabaseArgs,
+) -> anyhow::Result<ExitCode> {
     let pool = connect(db).await?;
     let quota = match quota {
         Quota::None => None,
@@ -133,6 +145,20 @@ pub async fn plans_set(name: &str, quota: Quota, db: &DatabaseArgs) -> anyhow::R
     admin::set_plan(&pool, name, quota)
         .await
         .with_context(|| format!("setting plan '{name}'"))?;
+    let overage = overage.map(|o| match o {
+        Overage::None => None,
+        Overage::CentsPer1000(c) => Some(i64::from(c)),
+    });
+    if price_cents.is_some() || overage.is_some() {
+        let change = admin::PlanUpdate {
+            monthly_price_cents: price_cents.map(|c| Some(i64::from(c))),
+            overage_cents_per_1000: overage,
+            ..Default::default()
+        };
+        admin::update_plan(&pool, name, change)
+            .await
+            .with_context(|| format!("setting plan '{name}' prices"))?;
+    }
     println!(
         "plan {name}: monthly quota {}",
         quota.map_or("none".into(), |q| q.to_string())
@@ -151,12 +177,17 @@ fn explained(e: AdminError, doing: impl FnOnce() -> String) -> anyhow::Error {
 }
 
 /// `sluice tenants create`.
-pub async fn tenants_create(name: &str, plan: &str, db: &DatabaseArgs) -> anyhow::Result<ExitCode> {
+pub async fn tenants_create(
+    name: &str,
+    plan: &str,
+    time_zone: chrono_tz::Tz,
+    db: &DatabaseArgs,
+) -> anyhow::Result<ExitCode> {
     let pool = connect(db).await?;
-    let id = admin::create_tenant(&pool, name, plan)
+    let id = admin::create_tenant_in(&pool, name, plan, time_zone)
         .await
         .map_err(|e| explained(e, || format!("creating tenant '{name}'")))?;
-    println!("created tenant {name} ({id}) on plan {plan}");
+    println!("created tenant {name} ({id}) on plan {plan}, billing cycles in {time_zone}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -242,18 +273,18 @@ pub async fn keys_list(tenant: &str, db: &DatabaseArgs) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// `sluice usage`: allowed and denied requests per domain in a calendar
-/// month (UTC), summed over all instances' hourly rows.
+/// `sluice usage`: allowed and denied requests per domain in a billing
+/// cycle (the calendar month in the tenant's time zone).
 pub async fn usage(
     tenant: &str,
     (year, month): (i32, u32),
     db: &DatabaseArgs,
 ) -> anyhow::Result<ExitCode> {
-    let range = admin::month_range(year, month)?;
+    let cycle = admin::cycle(year, month)?;
     let pool = connect(db).await?;
     let mut out = format!("{:<32} {:>12} {:>12}\n", "DOMAIN", "ALLOWED", "DENIED");
     let (mut all_allowed, mut all_denied) = (0i64, 0i64);
-    for u in admin::usage(&pool, tenant, range).await? {
+    for u in admin::usage(&pool, tenant, cycle).await? {
         all_allowed += u.allowed;
         all_denied += u.denied;
         let _ = writeln!(out, "{:<32} {:>12} {:>12}", u.domain, u.allowed, u.denied);
@@ -292,8 +323,19 @@ pub async fn plans(command: PlansCommand) -> anyhow::Result<ExitCode> {
         PlansCommand::Set {
             name,
             monthly_quota,
+            price_cents,
+            overage_cents_per_1000,
             database,
-        } => plans_set(&name, monthly_quota, &database).await,
+        } => {
+            plans_set(
+                &name,
+                monthly_quota,
+                price_cents,
+                overage_cents_per_1000,
+                &database,
+            )
+            .await
+        }
     }
 }
 
@@ -302,8 +344,9 @@ pub async fn tenants(command: TenantsCommand) -> anyhow::Result<ExitCode> {
         TenantsCommand::Create {
             name,
             plan,
+            time_zone,
             database,
-        } => tenants_create(&name, &plan, &database).await,
+        } => tenants_create(&name, &plan, time_zone, &database).await,
         TenantsCommand::List(database) => tenants_list(&database).await,
     }
 }
@@ -319,4 +362,91 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Revoke { prefix, database } => keys_revoke(&prefix, &database).await,
         KeysCommand::List { tenant, database } => keys_list(&tenant, &database).await,
     }
+}
+
+pub async fn webhooks(command: WebhooksCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        WebhooksCommand::Add {
+            tenant,
+            url,
+            database,
+        } => {
+            let pool = connect(&database).await?;
+            let hook = admin::add_webhook(&pool, &tenant, &url)
+                .await
+                .map_err(|e| explained(e, || format!("adding a webhook to '{tenant}'")))?;
+            println!("webhook {} for {tenant}: {url}", hook.id);
+            println!("signing secret (shown once): {}", hook.secret);
+        }
+        WebhooksCommand::List { tenant, database } => {
+            let pool = connect(&database).await?;
+            let mut out = format!(
+                "{:<36} {:>9} {:>7} {:>6} {:>4} {}\n",
+                "ID", "DELIVERED", "PENDING", "FAILED", "LAST", "URL"
+            );
+            for w in admin::list_webhooks(&pool, &tenant).await? {
+                let last = w.last_status.map_or("-".into(), |s| s.to_string());
+                let _ = writeln!(
+                    out,
+                    "{:<36} {:>9} {:>7} {:>6} {:>4} {}",
+                    w.id, w.delivered, w.pending, w.failed, last, w.url
+                );
+            }
+            print!("{out}");
+        }
+        WebhooksCommand::Remove { id, database } => {
+            let pool = connect(&database).await?;
+            admin::remove_webhook(&pool, id).await?;
+            println!("removed webhook {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice billing`: a cycle's invoice lines, or its count so far.
+pub async fn billing(args: &BillingArgs) -> anyhow::Result<ExitCode> {
+    let (year, month) = args.cycle;
+    let cycle = admin::cycle(year, month)?;
+    let pool = connect(&args.database).await?;
+    let cents = |c: i64| format!("{}.{:02}", c / 100, c % 100);
+    match admin::invoice(&pool, &args.tenant, cycle).await? {
+        admin::Invoice::Open { requests } => {
+            println!(
+                "{} {year}-{month:02}: open (not invoiced yet); {requests} requests counted so far",
+                args.tenant
+            );
+        }
+        admin::Invoice::Closed {
+            plan,
+            requests,
+            total_cents,
+            lines,
+        } => {
+            let mut out = format!(
+                "{} {year}-{month:02}: plan {plan}, {requests} requests\n{:<14} {:>12} {:>12} {:>12}  {}\n",
+                args.tenant, "KIND", "QUANTITY", "UNIT_PRICE", "AMOUNT", "DESCRIPTION"
+            );
+            for l in lines {
+                let _ = writeln!(
+                    out,
+                    "{:<14} {:>12} {:>12} {:>12}  {}",
+                    l.kind,
+                    l.quantity,
+                    cents(l.unit_price_cents),
+                    cents(l.amount_cents),
+                    l.description
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{:<14} {:>12} {:>12} {:>12}",
+                "total",
+                "",
+                "",
+                cents(total_cents)
+            );
+            print!("{out}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

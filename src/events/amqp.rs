@@ -19,11 +19,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::{EventSink, Record, SinkError, Topic};
+use super::{EventSink, Group, Record, SinkError, Topic};
 use crate::secret::redact_url;
-
-/// The consumer groups sluice ships and the topics each reads.
-pub const GROUPS: [(&str, &[Topic]); 1] = [("usage", &[Topic::Usage, Topic::RateLimitViolations])];
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -49,8 +46,16 @@ pub async fn connect(url: &str) -> Result<Connection, SinkError> {
     }
 }
 
-/// Declares every exchange and the shipped groups' queues (idempotent).
-pub async fn declare(channel: &Channel, prefix: &str) -> Result<(), lapin::Error> {
+/// Declares every exchange and the queues of `groups` (idempotent). The
+/// publisher declares the groups it is told will consume (`--events-groups`),
+/// so their events wait in the broker from the first one, even before the
+/// consumer's first start; a consumer declares its own group's too. A group
+/// nobody runs is never declared, so it cannot fill the broker.
+pub async fn declare(
+    channel: &Channel,
+    prefix: &str,
+    groups: &[Group],
+) -> Result<(), lapin::Error> {
     for topic in Topic::ALL {
         channel
             .exchange_declare(
@@ -64,29 +69,40 @@ pub async fn declare(channel: &Channel, prefix: &str) -> Result<(), lapin::Error
             )
             .await?;
     }
-    for (group, topics) in GROUPS {
-        for &topic in topics {
-            let queue = queue_name(prefix, topic, group);
-            channel
-                .queue_declare(
-                    &queue,
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    &queue,
-                    &exchange_name(prefix, topic),
-                    "#",
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
+    for &group in groups {
+        declare_group(channel, prefix, group).await?;
+    }
+    Ok(())
+}
+
+/// A consumer group's durable queues, one per topic it reads, bound to the
+/// topics' exchanges.
+pub async fn declare_group(
+    channel: &Channel,
+    prefix: &str,
+    group: Group,
+) -> Result<(), lapin::Error> {
+    for &topic in group.topics() {
+        let queue = queue_name(prefix, topic, group.name());
+        channel
+            .queue_declare(
+                &queue,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                &queue,
+                &exchange_name(prefix, topic),
+                "#",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
     }
     Ok(())
 }
@@ -97,15 +113,18 @@ pub struct AmqpSink {
     url: String,
     prefix: String,
     confirm_timeout: Duration,
+    /// The consumer groups whose queues it declares.
+    groups: Vec<Group>,
     open: Option<(Connection, Channel)>,
 }
 
 impl AmqpSink {
-    pub fn new(url: &str, prefix: &str, confirm_timeout: Duration) -> AmqpSink {
+    pub fn new(url: &str, prefix: &str, confirm_timeout: Duration, groups: &[Group]) -> AmqpSink {
         AmqpSink {
             url: url.to_owned(),
             prefix: prefix.to_owned(),
             confirm_timeout,
+            groups: groups.to_vec(),
             open: None,
         }
     }
@@ -124,7 +143,9 @@ impl AmqpSink {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(broker)?;
-        declare(&channel, &self.prefix).await.map_err(broker)?;
+        declare(&channel, &self.prefix, &self.groups)
+            .await
+            .map_err(broker)?;
         self.open = Some((connection, channel.clone()));
         Ok(channel)
     }

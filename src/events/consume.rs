@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::amqp::{self, queue_name};
-use super::{Event, Topic, UsageData, ViolationData, SCHEMA_VERSION};
+use super::{alerts, cycles, Event, Group, Topic, UsageData, ViolationData, SCHEMA_VERSION};
 use crate::telemetry::names;
 use crate::usage::{self, Batch};
 
@@ -34,19 +34,26 @@ pub struct ConsumeSettings {
     pub prefetch: u16,
     /// How long a batch waits for more deliveries after its first.
     pub batch_wait: Duration,
+    /// (alerts) How long a webhook delivery is retried before it fails.
+    pub webhook_retry_for: Duration,
+    /// Names this process in the events it makes.
+    pub instance: String,
 }
 
-/// The `usage` consumer: `usage` events into `usage_hourly`,
-/// `rate-limit-violations` into `violations`. Runs until `shutdown`;
-/// reconnects to the broker and retries PostgreSQL on its own.
-pub async fn usage(
+/// Runs a consumer until `shutdown`; reconnects to the broker and retries
+/// PostgreSQL on its own.
+pub async fn run(
+    group: Group,
     settings: ConsumeSettings,
     pool: PgPool,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let mut consumer = UsageConsumer {
+    let mut consumer = Consumer {
+        group,
         pool,
         partitions: HashSet::new(),
+        alert_deliveries_for: settings.webhook_retry_for,
+        instance: settings.instance.clone(),
     };
     tokio::pin!(shutdown);
     let mut failing = false;
@@ -68,10 +75,14 @@ pub async fn usage(
     }
 }
 
-struct UsageConsumer {
+struct Consumer {
+    group: Group,
     pool: PgPool,
     /// Months whose violations partition is known to exist.
     partitions: HashSet<i32>,
+    /// How long an alert's webhook deliveries are retried.
+    alert_deliveries_for: Duration,
+    instance: String,
 }
 
 /// One parsed delivery.
@@ -87,22 +98,29 @@ impl Applied {
             Applied::Violation(e) => e.id,
         }
     }
+
+    fn topic(&self) -> Topic {
+        match self {
+            Applied::Usage(e) => e.topic,
+            Applied::Violation(e) => e.topic,
+        }
+    }
 }
 
-impl UsageConsumer {
+impl Consumer {
     /// One connection: consume until it fails.
     async fn session(&mut self, settings: &ConsumeSettings) -> anyhow::Result<()> {
         let connection = amqp::connect(&settings.url).await?;
         let channel = connection.create_channel().await?;
-        amqp::declare(&channel, &settings.prefix).await?;
+        amqp::declare(&channel, &settings.prefix, &[self.group]).await?;
         channel
             .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await?;
         let mut streams = Vec::new();
-        for topic in [Topic::Usage, Topic::RateLimitViolations] {
+        for &topic in self.group.topics() {
             let consumer = channel
                 .basic_consume(
-                    &queue_name(&settings.prefix, topic, "usage"),
+                    &queue_name(&settings.prefix, topic, self.group.name()),
                     "",
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -111,7 +129,7 @@ impl UsageConsumer {
             streams.push(consumer);
         }
         let mut deliveries = futures::stream::select_all(streams);
-        tracing::info!("consuming usage and violation events");
+        tracing::info!(consumer = self.group.name(), "consuming events");
         loop {
             let Some(first) = deliveries.next().await else {
                 anyhow::bail!("the broker closed the consumer");
@@ -135,18 +153,20 @@ impl UsageConsumer {
 
     /// Applies a batch, retrying PostgreSQL until it commits.
     async fn apply(&mut self, deliveries: &[Delivery]) {
+        let name = self.group.name();
         let mut events = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            match parse(&delivery.data) {
+            match parse(&delivery.data).filter(|e| self.group.topics().contains(&e.topic())) {
                 Some(event) => events.push(event),
                 None => {
                     // Acknowledged with the batch: a message that cannot be
                     // read will not be readable on redelivery either.
-                    counter!(names::EVENTS_CONSUMED, "consumer" => "usage", "result" => "invalid")
+                    counter!(names::EVENTS_CONSUMED, "consumer" => name, "result" => "invalid")
                         .increment(1);
                     tracing::warn!(
                         bytes = delivery.data.len(),
-                        "skipping a message that is not a usage or violation event of schema version {SCHEMA_VERSION}"
+                        consumer = name,
+                        "skipping a message that is not an event of this consumer's topics and of schema version {SCHEMA_VERSION}"
                     );
                 }
             }
@@ -155,18 +175,18 @@ impl UsageConsumer {
         loop {
             match self.write(&events).await {
                 Ok(fresh) => {
-                    counter!(names::EVENTS_CONSUMED, "consumer" => "usage", "result" => "applied")
+                    counter!(names::EVENTS_CONSUMED, "consumer" => name, "result" => "applied")
                         .increment(fresh as u64);
-                    counter!(names::EVENTS_CONSUMED, "consumer" => "usage", "result" => "duplicate")
+                    counter!(names::EVENTS_CONSUMED, "consumer" => name, "result" => "duplicate")
                         .increment((events.len() - fresh) as u64);
                     if failing {
-                        tracing::info!("usage events written again");
+                        tracing::info!(consumer = name, "events written again");
                     }
                     return;
                 }
                 Err(e) => {
                     if !std::mem::replace(&mut failing, true) {
-                        tracing::warn!(error = %e, "cannot write usage events; retrying");
+                        tracing::warn!(consumer = name, error = %e, "cannot write events; retrying");
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -184,60 +204,91 @@ impl UsageConsumer {
         let mut tx = self.pool.begin().await?;
         let fresh: HashSet<Uuid> = sqlx::query_scalar(
             "INSERT INTO applied_events (consumer, id)
-             SELECT 'usage', id FROM UNNEST($1::uuid[]) AS u(id)
+             SELECT $1, id FROM UNNEST($2::uuid[]) AS u(id)
              ON CONFLICT DO NOTHING
              RETURNING id",
         )
+        .bind(self.group.name())
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .collect();
-        let mut batch = Batch::default();
         let mut seen = HashSet::new();
-        for event in events {
-            // A batch may hold an event twice (a redelivery beside the
-            // original): apply it once.
-            if !fresh.contains(&event.id()) || !seen.insert(event.id()) {
-                continue;
+        // A batch may hold an event twice (a redelivery beside the
+        // original): apply it once.
+        let fresh: Vec<&Applied> = events
+            .iter()
+            .filter(|e| fresh.contains(&e.id()) && seen.insert(e.id()))
+            .collect();
+        let mut months = HashSet::new();
+        match self.group {
+            Group::Usage => {
+                let batch = usage_batch(&fresh);
+                months = usage::write_batch(&mut tx, &batch, &self.partitions).await?;
             }
-            match event {
-                Applied::Usage(e) => {
-                    let d = &e.data;
-                    let hour = d.minute.timestamp() / 3_600 * 3_600;
-                    let sums = batch
-                        .usage
-                        .entry((
-                            Arc::from(d.tenant_id.as_str()),
-                            Arc::from(d.domain.as_str()),
-                            hour,
-                        ))
-                        .or_default();
-                    sums.0 += d.allowed as i64;
-                    sums.1 += d.denied as i64;
-                }
-                Applied::Violation(e) => {
-                    let d = &e.data;
-                    let at = d.first_at.timestamp_micros().max(0) as u64;
-                    let entry = batch
-                        .violations
-                        .entry((
-                            d.tenant_id.as_deref().map(Arc::from),
-                            Arc::from(d.domain.as_str()),
-                            Arc::from(d.rule.as_str()),
-                            d.client_id.clone(),
-                        ))
-                        .or_insert((at, 0));
-                    entry.0 = entry.0.min(at);
-                    entry.1 += d.hits as i64;
-                }
+            Group::Alerts => {
+                let crossed = cycles::add(&mut tx, "alerts", &usage_of(&fresh)).await?;
+                alerts::record(&mut tx, &crossed, self.alert_deliveries_for, &self.instance)
+                    .await?;
+            }
+            Group::Billing => {
+                cycles::add(&mut tx, "billing", &usage_of(&fresh)).await?;
             }
         }
-        let months = usage::write_batch(&mut tx, &batch, &self.partitions).await?;
         tx.commit().await?;
         self.partitions.extend(months);
         Ok(seen.len())
     }
+}
+
+/// The usage events' data.
+fn usage_of<'a>(events: &[&'a Applied]) -> Vec<&'a UsageData> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Applied::Usage(e) => Some(&e.data),
+            Applied::Violation(_) => None,
+        })
+        .collect()
+}
+
+/// Usage and violation events as the rows `usage::write_batch` writes.
+fn usage_batch(events: &[&Applied]) -> Batch {
+    let mut batch = Batch::default();
+    for event in events {
+        match event {
+            Applied::Usage(e) => {
+                let d = &e.data;
+                let sums = batch
+                    .usage
+                    .entry((
+                        Arc::from(d.tenant_id.as_str()),
+                        Arc::from(d.domain.as_str()),
+                        d.minute.timestamp(),
+                    ))
+                    .or_default();
+                sums.0 += d.allowed as i64;
+                sums.1 += d.denied as i64;
+            }
+            Applied::Violation(e) => {
+                let d = &e.data;
+                let at = d.first_at.timestamp_micros().max(0) as u64;
+                let entry = batch
+                    .violations
+                    .entry((
+                        d.tenant_id.as_deref().map(Arc::from),
+                        Arc::from(d.domain.as_str()),
+                        Arc::from(d.rule.as_str()),
+                        d.client_id.clone(),
+                    ))
+                    .or_insert((at, 0));
+                entry.0 = entry.0.min(at);
+                entry.1 += d.hits as i64;
+            }
+        }
+    }
+    batch
 }
 
 fn parse(body: &[u8]) -> Option<Applied> {

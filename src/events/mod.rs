@@ -9,13 +9,20 @@
 //! on-disk [`spool`]. A publisher sends the spool, in order, through an
 //! [`EventSink`] (RabbitMQ today: [`amqp`]) and forgets events only when the
 //! broker confirms them. [`consume`] holds the consumers that turn events
-//! into PostgreSQL rows, each event applied once by its id.
+//! into PostgreSQL rows, each event applied once by its id: usage, and the
+//! tenants' billing [`cycles`] behind [`alerts`] (quota thresholds, signed
+//! webhooks) and [`billing`] (invoices); the events those make go out
+//! through the [`outbox`].
 //!
 //! docs/events.md describes the events; docs/events/*.schema.json are their
 //! JSON Schemas.
 
+pub mod alerts;
 pub mod amqp;
+pub mod billing;
 pub mod consume;
+pub mod cycles;
+pub mod outbox;
 pub mod pipeline;
 pub mod spool;
 
@@ -68,6 +75,45 @@ impl Topic {
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A consumer group: each has its own durable queue per topic it reads,
+/// its own ids in `applied_events`, and its own tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Group {
+    /// `usage` events into `usage_hourly` and `usage_monthly`,
+    /// `rate-limit-violations` into `violations`.
+    Usage,
+    /// `usage` events into each tenant's cycle total; quota thresholds
+    /// crossed become `quota-alerts` events and webhook deliveries.
+    Alerts,
+    /// `usage` events into each tenant's cycle total; closed cycles become
+    /// invoices and `billing` events.
+    Billing,
+}
+
+impl Group {
+    pub const ALL: [Group; 3] = [Group::Usage, Group::Alerts, Group::Billing];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Usage => "usage",
+            Group::Alerts => "alerts",
+            Group::Billing => "billing",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|g| g.name() == name)
+    }
+
+    /// The topics the group reads.
+    pub fn topics(self) -> &'static [Topic] {
+        match self {
+            Group::Usage => &[Topic::Usage, Topic::RateLimitViolations],
+            Group::Alerts | Group::Billing => &[Topic::Usage],
+        }
     }
 }
 
@@ -124,6 +170,43 @@ pub struct ViolationData {
     pub minute: DateTime<Utc>,
     pub first_at: DateTime<Utc>,
     pub hits: u64,
+}
+
+/// `quota-alerts`: a tenant reached a share of its monthly quota in a
+/// billing cycle; one per tenant, cycle and threshold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaAlertData {
+    pub tenant_id: String,
+    /// `YYYY-MM`, the calendar month in the tenant's time zone.
+    pub cycle: String,
+    /// 80, 90 or 100 (percent of the quota).
+    pub threshold: u8,
+    /// Requests counted in the cycle when the threshold was crossed.
+    pub used: u64,
+    pub quota: u64,
+}
+
+/// `billing`: a closed cycle's invoice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillingData {
+    pub tenant_id: String,
+    pub cycle: String,
+    pub plan: String,
+    pub requests: u64,
+    pub total_cents: i64,
+    pub lines: Vec<BillingLine>,
+}
+
+/// One invoice line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillingLine {
+    /// `subscription`, `included` or `overage`.
+    pub kind: String,
+    pub description: String,
+    pub quantity: i64,
+    /// Per unit (subscription) or per 1 000 requests (overage).
+    pub unit_price_cents: i64,
+    pub amount_cents: i64,
 }
 
 /// `request-logs` (sampled, off by default): one metered decision.

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::health::EventsStatus;
 use crate::telemetry::names;
-use crate::usage::{UsageEvent, UsageRecorder};
+use crate::usage::{self, UsageEvent, UsageKey, UsageRecorder};
 
 /// Records sent per publish (and awaited confirmations).
 const PUBLISH_BATCH: usize = 500;
@@ -101,7 +101,6 @@ pub fn start(
 
 // === The aggregator ===
 
-type UsageKey = (Arc<str>, Arc<str>, i64);
 type ViolationKey = (Option<Arc<str>>, Arc<str>, Arc<str>, String, i64);
 
 struct Aggregator {
@@ -202,32 +201,13 @@ impl Aggregator {
             self.dropped(1);
             return;
         }
-        let minute = (event.at_us / 60_000_000 * 60) as i64;
-        if let Some(tenant) = event.tenant_id {
-            let sums = self
-                .usage
-                .entry((tenant, event.domain.clone(), minute))
-                .or_default();
-            if event.allowed {
-                sums.0 += 1;
-            } else {
-                sums.1 += 1;
-            }
-        }
-        for v in event.violations {
-            let entry = self
-                .violations
-                .entry((
-                    v.tenant_id,
-                    event.domain.clone(),
-                    v.rule,
-                    v.client_id,
-                    minute,
-                ))
-                .or_insert((event.at_us, 0));
-            entry.0 = entry.0.min(event.at_us);
-            entry.1 += 1;
-        }
+        usage::fold(
+            &mut self.usage,
+            &mut self.violations,
+            event,
+            60,
+            |v, domain, minute| (v.tenant_id, domain, v.rule, v.client_id, minute),
+        );
     }
 
     /// The sums so far become events, appended to the spool.

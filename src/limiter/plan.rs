@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::window::{CounterSpec, Outcome};
 use super::{Algorithm, Code, CounterKey, Descriptor, KeyHasher, Request, Unit};
-use super::{ApiKey, Limit, Metadata, Rule, RuleLimit, RuleSet, Window};
+use super::{ApiKey, Calendar, CalendarUnit, Limit, Metadata, Rule, RuleLimit, RuleSet, Window};
 
 /// Server-wide settings that shape a plan and a decision.
 #[derive(Clone, Copy, Debug, Default)]
@@ -97,6 +97,8 @@ pub struct QuotaItem {
     pub descriptor: usize,
     pub op: usize,
     pub limit: u32,
+    /// The tenant's billing cycle.
+    pub cycle: Calendar,
 }
 
 #[derive(Clone, Debug)]
@@ -204,20 +206,26 @@ pub fn plan_for<'r>(
             return;
         }
         tenants_counted.push(&key.tenant_id);
-        let unit = Unit::Month;
+        // A billing cycle: the calendar month in the tenant's zone, as
+        // usage reports and invoices count it.
+        let cycle = Calendar {
+            unit: CalendarUnit::Month,
+            time_zone: key.time_zone,
+        };
         quotas.push(QuotaItem {
             descriptor: index,
             op: ops.len(),
             limit,
+            cycle,
         });
         ops.push(CounterOp {
-            key: hasher.quota_key(&key.tenant_id, unit.seconds()),
+            key: hasher.quota_key(&key.tenant_id, Unit::Month.seconds()),
             spec: CounterSpec {
                 algorithm: Algorithm::FixedWindow,
                 limit: u64::from(limit),
-                period_us: unit.period_us(),
+                period_us: Unit::Month.period_us(),
                 burst: u64::from(limit),
-                calendar: None,
+                calendar: Some(cycle),
             },
             hits,
         });
@@ -498,7 +506,7 @@ pub fn decide<'r>(plan: &Plan<'r>, outcomes: &[Outcome], options: PlanOptions) -
         };
         status.limit = Some(CurrentLimit {
             requests_per_unit: quota.limit,
-            window: Window::of(Unit::Month),
+            window: Window::Calendar(quota.cycle),
             name: Some(Arc::from(MONTHLY_QUOTA)),
         });
         status.remaining = remaining;

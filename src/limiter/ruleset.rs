@@ -191,8 +191,11 @@ pub struct ApiKey {
     pub tenant: Arc<str>,
     /// The plan whose rules apply: the key's own, else its tenant's.
     pub plan: Arc<str>,
-    /// The tenant's monthly request quota, from the tenant's plan.
+    /// The tenant's monthly request quota, from the tenant's plan, when
+    /// enforced (a plan that bills overage does not deny past it).
     pub monthly_quota: Option<u32>,
+    /// The zone of the tenant's billing cycles (calendar months).
+    pub time_zone: chrono_tz::Tz,
 }
 
 /// All domains' rules. Immutable once built; swapped whole on reload.
@@ -497,6 +500,7 @@ mod tests {
             tenant: tenant.into(),
             plan: plan.into(),
             monthly_quota: None,
+            time_zone: chrono_tz::Tz::UTC,
         };
         let entries = [e("api_key", "k")];
         let path = |k: &ApiKey| {

@@ -31,6 +31,9 @@ pub struct Catalog {
 pub struct PlanRow {
     pub name: String,
     pub monthly_quota: Option<i64>,
+    /// Set: the quota is soft (overage is billed, not denied).
+    #[serde(default)]
+    pub overage_cents_per_1000: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -38,6 +41,13 @@ pub struct TenantRow {
     pub id: String,
     pub name: String,
     pub plan: String,
+    /// IANA name of the zone of the tenant's billing cycles.
+    #[serde(default = "utc")]
+    pub time_zone: String,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -357,10 +367,16 @@ impl Catalog {
             }
         }
 
+        // The quota a key enforces: none when the plan bills overage.
         let quotas: HashMap<&str, Option<i64>> = self
             .plans
             .iter()
-            .map(|p| (p.name.as_str(), p.monthly_quota))
+            .map(|p| {
+                let enforced = p
+                    .monthly_quota
+                    .filter(|_| p.overage_cents_per_1000.is_none());
+                (p.name.as_str(), enforced)
+            })
             .collect();
         let tenants: HashMap<&str, &TenantRow> =
             self.tenants.iter().map(|t| (t.id.as_str(), t)).collect();
@@ -383,6 +399,9 @@ impl Catalog {
                 tenant: tenant.name.as_str().into(),
                 plan: plan.into(),
                 monthly_quota: quota.and_then(|q| u32::try_from(q).ok()),
+                // PostgreSQL checks the name when it is set; a zone this
+                // build does not know counts in UTC rather than refusing keys.
+                time_zone: tenant.time_zone.parse().unwrap_or(chrono_tz::Tz::UTC),
             };
             if !set.insert_api_key(&key.hash, api_key) {
                 errors.push(key_error(key, "duplicate key hash"));

@@ -85,6 +85,7 @@ mod tests {
                 tenant: "acme".into(),
                 plan: "free".into(),
                 monthly_quota: None,
+                time_zone: chrono_tz::Tz::UTC,
             },
         );
         let req = request(&[

@@ -268,6 +268,7 @@ mod tests {
                     tenant: (*t).into(),
                     plan: "free".into(),
                     monthly_quota: None,
+                    time_zone: chrono_tz::Tz::UTC,
                 },
             );
         }

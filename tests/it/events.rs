@@ -26,9 +26,9 @@ use sqlx::PgPool;
 use crate::support::postgres::PgCluster;
 use crate::support::{self, repo, request, wait_until, ChildGuard, TestServer};
 
-const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const KEY_SECRET: &str = "events test secret";
-static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const KEY_SECRET: &str = "events test secret";
+pub(crate) static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 type Client = sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient<
     tonic::transport::Channel,
@@ -36,7 +36,7 @@ type Client = sluice::proto::rls::rate_limit_service_client::RateLimitServiceCli
 
 // === Helpers ===
 
-fn require_rabbitmq() {
+pub(crate) fn require_rabbitmq() {
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", 5672)).is_ok(),
         "RabbitMQ is not reachable on 127.0.0.1:5672 (guest/guest): start it with \
@@ -46,13 +46,13 @@ fn require_rabbitmq() {
 }
 
 /// Exchange and queue names of this test alone.
-fn unique_prefix(test: &str) -> String {
+pub(crate) fn unique_prefix(test: &str) -> String {
     let mut b = [0u8; 4];
     getrandom::fill(&mut b).unwrap();
     format!("it-{test}-{:08x}.", u32::from_le_bytes(b))
 }
 
-fn sluice_cmd(pg: &PgCluster, args: &[&str]) -> String {
+pub(crate) fn sluice_cmd(pg: &PgCluster, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .env("SLUICE_DATABASE_URL", &pg.primary_url)
@@ -98,19 +98,23 @@ impl Drop for BrokerStopped {
     }
 }
 
-/// PostgreSQL with the schema, a domain metered by API key, and tenants
-/// with one key each: (cluster, keys by tenant name).
-fn database(tenants: &[&str]) -> (PgCluster, HashMap<String, String>) {
+/// PostgreSQL with the schema and `rules` (YAML) applied.
+pub(crate) fn database_with(rules: &str) -> PgCluster {
     let pg = PgCluster::start();
     sluice_cmd(&pg, &["migrate"]);
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("metered.yaml");
-    std::fs::write(
-        &rules,
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules).unwrap();
+    sluice_cmd(&pg, &["rules", "apply", path.to_str().unwrap()]);
+    pg
+}
+
+/// PostgreSQL with the schema, a domain metered by API key, and tenants
+/// with one key each: (cluster, keys by tenant name).
+fn database(tenants: &[&str]) -> (PgCluster, HashMap<String, String>) {
+    let pg = database_with(
         "domain: metered\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 40, name: per_key}\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 3, name: per_user}\n",
-    )
-    .unwrap();
-    sluice_cmd(&pg, &["rules", "apply", rules.to_str().unwrap()]);
+    );
     let mut keys = HashMap::new();
     for t in tenants {
         sluice_cmd(&pg, &["tenants", "create", t, "--plan", "startup"]);
@@ -120,7 +124,12 @@ fn database(tenants: &[&str]) -> (PgCluster, HashMap<String, String>) {
     (pg, keys)
 }
 
-async fn serve(pg: &PgCluster, prefix: &str, spool: &Path, extra: &[&str]) -> TestServer {
+pub(crate) async fn serve(
+    pg: &PgCluster,
+    prefix: &str,
+    spool: &Path,
+    extra: &[&str],
+) -> TestServer {
     let mut args = vec![
         "--rules",
         "postgres",
@@ -167,10 +176,10 @@ fn consumer(pg: &PgCluster, prefix: &str, prefetch: &str, log: &Path) -> ChildGu
 
 /// Every message published to the test's exchanges, as raw bodies, read
 /// through a queue of the test's own bound to each of them.
-async fn tap(prefix: &str) -> Arc<Mutex<Vec<Vec<u8>>>> {
+pub(crate) async fn tap(prefix: &str) -> Arc<Mutex<Vec<Vec<u8>>>> {
     let connection = sluice::events::amqp::connect(RABBIT).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    sluice::events::amqp::declare(&channel, prefix)
+    sluice::events::amqp::declare(&channel, prefix, &[sluice::events::Group::Usage])
         .await
         .unwrap();
     let queue = format!("{prefix}tap");
@@ -287,23 +296,29 @@ async fn call(client: &mut Client, made: &Made, tenant: &str, key: &str, user: &
     took
 }
 
-fn schemas() -> HashMap<String, jsonschema::Validator> {
-    ["usage", "rate-limit-violations", "request-logs"]
-        .into_iter()
-        .map(|name| {
-            let path = repo().join(format!("docs/events/{name}.schema.json"));
-            let schema: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            let validator = jsonschema::validator_for(&schema)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            (name.to_owned(), validator)
-        })
-        .collect()
+pub(crate) fn schemas() -> HashMap<String, jsonschema::Validator> {
+    [
+        "usage",
+        "rate-limit-violations",
+        "request-logs",
+        "quota-alerts",
+        "billing",
+    ]
+    .into_iter()
+    .map(|name| {
+        let path = repo().join(format!("docs/events/{name}.schema.json"));
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let validator = jsonschema::validator_for(&schema)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        (name.to_owned(), validator)
+    })
+    .collect()
 }
 
 /// Every body validates against its type's schema and contains none of
 /// `raw`; returns the count of events by type.
-fn check_bodies(bodies: &[Vec<u8>], raw: &[&str]) -> HashMap<String, usize> {
+pub(crate) fn check_bodies(bodies: &[Vec<u8>], raw: &[&str]) -> HashMap<String, usize> {
     let schemas = schemas();
     let mut by_type = HashMap::new();
     for body in bodies {
@@ -425,7 +440,7 @@ async fn published_events_validate_carry_no_raw_identifier_and_are_applied_once(
 }
 
 /// Messages ready in a queue, by `rabbitmqctl list_queues`.
-fn queue_depth(queue: &str) -> Option<u64> {
+pub(crate) fn queue_depth(queue: &str) -> Option<u64> {
     let out = Command::new("rabbitmqctl")
         .args([
             "list_queues",

@@ -12,6 +12,8 @@
 
 mod support;
 
+mod admin;
+mod alerts;
 mod bounds;
 mod cli;
 mod compat;

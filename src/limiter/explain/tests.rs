@@ -542,11 +542,13 @@ fn a_keys_plan_rules_its_tenants_quota_and_a_refused_key() {
     let plan = |name: &str, monthly_quota| PlanRow {
         name: name.into(),
         monthly_quota,
+        overage_cents_per_1000: None,
     };
     let tenant = |id: &str, name: &str, plan: &str| TenantRow {
         id: id.into(),
         name: name.into(),
         plan: plan.into(),
+        time_zone: "UTC".into(),
     };
     let key = |hash: &str, tenant_id: &str| KeyRow {
         hash: hash.into(),

@@ -23,10 +23,12 @@ fn rules() -> RuleSet {
             PlanRow {
                 name: "free".into(),
                 monthly_quota: Some(3),
+                overage_cents_per_1000: None,
             },
             PlanRow {
                 name: "pro".into(),
                 monthly_quota: None,
+                overage_cents_per_1000: None,
             },
         ],
         tenants: vec![
@@ -34,11 +36,13 @@ fn rules() -> RuleSet {
                 id: "t-free".into(),
                 name: "small".into(),
                 plan: "free".into(),
+                time_zone: "UTC".into(),
             },
             TenantRow {
                 id: "t-pro".into(),
                 name: "big".into(),
                 plan: "pro".into(),
+                time_zone: "UTC".into(),
             },
         ],
         keys: vec![

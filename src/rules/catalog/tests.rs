@@ -93,16 +93,19 @@ fn catalog() -> Catalog {
             PlanRow {
                 name: "free".into(),
                 monthly_quota: Some(100),
+                overage_cents_per_1000: None,
             },
             PlanRow {
                 name: "pro".into(),
                 monthly_quota: None,
+                overage_cents_per_1000: None,
             },
         ],
         tenants: vec![TenantRow {
             id: "t1".into(),
             name: "acme".into(),
             plan: "free".into(),
+            time_zone: "UTC".into(),
         }],
         keys: vec![
             KeyRow {

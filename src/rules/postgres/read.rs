@@ -12,15 +12,20 @@ pub async fn load_catalog(pool: &PgPool) -> Result<Catalog, sqlx::Error> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let plans = sqlx::query_as("SELECT name, monthly_quota FROM plans ORDER BY name")
-        .fetch_all(&mut *tx)
-        .await?;
-    let tenants = sqlx::query_as("SELECT id::text AS id, name, plan FROM tenants ORDER BY name")
-        .fetch_all(&mut *tx)
-        .await?;
+    let plans = sqlx::query_as(
+        "SELECT name, monthly_quota, overage_cents_per_1000 FROM plans ORDER BY name",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let tenants =
+        sqlx::query_as("SELECT id::text AS id, name, plan, time_zone FROM tenants ORDER BY name")
+            .fetch_all(&mut *tx)
+            .await?;
     let keys = sqlx::query_as(
-        "SELECT key_hash AS hash, tenant_id::text AS tenant_id, plan FROM api_keys
-         WHERE revoked_at IS NULL ORDER BY key_hash",
+        // A suspended tenant's keys are refused as unknown ones are.
+        "SELECT k.key_hash AS hash, k.tenant_id::text AS tenant_id, k.plan
+         FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+         WHERE k.revoked_at IS NULL AND t.suspended_at IS NULL ORDER BY k.key_hash",
     )
     .fetch_all(&mut *tx)
     .await?;
