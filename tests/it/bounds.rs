@@ -112,6 +112,7 @@ async fn heard_from_server(tcp: &mut TcpStream, within: Duration) -> bool {
 
 #[tokio::test]
 async fn slowloris_clients_are_closed_by_their_deadline_while_others_are_served() {
+    let _machine = crate::support::MACHINE.lock().await;
     let server = TestServer::start(config(tight())).await;
     let mut steady = server.client().await;
     keep_calling(&mut steady, 1).await;
@@ -138,6 +139,7 @@ async fn slowloris_clients_are_closed_by_their_deadline_while_others_are_served(
 
 #[tokio::test]
 async fn thousands_of_connections_wait_at_the_cap_and_the_served_keep_being_answered() {
+    let _machine = crate::support::MACHINE.lock().await;
     let server = TestServer::start(config(tight())).await;
     let mut steady = server.client().await;
     keep_calling(&mut steady, 1).await;
@@ -182,6 +184,7 @@ async fn thousands_of_connections_wait_at_the_cap_and_the_served_keep_being_answ
 
 #[tokio::test]
 async fn unfinished_tls_handshakes_time_out_and_tls_clients_keep_being_served() {
+    let _machine = crate::support::MACHINE.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("bounds CA");
     let (cert, key) = ca.server().write(dir.path(), "server");
@@ -240,6 +243,7 @@ async fn unfinished_tls_handshakes_time_out_and_tls_clients_keep_being_served() 
 
 #[tokio::test]
 async fn half_sent_http_requests_are_closed_and_json_keeps_answering() {
+    let _machine = crate::support::MACHINE.lock().await;
     let server = TestServer::start(config(tight())).await;
     const HALF_HEAD: &[u8] = b"POST /json HTTP/1.1\r\nHost: sluice\r\nContent-Type: appl";
     let mut stalled = flood(server.http_addr, 300, HALF_HEAD).await;

@@ -128,6 +128,7 @@ fn redis_store(server: &RedisServer) -> Arc<RedisStore> {
 
 #[tokio::test]
 async fn a_client_over_its_limit_is_refused_within_a_report_interval_while_others_pass() {
+    let _machine = crate::support::MACHINE.lock().await;
     const LIMIT: u64 = 60;
     let sluice = TestServer::start(config("weather-one", LIMIT as u32)).await;
     let backend = Backend::start().await;
@@ -201,6 +202,7 @@ async fn a_client_over_its_limit_is_refused_within_a_report_interval_while_other
 
 #[tokio::test]
 async fn two_envoys_share_a_limit_through_two_sluices_on_one_redis() {
+    let _machine = crate::support::MACHINE.lock().await;
     const LIMIT: u64 = 60;
     const RATES: [u64; 2] = [6, 2];
     let redis = RedisServer::start();
@@ -278,6 +280,7 @@ async fn two_envoys_share_a_limit_through_two_sluices_on_one_redis() {
 
 #[tokio::test]
 async fn an_idle_bucket_is_abandoned_and_a_new_request_starts_it_over() {
+    let _machine = crate::support::MACHINE.lock().await;
     let mut config = config("idle", 1_000);
     config.quota = QuotaSettings {
         idle_timeout: Duration::from_secs(6),
@@ -321,6 +324,7 @@ async fn an_idle_bucket_is_abandoned_and_a_new_request_starts_it_over() {
 
 #[tokio::test]
 async fn a_restarted_sluice_loses_nothing_that_lives_in_redis() {
+    let _machine = crate::support::MACHINE.lock().await;
     const LIMIT: u64 = 40;
     let redis = RedisServer::start();
     let sluice_config = || {
@@ -387,6 +391,7 @@ async fn a_restarted_sluice_loses_nothing_that_lives_in_redis() {
 
 #[tokio::test]
 async fn an_unreachable_sluice_leaves_envoy_to_its_expired_assignment_behavior() {
+    let _machine = crate::support::MACHINE.lock().await;
     let mut config = config("unreachable", 1_000);
     // Shorter than Envoy's 5 s between reports (which --rlqs-assignment-ttl
     // refuses), so that the share expires before a next report would renew

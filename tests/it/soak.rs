@@ -163,6 +163,7 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
+    let _machine = crate::support::MACHINE.lock().await;
     let seconds: u64 = std::env::var("SLUICE_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

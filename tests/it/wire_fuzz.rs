@@ -293,6 +293,7 @@ async fn send(addr: SocketAddr, bytes: Vec<u8>, rng: &mut Rng) -> usize {
 
 #[tokio::test]
 async fn random_and_mutated_frames_never_stop_well_formed_calls() {
+    let _machine = crate::support::MACHINE.lock().await;
     let seconds: u64 = std::env::var("SLUICE_WIRE_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -117,6 +117,12 @@ fn rand_u16() -> u16 {
     h.finish() as u16
 }
 
+/// Held by the tests that load the machine on purpose (the chaos soak,
+/// the wire-level fuzz, connection floods) and by the tests whose
+/// assertions depend on timing (Envoy's quota reports and assignments), so
+/// that neither kind runs beside the other on a two-core machine.
+pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Compiles rules from YAML text (one document per domain).
 pub fn rules_from_yaml(docs: &[&str]) -> RuleSet {
     let parsed: Vec<_> = docs
