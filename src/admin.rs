@@ -873,9 +873,10 @@ pub async fn top_rules(
 // === Webhooks ===
 
 /// A webhook just added: its signing secret is shown once.
-#[derive(Debug)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NewWebhook {
     pub id: uuid::Uuid,
+    /// The HMAC-SHA256 key of its signatures: shown this once.
     pub secret: String,
 }
 
@@ -903,7 +904,7 @@ pub async fn add_webhook(pool: &PgPool, tenant: &str, url: &str) -> Result<NewWe
 }
 
 /// A webhook and its deliveries so far (never its secret).
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct WebhookSummary {
     pub id: uuid::Uuid,
     pub url: String,
@@ -936,6 +937,25 @@ pub async fn list_webhooks(pool: &PgPool, tenant: &str) -> Result<Vec<WebhookSum
 pub async fn remove_webhook(pool: &PgPool, id: uuid::Uuid) -> Result<(), AdminError> {
     let done = sqlx::query("DELETE FROM webhooks WHERE id = $1")
         .bind(id)
+        .execute(pool)
+        .await?;
+    match done.rows_affected() {
+        0 => Err(AdminError::NoSuchWebhook(id)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes one of `tenant`'s webhooks; `NoSuchWebhook` when the id is not
+/// one of that tenant's (another tenant's id is not found either).
+pub async fn remove_tenant_webhook(
+    pool: &PgPool,
+    tenant: &str,
+    id: uuid::Uuid,
+) -> Result<(), AdminError> {
+    let tenant_id = find_tenant(pool, tenant).await?.id;
+    let done = sqlx::query("DELETE FROM webhooks WHERE id = $1 AND tenant_id = $2::uuid")
+        .bind(id)
+        .bind(tenant_id)
         .execute(pool)
         .await?;
     match done.rows_affected() {

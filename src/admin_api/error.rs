@@ -137,9 +137,11 @@ impl ApiError {
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> ApiError {
         match &e {
-            AdminError::NoSuchTenant(_) | AdminError::NoSuchPlan(_) | AdminError::NoSuchToken(_) => {
-                ApiError::not_found(e.to_string())
-            }
+            AdminError::NoSuchTenant(_)
+            | AdminError::NoSuchPlan(_)
+            | AdminError::NoSuchToken(_)
+            | AdminError::NoSuchWebhook(_) => ApiError::not_found(e.to_string()),
+            AdminError::InvalidUrl(_) => ApiError::bad_request("url", e.to_string()),
             AdminError::TenantExists(_) | AdminError::PlanExists(_) => {
                 ApiError::conflict(e.to_string()).with_field("name")
             }

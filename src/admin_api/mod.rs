@@ -60,6 +60,7 @@ pub struct AdminState {
         routes::delete_tenant,
         routes::list_plans, routes::create_plan, routes::update_plan,
         routes::list_keys, routes::issue_key, routes::revoke_key,
+        routes::list_webhooks, routes::add_webhook, routes::remove_webhook,
         routes::usage, routes::violations, routes::top_rules,
         routes::list_rule_sets, routes::get_rule_set, routes::export_rule_set,
         routes::validate_rule_set, routes::put_rule_set,
@@ -104,6 +105,14 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/tenants/{tenant}/keys/{prefix}",
             axum::routing::delete(revoke_key),
+        )
+        .route(
+            "/tenants/{tenant}/webhooks",
+            get(list_webhooks).post(add_webhook),
+        )
+        .route(
+            "/tenants/{tenant}/webhooks/{id}",
+            axum::routing::delete(remove_webhook),
         )
         .route("/tenants/{tenant}/usage", get(usage))
         .route("/tenants/{tenant}/violations", get(violations))

@@ -15,8 +15,8 @@ use super::error::{ApiError, ErrorBody, JsonBody, PathParams, QueryParams};
 use super::AdminState;
 use crate::admin::tokens::{self, IssuedToken, Role, TokenSummary};
 use crate::admin::{
-    self, audit::AuditEntry, AppliedRuleSet, Granularity, KeySummary, PlanSummary, Revocation,
-    RuleDenials, RuleSetSummary, Tenant, UsagePoint, Violation,
+    self, audit::AuditEntry, AppliedRuleSet, Granularity, KeySummary, NewWebhook, PlanSummary,
+    Revocation, RuleDenials, RuleSetSummary, Tenant, UsagePoint, Violation, WebhookSummary,
 };
 use crate::rules::catalog::RuleScope;
 use crate::rules::yaml;
@@ -638,6 +638,99 @@ pub async fn revoke_key(
             "tenant {tenant} has no key {prefix}"
         ))),
     }
+}
+
+// === Webhooks ===
+
+/// A tenant's webhooks and their deliveries, never their secrets (admin,
+/// operator; a tenant token: its own).
+#[utoipa::path(get, path = "/admin/v1/tenants/{tenant}/webhooks", tag = "webhooks",
+    params(("tenant" = String, Path)),
+    responses((status = 200, body = Vec<WebhookSummary>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_webhooks(
+    State(state): State<AdminState>,
+    caller: Caller,
+    PathParams(tenant): PathParams<String>,
+) -> ApiResult<Json<Vec<WebhookSummary>>> {
+    caller.may_see_tenant(&tenant)?;
+    check_tenant_name("tenant", &tenant)?;
+    Ok(Json(admin::list_webhooks(&state.pool, &tenant).await?))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewWebhookBody {
+    /// An http:// or https:// URL that receives quota alerts, POSTed and
+    /// signed (docs/events.md).
+    pub url: String,
+}
+
+/// Adds a webhook; its signing secret is in this response only (admin,
+/// operator; a tenant token: for itself).
+#[utoipa::path(post, path = "/admin/v1/tenants/{tenant}/webhooks", tag = "webhooks", request_body = NewWebhookBody,
+    params(("tenant" = String, Path)),
+    responses((status = 201, body = NewWebhook), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn add_webhook(
+    State(state): State<AdminState>,
+    caller: Caller,
+    PathParams(tenant): PathParams<String>,
+    JsonBody(body): JsonBody<NewWebhookBody>,
+) -> ApiResult<(StatusCode, Json<NewWebhook>)> {
+    caller.may_see_tenant(&tenant)?;
+    check_tenant_name("tenant", &tenant)?;
+    if body.url.len() > 2048 {
+        return Err(ApiError::bad_request("url", "at most 2048 bytes"));
+    }
+    let hook = admin::add_webhook(&state.pool, &tenant, &body.url).await?;
+    caller
+        .audit(
+            &state,
+            Method::POST,
+            "/admin/v1/tenants/{tenant}/webhooks",
+            &format!("tenant:{tenant}/webhook:{}", hook.id),
+            None,
+            Some(json!({"id": hook.id, "url": body.url})),
+            201,
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(hook)))
+}
+
+/// Removes one of a tenant's webhooks (admin, operator; a tenant token:
+/// its own).
+#[utoipa::path(delete, path = "/admin/v1/tenants/{tenant}/webhooks/{id}", tag = "webhooks",
+    params(("tenant" = String, Path), ("id" = uuid::Uuid, Path)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove_webhook(
+    State(state): State<AdminState>,
+    caller: Caller,
+    PathParams((tenant, id)): PathParams<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.may_see_tenant(&tenant)?;
+    check_tenant_name("tenant", &tenant)?;
+    let id: uuid::Uuid = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("id", "expected a webhook id (a UUID)"))?;
+    admin::remove_tenant_webhook(&state.pool, &tenant, id).await?;
+    caller
+        .audit(
+            &state,
+            Method::DELETE,
+            "/admin/v1/tenants/{tenant}/webhooks/{id}",
+            &format!("tenant:{tenant}/webhook:{id}"),
+            Some(json!({"id": id})),
+            None,
+            204,
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // === Usage ===

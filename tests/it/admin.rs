@@ -238,6 +238,8 @@ async fn every_route_with_roles_bad_input_and_cross_tenant_denial() {
         "/admin/v1/tenants/{tenant}",
         "/admin/v1/tenants/{tenant}/keys",
         "/admin/v1/tenants/{tenant}/keys/{prefix}",
+        "/admin/v1/tenants/{tenant}/webhooks",
+        "/admin/v1/tenants/{tenant}/webhooks/{id}",
         "/admin/v1/tenants/{tenant}/usage",
         "/admin/v1/tenants/{tenant}/violations",
         "/admin/v1/tenants/{tenant}/top-rules",
@@ -2421,5 +2423,195 @@ async fn oidc_tokens_signed_by_the_provider_map_a_claim_to_a_role() {
         200,
         None,
     );
+    api.stop().await;
+}
+
+/// Webhooks through the API: a tenant adds (secret shown once), lists (no
+/// secret) and removes its own; it can neither see nor remove another
+/// tenant's, by path or by id; bad URLs name the field; each change is
+/// audited without the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_manage_their_own_webhooks_and_nobody_elses() {
+    let pg = start_cluster();
+    let t = issue_tokens(&pg);
+    let api = Admin::start(&pg, 1000).await;
+    let hooks = |tenant: &str| format!("/admin/v1/tenants/{tenant}/webhooks");
+
+    let added = expect(
+        &api.call(
+            "POST",
+            &hooks("acme"),
+            Some(&t.acme),
+            Some(&json!({"url": "https://hooks.acme.example/quota"})),
+        )
+        .await,
+        201,
+        None,
+    );
+    let id = added["id"].as_str().unwrap().to_owned();
+    let secret = added["secret"].as_str().unwrap().to_owned();
+    assert!(
+        secret.starts_with("whsec_") && secret.len() >= 32,
+        "{added}"
+    );
+    // The operator adds one for globex.
+    let other = expect(
+        &api.call(
+            "POST",
+            &hooks("globex"),
+            Some(&t.operator),
+            Some(&json!({"url": "http://127.0.0.1:9/globex"})),
+        )
+        .await,
+        201,
+        None,
+    );
+    let other_id = other["id"].as_str().unwrap().to_owned();
+
+    // Another scheme, no host, no scheme.
+    for url in ["ftp://x/y", "https://", "hooks"] {
+        expect(
+            &api.call(
+                "POST",
+                &hooks("acme"),
+                Some(&t.acme),
+                Some(&json!({"url": url})),
+            )
+            .await,
+            400,
+            Some("url"),
+        );
+    }
+    expect(
+        &api.call(
+            "POST",
+            &hooks("acme"),
+            Some(&t.acme),
+            Some(&json!({"link": "https://x"})),
+        )
+        .await,
+        400,
+        None,
+    );
+
+    let listed = expect(
+        &api.call("GET", &hooks("acme"), Some(&t.acme), None).await,
+        200,
+        None,
+    );
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["url"], "https://hooks.acme.example/quota");
+    assert!(!listed[0].to_string().contains(&secret), "a secret listed");
+
+    // Another tenant's, by its path: forbidden; by its id under one's own
+    // path: not found; nothing removed.
+    expect(
+        &api.call("GET", &hooks("globex"), Some(&t.acme), None).await,
+        403,
+        None,
+    );
+    expect(
+        &api.call(
+            "POST",
+            &hooks("globex"),
+            Some(&t.acme),
+            Some(&json!({"url": "https://x.example"})),
+        )
+        .await,
+        403,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("{}/{other_id}", hooks("globex")),
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        403,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("{}/{other_id}", hooks("acme")),
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        404,
+        None,
+    );
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("{}/not-a-uuid", hooks("acme")),
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        400,
+        Some("id"),
+    );
+    let globex = expect(
+        &api.call("GET", &hooks("globex"), Some(&t.globex), None)
+            .await,
+        200,
+        None,
+    );
+    assert_eq!(globex.as_array().unwrap().len(), 1, "{globex}");
+
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("{}/{id}", hooks("acme")),
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        204,
+        None,
+    );
+    let listed = expect(
+        &api.call("GET", &hooks("acme"), Some(&t.acme), None).await,
+        200,
+        None,
+    );
+    assert_eq!(listed, json!([]));
+    expect(
+        &api.call(
+            "DELETE",
+            &format!("{}/{id}", hooks("acme")),
+            Some(&t.acme),
+            None,
+        )
+        .await,
+        404,
+        None,
+    );
+
+    // Audited: three changes, never the secret.
+    let audit = expect(
+        &api.call("GET", "/admin/v1/audit?limit=100", Some(&t.admin), None)
+            .await,
+        200,
+        None,
+    );
+    let text = audit.to_string();
+    assert!(!text.contains(&secret), "a secret in the audit log");
+    let webhook_entries = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["object"]
+                .as_str()
+                .is_some_and(|o| o.contains("/webhook:"))
+        })
+        .count();
+    assert_eq!(webhook_entries, 3, "{audit}");
     api.stop().await;
 }
