@@ -234,6 +234,21 @@ impl Counts {
     }
 }
 
+/// The promised and settled counters are 32-bit and add a whole share per
+/// report within a promise window, so a bucket whose budget is near the
+/// counters' range (a limit of a billion an hour) would overflow them in a
+/// few reports, and its promises would be refused: DENY_ALL with the budget
+/// untouched. A share takes at most this part of what the promised counter
+/// has left, so it never fills (the settled counter only adds promised
+/// shares); for any real budget the bound is far above what the rule
+/// itself allows and changes nothing.
+pub const HEADROOM_PARTS: u64 = 8;
+
+/// The most a share may be with `promised` already promised in the window.
+pub fn headroom(promised: u64) -> u64 {
+    (COUNTER_LIMIT.saturating_sub(promised) / HEADROOM_PARTS).max(1)
+}
+
 /// One stream's record of one bucket: this Envoy's demand, how many
 /// reports it has sent, and the share it holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -271,7 +286,7 @@ impl Ledger {
     /// The share for this Envoy, given the store's `counts` and its own
     /// demand `mine` (from [`Ledger::report`] or [`Ledger::demand`]).
     pub fn share(&self, rate: Rate, report_interval_us: u64, counts: Counts, mine: u64) -> u64 {
-        share(ShareInput {
+        let share = share(ShareInput {
             remaining: counts.remaining,
             outstanding: counts.promised.saturating_sub(counts.settled),
             mine,
@@ -279,7 +294,8 @@ impl Ledger {
             // Alone on the bucket, an unused promise holds back nobody.
             cap: (self.reports > 1 && counts.total_demand > mine)
                 .then(|| cap(rate, report_interval_us, mine)),
-        })
+        });
+        share.min(headroom(counts.promised))
     }
 
     /// Records that `share` was promised at `now_us`.

@@ -454,3 +454,39 @@ fn shares_follow_demand() {
         );
     }
 }
+
+#[test]
+fn a_budget_near_the_counters_range_never_fills_the_promised_counter() {
+    // One Envoy alone on a bucket of a billion an hour, reporting every
+    // second: each report settles its last share and is promised a new
+    // one, all in one promise window.
+    let rate = Rate {
+        limit: 1_000_000_000,
+        period_us: 3_600_000_000,
+    };
+    let ledger = Ledger::default();
+    let (mut promised, mut settled, mut last) = (0u64, 0u64, 0u64);
+    for report in 0..50 {
+        settled += last;
+        let counts = Counts {
+            remaining: rate.limit - report * 30_000,
+            total_demand: 30_000,
+            promised,
+            settled,
+        };
+        let share = ledger.share(rate, 1_000_000, counts, 30_000);
+        assert!(
+            share >= 30_000,
+            "report {report}: a share of {share} at 30 000 a second"
+        );
+        assert!(
+            promised + share <= counts.promise_limit(),
+            "report {report}: promising {share} on {promised} passes the limit {}",
+            counts.promise_limit()
+        );
+        promised += share;
+        last = share;
+    }
+    assert!(promised <= COUNTER_LIMIT);
+    assert_eq!(headroom(COUNTER_LIMIT), 1);
+}
