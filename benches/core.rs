@@ -271,6 +271,28 @@ fn bench_window(c: &mut Criterion) {
     g.finish();
 }
 
+/// A tenant's monthly quota is a calendar window in its time zone: what
+/// finding the window costs on each metered decision (the in-process store
+/// needs the window; the Redis store sends the bounds of three).
+fn bench_calendar(c: &mut Criterion) {
+    use sluice::limiter::{Calendar, CalendarUnit};
+    let mut g = c.benchmark_group("calendar_month");
+    let now = 1_800_000_000_000_000u64 + 12_345_678;
+    for zone in ["UTC", "Asia/Kolkata", "America/New_York"] {
+        let calendar = Calendar {
+            unit: CalendarUnit::Month,
+            time_zone: zone.parse().unwrap(),
+        };
+        g.bench_function(BenchmarkId::new("window_at", zone), |b| {
+            b.iter(|| black_box(calendar).window_at(black_box(now)))
+        });
+        g.bench_function(BenchmarkId::new("bounds_around", zone), |b| {
+            b.iter(|| black_box(calendar).bounds_around(black_box(now)))
+        });
+    }
+    g.finish();
+}
+
 fn bench_plan_decide(c: &mut Criterion) {
     let rules = rule_set();
     let hasher = KeyHasher::from_secret(b"bench");
@@ -352,6 +374,7 @@ criterion_group!(
     bench_lookup_wildcards,
     bench_counter_key,
     bench_window,
+    bench_calendar,
     bench_plan_decide,
     bench_should_rate_limit
 );
