@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -142,12 +143,18 @@ pub async fn read_protocol<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Bytes
 pub struct Connection<T> {
     io: T,
     unread: Bytes,
+    peer: SocketAddr,
     _slot: Slot,
 }
 
 impl<T> Connection<T> {
     pub fn get_ref(&self) -> &T {
         &self.io
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
     }
 }
 
@@ -293,6 +300,7 @@ where
                             .send(Ok(Connection {
                                 io,
                                 unread,
+                                peer,
                                 _slot: slot,
                             }))
                             .await;

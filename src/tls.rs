@@ -6,15 +6,11 @@
 //! load is logged and refused; the certificates in force stay.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::Stream;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -23,11 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::listen::{self, Connection, Incoming, Limits};
 use crate::reload;
-use crate::task::{OwnedTask, TaskSet};
 
 /// The certificate files to serve with.
 #[derive(Clone, Debug)]
@@ -152,11 +146,42 @@ pub fn incoming(
     limits: Limits,
     max_handshakes: usize,
 ) -> Incoming<Connection<TlsStream<TcpStream>>> {
+    accept(listener, tls, "grpc", limits, max_handshakes, true)
+}
+
+/// The admin API's port: as [`incoming`] with the admin port's bounds, and
+/// no HTTP/2 preface to wait for (its clients may speak HTTP/1.1).
+pub fn incoming_admin(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+) -> Incoming<Connection<TlsStream<TcpStream>>> {
+    let limits = Limits {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        handshake_timeout: ADMIN_HANDSHAKE_TIMEOUT,
+    };
+    accept(listener, tls, "admin", limits, ADMIN_MAX_HANDSHAKES, false)
+}
+
+/// Most connections open at once on the admin API's port.
+const ADMIN_MAX_CONNECTIONS: usize = 1024;
+/// How long an admin API client may take to finish the TLS handshake.
+const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most admin API TLS handshakes under way at once.
+const ADMIN_MAX_HANDSHAKES: usize = 64;
+
+fn accept(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+    port: &'static str,
+    limits: Limits,
+    max_handshakes: usize,
+    preface: bool,
+) -> Incoming<Connection<TlsStream<TcpStream>>> {
     // A connection waits for a place within its own deadline; a flood of
     // handshakes that stall part-way (a ClientHello never finished) keeps
     // new TLS clients waiting while it lasts, never the connections open.
     let places = Arc::new(Semaphore::new(max_handshakes.max(1)));
-    listen::incoming(listener, "grpc", limits, move |tcp| {
+    listen::incoming(listener, port, limits, move |tcp| {
         let acceptor = TlsAcceptor::from(tls.current());
         let places = places.clone();
         async move {
@@ -165,78 +190,11 @@ pub fn incoming(
             let place = places.acquire_owned().await.map_err(io::Error::other)?;
             let mut stream = acceptor.accept(tcp).await?;
             drop(place);
-            let preface = listen::read_preface(&mut stream).await?;
-            Ok::<_, io::Error>((stream, preface))
+            let unread = match preface {
+                true => listen::read_preface(&mut stream).await?,
+                false => bytes::Bytes::new(),
+            };
+            Ok::<_, io::Error>((stream, unread))
         }
     })
-}
-
-/// How long an admin API client may take to finish the TLS handshake.
-const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most admin API TLS handshakes under way at once.
-const ADMIN_MAX_HANDSHAKES: usize = 64;
-
-/// TLS connections with each client's address, for the admin API (it
-/// records the address and limits failed sign-ins by it). Handshakes run
-/// concurrently, at most [`ADMIN_MAX_HANDSHAKES`] at once (a client that
-/// sends nothing takes no place), each within [`ADMIN_HANDSHAKE_TIMEOUT`].
-pub fn incoming_with_peers(
-    listener: TcpListener,
-    tls: Arc<TlsReloader>,
-) -> impl Stream<Item = io::Result<(TlsStream<TcpStream>, SocketAddr)>> + Send {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let places = Arc::new(Semaphore::new(ADMIN_MAX_HANDSHAKES));
-    let accepting = OwnedTask::spawn(async move {
-        let handshakes = TaskSet::default();
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // Nagle's algorithm would hold a small response back until the
-            // client's delayed ACK (40 ms on Linux).
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
-            }
-            let acceptor = TlsAcceptor::from(tls.current());
-            let tx = tx.clone();
-            let places = places.clone();
-            handshakes.spawn(async move {
-                let handshake = async {
-                    tcp.readable().await?;
-                    let _place = places.acquire_owned().await.map_err(io::Error::other)?;
-                    acceptor.accept(tcp).await
-                };
-                match tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, handshake).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok((stream, peer))).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    PeerIncoming {
-        connections: ReceiverStream::new(rx),
-        _accepting: accepting,
-    }
-}
-
-/// The connections handed over, and the task that accepts them.
-struct PeerIncoming<T> {
-    connections: ReceiverStream<T>,
-    _accepting: OwnedTask,
-}
-
-impl<T> Stream for PeerIncoming<T> {
-    type Item = T;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        Pin::new(&mut self.connections).poll_next(cx)
-    }
 }

@@ -16,7 +16,6 @@ pub mod routes;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -24,7 +23,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -33,6 +32,7 @@ use utoipa::OpenApi;
 use self::auth::{FailedAuthLimiter, Peer};
 use self::error::ApiError;
 use crate::limiter::KeyHasher;
+use crate::listen::{Connection, Incoming};
 use crate::task::OwnedTask;
 use crate::tls::{self, TlsReloader};
 
@@ -191,12 +191,9 @@ pub async fn serve(
     }
 }
 
-type TlsConnections =
-    Pin<Box<dyn Stream<Item = io::Result<(TlsStream<TcpStream>, SocketAddr)>> + Send>>;
-
-/// TLS connections, handshaken concurrently by `tls::incoming_with_peers`.
+/// TLS connections within the admin port's bounds (`tls::incoming_admin`).
 pub struct TlsListener {
-    connections: TlsConnections,
+    connections: Incoming<Connection<TlsStream<TcpStream>>>,
     local: SocketAddr,
     _watch: OwnedTask,
 }
@@ -206,7 +203,7 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let watch = OwnedTask::spawn(tls.clone().watch(std::time::Duration::from_secs(5)));
         Ok(TlsListener {
-            connections: Box::pin(tls::incoming_with_peers(listener, tls)),
+            connections: tls::incoming_admin(listener, tls),
             local,
             _watch: watch,
         })
@@ -214,13 +211,16 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Connection<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.connections.next().await {
-                Some(Ok(conn)) => return conn,
+                Some(Ok(conn)) => {
+                    let peer = conn.peer();
+                    return (conn, peer);
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "admin TLS connection failed"),
                 // The accepting task never ends while the listener lives.
                 None => std::future::pending::<()>().await,
