@@ -630,18 +630,33 @@ pub enum Revocation {
 }
 
 pub async fn revoke_key(pool: &PgPool, prefix: &str) -> Result<Revocation, AdminError> {
-    let revoked = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
-    )
+    revoke_by_prefix(pool, "api_keys", prefix, None).await
+}
+
+/// Revokes the row of `table` (`api_keys` or `admin_tokens`: both are
+/// found by a display prefix and revoked by a timestamp) with `prefix`,
+/// and only if it is `tenant_id`'s when that is given.
+pub(crate) async fn revoke_by_prefix(
+    pool: &PgPool,
+    table: &'static str,
+    prefix: &str,
+    tenant_id: Option<&str>,
+) -> Result<Revocation, AdminError> {
+    let mine = "prefix = $1 AND ($2::uuid IS NULL OR tenant_id = $2::uuid)";
+    let revoked = sqlx::query(&format!(
+        "UPDATE {table} SET revoked_at = now() WHERE {mine} AND revoked_at IS NULL"
+    ))
     .bind(prefix)
+    .bind(tenant_id)
     .execute(pool)
     .await?
     .rows_affected();
     if revoked == 1 {
         return Ok(Revocation::Revoked);
     }
-    let known = sqlx::query("SELECT 1 FROM api_keys WHERE prefix = $1")
+    let known = sqlx::query(&format!("SELECT 1 FROM {table} WHERE {mine}"))
         .bind(prefix)
+        .bind(tenant_id)
         .fetch_optional(pool)
         .await?
         .is_some();
@@ -659,28 +674,7 @@ pub async fn revoke_tenant_key(
     prefix: &str,
 ) -> Result<Revocation, AdminError> {
     let id = find_tenant(pool, tenant).await?.id;
-    let revoked = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now()
-         WHERE prefix = $1 AND tenant_id = $2::uuid AND revoked_at IS NULL",
-    )
-    .bind(prefix)
-    .bind(&id)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if revoked == 1 {
-        return Ok(Revocation::Revoked);
-    }
-    let known = sqlx::query("SELECT 1 FROM api_keys WHERE prefix = $1 AND tenant_id = $2::uuid")
-        .bind(prefix)
-        .bind(&id)
-        .fetch_optional(pool)
-        .await?
-        .is_some();
-    Ok(match known {
-        true => Revocation::AlreadyRevoked,
-        false => Revocation::NoSuchKey,
-    })
+    revoke_by_prefix(pool, "api_keys", prefix, Some(&id)).await
 }
 
 /// A key as listed: its prefix, never the key (which is not stored).

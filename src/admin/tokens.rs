@@ -127,25 +127,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<TokenSummary>, AdminError> {
 }
 
 pub async fn revoke(pool: &PgPool, prefix: &str) -> Result<Revocation, AdminError> {
-    let revoked = sqlx::query(
-        "UPDATE admin_tokens SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
-    )
-    .bind(prefix)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if revoked == 1 {
-        return Ok(Revocation::Revoked);
-    }
-    let known = sqlx::query("SELECT 1 FROM admin_tokens WHERE prefix = $1")
-        .bind(prefix)
-        .fetch_optional(pool)
-        .await?
-        .is_some();
-    Ok(match known {
-        true => Revocation::AlreadyRevoked,
-        false => Revocation::NoSuchKey,
-    })
+    super::revoke_by_prefix(pool, "admin_tokens", prefix, None).await
 }
 
 /// Who a live token speaks for.
