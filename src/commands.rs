@@ -236,8 +236,8 @@ pub async fn consume(
         prefetch: args.prefetch.get(),
         batch_wait: args.batch_wait,
         webhook_retry_for: match &command {
-            ConsumeCommand::Alerts(a) => a.webhook_retry_for,
-            _ => std::time::Duration::from_secs(24 * 3_600),
+            ConsumeCommand::Alerts(a) => Some(a.webhook_retry_for),
+            _ => None,
         },
         instance: args.instance.clone(),
     };

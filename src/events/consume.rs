@@ -34,8 +34,9 @@ pub struct ConsumeSettings {
     pub prefetch: u16,
     /// How long a batch waits for more deliveries after its first.
     pub batch_wait: Duration,
-    /// (alerts) How long a webhook delivery is retried before it fails.
-    pub webhook_retry_for: Duration,
+    /// How long a webhook delivery is retried before it fails: set for the
+    /// alerts consumer, the one that delivers webhooks.
+    pub webhook_retry_for: Option<Duration>,
     /// Names this process in the events it makes.
     pub instance: String,
 }
@@ -52,14 +53,13 @@ pub async fn run(
         group,
         pool,
         partitions: HashSet::new(),
-        alert_deliveries_for: settings.webhook_retry_for,
-        instance: settings.instance.clone(),
+        settings,
     };
     tokio::pin!(shutdown);
     let mut failing = false;
     loop {
         tokio::select! {
-            result = consumer.session(&settings) => {
+            result = consumer.session() => {
                 if let Err(e) = result {
                     if !std::mem::replace(&mut failing, true) {
                         tracing::warn!(error = %e, "event consumer lost the broker; reconnecting");
@@ -80,9 +80,7 @@ struct Consumer {
     pool: PgPool,
     /// Months whose violations partition is known to exist.
     partitions: HashSet<i32>,
-    /// How long an alert's webhook deliveries are retried.
-    alert_deliveries_for: Duration,
-    instance: String,
+    settings: ConsumeSettings,
 }
 
 /// One parsed delivery.
@@ -109,7 +107,9 @@ impl Applied {
 
 impl Consumer {
     /// One connection: consume until it fails.
-    async fn session(&mut self, settings: &ConsumeSettings) -> anyhow::Result<()> {
+    async fn session(&mut self) -> anyhow::Result<()> {
+        let settings = self.settings.clone();
+        let settings = &settings;
         let connection = amqp::connect(&settings.url).await?;
         let channel = connection.create_channel().await?;
         amqp::declare(&channel, &settings.prefix, &[self.group]).await?;
@@ -229,8 +229,13 @@ impl Consumer {
             }
             Group::Alerts => {
                 let crossed = cycles::add(&mut tx, "alerts", &usage_of(&fresh)).await?;
-                alerts::record(&mut tx, &crossed, self.alert_deliveries_for, &self.instance)
-                    .await?;
+                alerts::record(
+                    &mut tx,
+                    &crossed,
+                    self.settings.webhook_retry_for.unwrap_or_default(),
+                    &self.settings.instance,
+                )
+                .await?;
             }
             Group::Billing => {
                 cycles::add(&mut tx, "billing", &usage_of(&fresh)).await?;
