@@ -23,34 +23,16 @@ use sluice::proto::rls::rate_limit_response::Code;
 use sqlx::PgPool;
 use support::http::{self, HttpResponse};
 use support::postgres::PgCluster;
-use support::{repo, request, wait_until, ChildGuard, TestServer};
+use support::{request, wait_until, ChildGuard, TestServer};
 use tokio::sync::oneshot;
 
 const KEY_SECRET: &str = "admin test secret";
 
 // === Helpers ===
 
-fn sluice(pg: &PgCluster, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_DATABASE_URL", &pg.primary_url)
-        .env("SLUICE_KEY_SECRET", KEY_SECRET)
-        .current_dir(repo())
-        .output()
-        .expect("running sluice")
-}
-
 /// Runs a command that must succeed; returns its stdout, trimmed.
 fn ok(pg: &PgCluster, args: &[&str]) -> String {
-    let out = sluice(pg, args);
-    assert!(
-        out.status.success(),
-        "sluice {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    pg.sluice_ok(KEY_SECRET, args).trim().to_owned()
 }
 
 fn start_cluster() -> PgCluster {

@@ -53,20 +53,7 @@ pub(crate) fn unique_prefix(test: &str) -> String {
 }
 
 pub(crate) fn sluice_cmd(pg: &PgCluster, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_DATABASE_URL", &pg.primary_url)
-        .env("SLUICE_KEY_SECRET", KEY_SECRET)
-        .current_dir(repo())
-        .output()
-        .expect("running sluice");
-    assert!(
-        out.status.success(),
-        "sluice {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pg.sluice_ok(KEY_SECRET, args)
 }
 
 fn rabbitmqctl(action: &str) {

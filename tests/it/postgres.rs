@@ -9,7 +9,7 @@
 use crate::support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
@@ -31,17 +31,7 @@ const KEY_SECRET: &str = "postgres test secret";
 // === Helpers ===
 
 fn sluice(pg: &PgCluster, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_DATABASE_URL", &pg.primary_url)
-        .env("SLUICE_KEY_SECRET", KEY_SECRET)
-        .current_dir(repo())
-        .output()
-        .expect("running sluice")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pg.sluice(KEY_SECRET, args)
 }
 
 fn stderr(out: &Output) -> String {
@@ -50,15 +40,7 @@ fn stderr(out: &Output) -> String {
 
 /// Runs a command that must succeed; returns its stdout.
 fn ok(pg: &PgCluster, args: &[&str]) -> String {
-    let out = sluice(pg, args);
-    assert!(
-        out.status.success(),
-        "sluice {args:?} failed ({}):\n{}{}",
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
+    pg.sluice_ok(KEY_SECRET, args)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {

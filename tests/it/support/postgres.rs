@@ -40,6 +40,31 @@ fn is_root() -> bool {
 }
 
 impl PgCluster {
+    /// The `sluice` binary run against this cluster's primary, with the
+    /// servers' key secret (`sluice migrate`, `tenants`, `keys issue`, ...).
+    pub fn sluice(&self, key_secret: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .env("SLUICE_DATABASE_URL", &self.primary_url)
+            .env("SLUICE_KEY_SECRET", key_secret)
+            .current_dir(repo())
+            .output()
+            .expect("running sluice")
+    }
+
+    /// [`PgCluster::sluice`] for a command that must succeed: its stdout.
+    pub fn sluice_ok(&self, key_secret: &str, args: &[&str]) -> String {
+        let out = self.sluice(key_secret, args);
+        assert!(
+            out.status.success(),
+            "sluice {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts both servers (about 3 s) and returns once the replica streams.
     pub fn start() -> PgCluster {
         // The servers run as `postgres` when we are root: the directory must
