@@ -231,6 +231,7 @@ async fn two_envoys_share_a_limit_through_two_sluices_on_one_redis() {
     // window's turn (4 a minute), plus a new bucket's first request. A
     // round trip is taken as 250 ms, generous on a busy machine.
     let round_trip_us = 250_000;
+    let report_us = ENVOY_REPORT_INTERVAL.as_micros() as u64;
     let exposed_us = round_trip_us * (12 + 4);
     let bound = LIMIT
         + RATES
@@ -258,9 +259,23 @@ async fn two_envoys_share_a_limit_through_two_sluices_on_one_redis() {
     // In the whole window, demand (480) is eight times the limit: it is
     // used up, but for what is promised near the window's end and not used
     // before it turns (on a loaded machine a report or two late: 57 of 60
-    // was seen), and split by demand (3:1).
+    // was seen), and split by demand (3:1). Usage counts when it is
+    // reported, so the window is also charged what the Envoys admitted
+    // after their last reports before it began: next to nothing when the
+    // window before ended used up, up to a report interval of traffic when
+    // the load started near its end (48 of 60 was seen, 12 carried over).
     let (bw, qw) = (b[&full_window], q[&full_window]);
-    assert!(bw + qw >= LIMIT * 9 / 10, "{bw} + {qw} of {LIMIT}");
+    let full_start_us = full_window * MINUTE_US;
+    let carried_from_us = full_start_us - report_us - round_trip_us;
+    let carried = [&busy, &quiet]
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|s| s.status == 200 && (carried_from_us..full_start_us).contains(&s.at_us))
+        .count() as u64;
+    assert!(
+        bw + qw + carried >= LIMIT * 9 / 10,
+        "{bw} + {qw} of {LIMIT}, {carried} carried over from the window before"
+    );
     let busy_part = bw as f64 / (bw + qw) as f64;
     assert!(
         (0.55..=0.95).contains(&busy_part),
