@@ -9,6 +9,7 @@ pub mod certs;
 pub mod envoy;
 pub mod http;
 pub mod postgres;
+pub mod proxy;
 pub mod redis;
 pub mod sockets;
 

@@ -200,6 +200,9 @@ pub fn command_calls(info: &str, command: &str) -> u64 {
 pub struct RedisCluster {
     pub base: u16,
     dir: tempfile::TempDir,
+    /// Node port -> the port it announces to clients, when not its own
+    /// ([`RedisCluster::announce`]).
+    announced: std::sync::Mutex<std::collections::HashMap<u16, u16>>,
 }
 
 impl RedisCluster {
@@ -226,7 +229,45 @@ impl RedisCluster {
             stdout.contains("REDIS_CLUSTER_NODES="),
             "unexpected output: {stdout}"
         );
-        RedisCluster { base, dir }
+        RedisCluster {
+            base,
+            dir,
+            announced: Default::default(),
+        }
+    }
+
+    /// Makes each node announce another port to clients (`CLUSTER SLOTS`,
+    /// redirections; replicas follow it too), e.g. a proxy's in front of
+    /// it, and waits until every node sees every announcement. The cluster
+    /// bus stays direct, so a proxy that cuts clients off fails no node
+    /// over. A restarted node announces the same port.
+    pub async fn announce(&self, ports: &std::collections::HashMap<u16, u16>) {
+        for (node, port) in ports {
+            let set = self.cli(
+                *node,
+                &["CONFIG", "SET", "cluster-announce-port", &port.to_string()],
+            );
+            assert_eq!(set.trim(), "OK", "node {node}: {set}");
+        }
+        self.announced.lock().unwrap().clone_from(ports);
+        let seen = super::eventually(Duration::from_secs(10), || {
+            self.ports().iter().all(|node| {
+                let nodes = self.cli(*node, &["CLUSTER", "NODES"]);
+                ports
+                    .values()
+                    .all(|p| nodes.contains(&format!("127.0.0.1:{p}@")))
+            })
+        })
+        .await;
+        assert!(seen.is_some(), "the nodes never saw the announced ports");
+    }
+
+    /// A node's port from the port it announces.
+    fn node_of(&self, announced: u16) -> u16 {
+        let map = self.announced.lock().unwrap();
+        map.iter()
+            .find(|(_, a)| **a == announced)
+            .map_or(announced, |(node, _)| *node)
     }
 
     pub fn ports(&self) -> Vec<u16> {
@@ -265,7 +306,8 @@ impl RedisCluster {
                 })
                 .filter_map(|l| {
                     let addr = l.split(' ').nth(1)?;
-                    addr.split('@').next()?.rsplit(':').next()?.parse().ok()
+                    let port = addr.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                    Some(self.node_of(port))
                 })
                 .collect();
             if !masters.is_empty() {
@@ -320,6 +362,15 @@ impl RedisCluster {
                 "0",
             ])
             .args(["--daemonize", "yes"])
+            .args(
+                self.announced
+                    .lock()
+                    .unwrap()
+                    .get(&port)
+                    .map(|p| ["--cluster-announce-port".to_owned(), p.to_string()])
+                    .iter()
+                    .flatten(),
+            )
             .status()
             .expect("starting redis-server");
         assert!(status.success(), "restarting node {port} failed");
