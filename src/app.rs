@@ -117,6 +117,8 @@ async fn serve_until(
     let quota = QuotaService::new(deps.limiter.clone(), deps.quota.clone());
     let limits = &deps.connections;
     let mut grpc_builder = tonic::transport::Server::builder()
+        // Each connection's calls, for its idle timeout.
+        .layer(listen::CountCalls)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(limits.keepalive_interval)
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
@@ -355,6 +357,7 @@ fn connection_settings(args: &ServeArgs) -> ConnectionSettings {
         grpc: Limits {
             max_connections: args.grpc_max_connections.get(),
             handshake_timeout: args.handshake_timeout,
+            idle_timeout: nonzero(args.grpc_idle_timeout),
         },
         max_tls_handshakes: args.max_tls_handshakes.get(),
         max_concurrent_streams: args.grpc_max_concurrent_streams.get(),
@@ -364,6 +367,7 @@ fn connection_settings(args: &ServeArgs) -> ConnectionSettings {
         http: Limits {
             max_connections: args.http_max_connections.get(),
             handshake_timeout: args.handshake_timeout,
+            idle_timeout: None,
         },
         http_idle_timeout: args.http_idle_timeout,
         max_header_bytes: args.max_header_bytes.get(),

@@ -946,6 +946,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
     pub grpc_max_connection_age: Duration,
 
+    /// Close a gRPC connection with no call in flight (streams included)
+    /// for this long, so idle clients do not hold places under the cap;
+    /// 0s: never.
+    #[arg(long, env = "SLUICE_GRPC_IDLE_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub grpc_idle_timeout: Duration,
+
     /// Most connections open on the HTTP port; at the cap, new ones wait in
     /// the kernel's backlog.
     #[arg(long, env = "SLUICE_HTTP_MAX_CONNECTIONS", default_value = "1024")]

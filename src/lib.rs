@@ -12,7 +12,7 @@
 //! | `grpc`      | Envoy's `RateLimitService`, `sluice.v1.Sluice` (`Explain`), health, reflection |
 //! | `http`      | `/json`, `/explain`, `/metrics`, `/healthz`, `/readyz` |
 //! | `tls`       | TLS and mutual TLS for gRPC and the admin API, with certificate reloads |
-//! | `listen`    | accepting connections within bounds: a cap, handshake deadlines |
+//! | `listen`    | accepting connections within bounds: a cap, handshake deadlines, idle timeouts |
 //! | `admin_api` | the admin API and console (`sluice admin`): REST under `/admin/v1`, OpenAPI, tokens and roles, audit |
 //! | `convert`   | proto <-> domain, for gRPC and `/json` alike |
 //! | `rlqs`      | Envoy's Rate Limit Quota Service: buckets on rules, shares of the budget, streams |

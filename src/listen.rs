@@ -14,12 +14,21 @@
 //!
 //! What the connections do once established is bounded by the servers:
 //! streams per connection, HTTP/2 keepalive, the HTTP request head timeout,
-//! message sizes (`grpc`, `http`, `app`).
+//! message sizes (`grpc`, `http`, `app`). One bound is kept here because
+//! hyper has none for HTTP/2: an idle timeout on the gRPC port. The calls
+//! on each connection are counted ([`CountCalls`], a layer on the server,
+//! finds the connection's [`ConnectionCalls`] in each request), and a
+//! connection with no call in flight for the timeout is closed by its own
+//! reader, so a client that opens connections and leaves them idle holds
+//! its places under the cap for that long at most. Keepalive PINGs answered
+//! by a live client do not count as calls: they keep a connection from
+//! being taken for dead, not from being idle.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,7 +40,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
 
 use crate::task::OwnedTask;
 use crate::telemetry::names;
@@ -44,6 +55,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a connection may take from accept to a finished handshake.
     pub handshake_timeout: Duration,
+    /// Close a connection with no call in flight for this long; `None`:
+    /// never, or the port's server has a timeout of its own (HTTP's head
+    /// timeout). Only for servers that count calls with [`CountCalls`]: a
+    /// connection whose calls go uncounted looks idle throughout.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The connection bounds of both ports and of the servers on them; the
@@ -82,6 +98,7 @@ impl Default for ConnectionSettings {
             grpc: Limits {
                 max_connections: 10_000,
                 handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Some(Duration::from_secs(600)),
             },
             max_tls_handshakes: 256,
             max_concurrent_streams: 1024,
@@ -91,6 +108,7 @@ impl Default for ConnectionSettings {
             http: Limits {
                 max_connections: 1024,
                 handshake_timeout: Duration::from_secs(10),
+                idle_timeout: None,
             },
             http_idle_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
@@ -144,6 +162,8 @@ pub struct Connection<T> {
     io: T,
     unread: Bytes,
     peer: SocketAddr,
+    calls: Arc<Activity>,
+    idle: Option<IdleTimer>,
     _slot: Slot,
 }
 
@@ -193,7 +213,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for Connection<T> {
             this.unread.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        let Some(idle) = this.idle.as_mut() else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        // Idle: the end of the stream, as if the client had closed it. The
+        // server then closes its side; no call is in flight to lose.
+        if idle.poll_expired(&this.calls, cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > filled {
+            idle.last_read = Instant::now();
+        }
+        read
     }
 }
 
@@ -227,11 +260,210 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
     }
 }
 
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Connection<T> {
-    type ConnectInfo = T::ConnectInfo;
+/// What tonic puts in each request's extensions: the connection's calls
+/// (see [`CountCalls`]).
+impl<T> tonic::transport::server::Connected for Connection<T> {
+    type ConnectInfo = ConnectionCalls;
 
-    fn connect_info(&self) -> T::ConnectInfo {
-        self.io.connect_info()
+    fn connect_info(&self) -> ConnectionCalls {
+        ConnectionCalls(self.calls.clone())
+    }
+}
+
+// === Idle connections ===
+
+/// The calls in flight on one connection, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// When the last call ended (or the connection opened), in ms since
+    /// `opened`.
+    last_end_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+
+    fn last_end(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection's calls, found in each request's extensions on a server
+/// whose connections come from [`incoming`].
+#[derive(Clone, Debug)]
+pub struct ConnectionCalls(Arc<Activity>);
+
+impl ConnectionCalls {
+    fn begin(&self) -> CallGuard {
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.0.clone())
+    }
+}
+
+/// One call in flight: it ends when its response body is dropped (sent in
+/// full, or the stream reset), so a streaming call counts while it lasts.
+#[derive(Debug)]
+struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis();
+        self.0
+            .last_end_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a request read off the wire may take to reach the server's
+/// service: a connection is not closed this soon after its last bytes, so
+/// a call that just arrived is counted before the idle check can miss it.
+const READ_GRACE: Duration = Duration::from_secs(1);
+
+/// The idle timer of one connection, polled by its reader.
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+    last_read: Instant,
+    port: &'static str,
+    expired: bool,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration, port: &'static str) -> IdleTimer {
+        IdleTimer {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            last_read: Instant::now(),
+            port,
+            expired: false,
+        }
+    }
+
+    /// Ready once the connection has been idle for the timeout: no call in
+    /// flight, none ended and no bytes read lately.
+    fn poll_expired(&mut self, calls: &Activity, cx: &mut Context<'_>) -> Poll<()> {
+        while !self.expired {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let next = if calls.in_flight.load(Ordering::Acquire) > 0 {
+                now + self.timeout
+            } else {
+                (calls.last_end() + self.timeout).max(self.last_read + READ_GRACE)
+            };
+            if next <= now {
+                self.expired = true;
+                counter!(names::CONNECTIONS_IDLE_CLOSED, "port" => self.port).increment(1);
+                tracing::debug!(port = self.port, "closing an idle connection");
+            } else {
+                self.sleep.as_mut().reset(next);
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+/// A layer for tonic's server that counts each connection's calls, for
+/// the idle timeout ([`Incoming::idle_timeout`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CountCalls;
+
+impl<S> tower_layer::Layer<S> for CountCalls {
+    type Service = CountedCalls<S>;
+
+    fn layer(&self, inner: S) -> CountedCalls<S> {
+        CountedCalls { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CountedCalls<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for CountedCalls<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
+{
+    type Response = http::Response<CallBody<R>>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = request
+            .extensions()
+            .get::<ConnectionCalls>()
+            .map(ConnectionCalls::begin);
+        CallFuture {
+            inner: self.inner.call(request),
+            call,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's response on its way: the call stays counted in its body.
+    pub struct CallFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<CallGuard>,
+    }
+}
+
+impl<F, R, E> Future for CallFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = Result<http::Response<CallBody<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = futures::ready!(this.inner.poll(cx));
+        let call = this.call.take();
+        Poll::Ready(response.map(|r| r.map(|inner| CallBody { inner, _call: call })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that ends its call when dropped.
+    pub struct CallBody<B> {
+        #[pin]
+        inner: B,
+        _call: Option<CallGuard>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for CallBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -259,6 +491,9 @@ where
     at_cap.increment(0);
     for reason in ["timeout", "error"] {
         counter!(names::HANDSHAKES_FAILED, "port" => port, "reason" => reason).increment(0);
+    }
+    if limits.idle_timeout.is_some() {
+        counter!(names::CONNECTIONS_IDLE_CLOSED, "port" => port).increment(0);
     }
     let accepting = OwnedTask::spawn(async move {
         let mut handshakes = JoinSet::new();
@@ -301,6 +536,10 @@ where
                                 io,
                                 unread,
                                 peer,
+                                calls: Arc::new(Activity::new()),
+                                idle: limits
+                                    .idle_timeout
+                                    .map(|timeout| IdleTimer::new(timeout, port)),
                                 _slot: slot,
                             }))
                             .await;
@@ -368,6 +607,7 @@ mod tests {
         let limits = Limits {
             max_connections: 4,
             handshake_timeout: Duration::from_secs(5),
+            idle_timeout: None,
         };
         let mut incoming = incoming(listener, "test", limits, plain);
         let mut client = TcpStream::connect(addr).await.unwrap();
@@ -401,6 +641,7 @@ mod tests {
         let limits = Limits {
             max_connections: 1,
             handshake_timeout: Duration::from_millis(200),
+            idle_timeout: None,
         };
         let mut incoming = incoming(listener, "test", limits, plain);
         // Holds the only slot until its deadline, sending half a preface.
@@ -420,5 +661,45 @@ mod tests {
             .await
             .expect("closed by its deadline");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
+    /// The idle timeout on the server's side of a connection: its reader
+    /// reads the end once no call has been in flight for the timeout, and
+    /// not while a call is (tokio's clock, paused: no waiting for real).
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_reads_its_end_once_idle_and_never_during_a_call() {
+        use tonic::transport::server::Connected as _;
+        const IDLE: Duration = Duration::from_secs(10);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 4,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Some(IDLE),
+        };
+        let mut incoming = incoming(listener, "test", limits, plain);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(HTTP2_PREFACE).await.unwrap();
+        let mut conn = incoming.next_connection().await.unwrap();
+        let opened = Instant::now();
+        let mut preface = [0u8; 24];
+        conn.read_exact(&mut preface).await.unwrap();
+
+        // A call in flight: no end, however long it lasts.
+        let call = conn.connect_info().begin();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(IDLE * 3, conn.read(&mut buf)).await;
+        assert!(read.is_err(), "read {read:?} during a call");
+        // It ends: the end comes a whole timeout later, not sooner.
+        drop(call);
+        let ended = Instant::now();
+        let read = conn.read(&mut buf).await;
+        assert!(matches!(read, Ok(0)), "{read:?}");
+        // (Call ends are kept to the millisecond.)
+        let quiet = ended.elapsed() + Duration::from_millis(1);
+        assert!(quiet >= IDLE, "{quiet:?}");
+        assert!(opened.elapsed() >= IDLE * 4);
+        // And stays the end.
+        assert!(matches!(conn.read(&mut buf).await, Ok(0)));
     }
 }

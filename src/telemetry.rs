@@ -107,6 +107,8 @@ pub mod names {
     /// Connections closed before their handshake (TLS, HTTP/2 preface)
     /// finished, by `reason` (`timeout`, `error`).
     pub const HANDSHAKES_FAILED: &str = "sluice_handshakes_failed_total";
+    /// Connections closed after their idle timeout.
+    pub const CONNECTIONS_IDLE_CLOSED: &str = "sluice_connections_idle_closed_total";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -158,6 +158,8 @@ pub fn incoming_admin(
     let limits = Limits {
         max_connections: ADMIN_MAX_CONNECTIONS,
         handshake_timeout: ADMIN_HANDSHAKE_TIMEOUT,
+        // axum counts no calls for it; its own timeouts bound it.
+        idle_timeout: None,
     };
     accept(listener, tls, "admin", limits, ADMIN_MAX_HANDSHAKES, false)
 }

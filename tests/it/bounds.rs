@@ -41,11 +41,13 @@ fn tight() -> ConnectionSettings {
         grpc: Limits {
             max_connections: 64,
             handshake_timeout: Duration::from_secs(1),
+            idle_timeout: None,
         },
         max_tls_handshakes: 8,
         http: Limits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(1),
+            idle_timeout: None,
         },
         http_idle_timeout: Duration::from_secs(1),
         ..ConnectionSettings::default()
@@ -270,4 +272,68 @@ async fn half_sent_http_requests_are_closed_and_json_keeps_answering() {
             "a half-sent HTTP request still open 5 s after its 1 s deadline"
         );
     }
+}
+
+/// The gRPC port's idle timeout: a connection with no call in flight is
+/// closed once it passes (and counted), one carrying a streaming call is
+/// kept however quiet the stream, and calls go on on the others.
+#[tokio::test]
+async fn idle_connections_are_closed_and_a_quiet_stream_keeps_its_own() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let mut settings = tight();
+    settings.grpc.idle_timeout = Some(IDLE);
+    let server = TestServer::start(config(settings)).await;
+
+    // A client that finishes the handshake and then does nothing.
+    let mut idle = TcpStream::connect(server.grpc_addr).await.unwrap();
+    idle.write_all(HTTP2_PREFACE).await.unwrap();
+    // SETTINGS, empty, as every HTTP/2 client sends after the preface.
+    idle.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let opened = std::time::Instant::now();
+    // A quiet stream: health Watch sends the status once, then nothing.
+    let channel = Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    assert!(watch.message().await.expect("first status").is_some());
+
+    assert!(
+        closed_by_server(&mut idle, IDLE * 4).await,
+        "an idle connection still open {:?} after its {IDLE:?} idle timeout",
+        IDLE * 4
+    );
+    let after = opened.elapsed();
+    assert!(
+        after >= IDLE - Duration::from_millis(100),
+        "closed after {after:?}, before its idle timeout"
+    );
+    // The stream's connection has been quiet for longer than the timeout,
+    // and is still open: its next message is not an error or the end.
+    tokio::time::sleep(IDLE).await;
+    let next = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
+    assert!(next.is_err(), "the quiet stream ended: {next:?}");
+    // Calls on the stream's connection are served.
+    let mut client = RateLimitServiceClient::new(channel);
+    keep_calling(&mut client, 3).await;
+    let metrics = support::http::get(server.http_addr, "/metrics")
+        .await
+        .unwrap()
+        .text();
+    let closed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_connections_idle_closed_total{port=\"grpc\"} "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(
+        closed.is_some_and(|n| n >= 1),
+        "idle closes not counted: {closed:?}"
+    );
 }

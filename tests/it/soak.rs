@@ -267,7 +267,7 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
     let cycles = (seconds / 60).max(1);
-    let cluster = Arc::new(RedisCluster::start());
+    let cluster = RedisCluster::start();
     // Every node through a proxy: clients learn the proxies' ports.
     let mut proxies = Vec::new();
     let mut announced = HashMap::new();
@@ -375,6 +375,8 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
     let mut pg_down = Vec::new();
     let mut healed = Vec::new();
     let mut last_change = (0, CHANGING[0]);
+    // RSS (KiB) of each instance at the end of each cycle: flat, or growing?
+    let mut rss_by_cycle = Vec::new();
     for cycle in 0..cycles {
         // The fault schedule, by fractions of the cycle.
         let cycle_secs = seconds as f64 / cycles as f64;
@@ -459,6 +461,12 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         .await;
         last_change = (now_us(), changing);
         faults.last_mut().unwrap().2 = now_us() + 500_000;
+        rss_by_cycle.push(
+            instances
+                .iter()
+                .map(|(i, s)| (*i, footprint(s.process.child.id()).0))
+                .collect::<Vec<_>>(),
+        );
     }
 
     let mut decisions = Vec::new();
@@ -650,6 +658,9 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         footprint_start,
         footprint_end,
     );
+    if cycles > 1 {
+        println!("soak: RSS KiB at the end of each cycle: {rss_by_cycle:?}");
+    }
     assert!(decisions.len() > 1000, "only {} decisions", decisions.len());
     assert!(count(Answer::Denied) > 0, "the load never met a limit");
     assert!(
