@@ -30,16 +30,23 @@
 //! ```
 //!
 //! `mine / total` is this Envoy's part of the bucket's demand, so shares
-//! follow demand; `remaining - outstanding` is what nobody has been
+//! follow demand when the budget is scarce; when it is *plenty* (what
+//! remains covers everyone's demand at its recent rate for a whole period
+//! of the rule, [`plenty`]) the share is all that is unpromised, within
+//! the cap: splitting would only starve an Envoy whose demand the estimate
+//! has not seen yet, such as one that has just restarted (its first report
+//! is sent at its first request, while the demand of the Envoy it replaced
+//! stays in the shared estimate for the demand window).
+//! `remaining - outstanding` is what nobody has been
 //! promised, so shares never add up to more than the budget; `cap`, when
 //! other Envoys report the bucket too, keeps a share near what the Envoy
 //! can use before its next report (its demand over [`CAP_WINDOWS`]
 //! reporting intervals, or the rule's rate over the same span if more), so
-//! unused promises hold others back little. A stream's first report for a
-//! bucket has no demand history and no cap, nor has an Envoy alone on a
-//! bucket: it may burst up to all that is left, as with per-request
-//! decisions. An Envoy that joins a busy bucket gets its part at the
-//! incumbents' next reports.
+//! unused promises hold others back little. An Envoy alone on a bucket has
+//! no cap, nor has a stream's first report for a bucket whose budget is
+//! scarce (it has no demand history): it may burst up to all that is left,
+//! as with per-request decisions. An Envoy that joins a busy bucket gets
+//! its part at the incumbents' next reports.
 //!
 //! When a promise window ends, every Envoy holding a share (or DENY_ALL)
 //! gets a new one promised in the next window (`Ledger::turn_at`), so no
@@ -169,6 +176,16 @@ pub fn cap(rate: Rate, report_interval_us: u64, mine: u64) -> u64 {
     recent.max(at_rule_rate).max(1)
 }
 
+/// Whether `remaining` covers every Envoy's demand (`total`, over the
+/// demand window) at its recent rate for a whole period of the rule, so
+/// that none can run short before the window turns, wherever in it we are:
+/// then shares need not split the budget by demand.
+pub fn plenty(rate: Rate, report_interval_us: u64, remaining: u64, total: u64) -> bool {
+    let window = u128::from(report_interval_us * DEMAND_WINDOWS).max(1);
+    let expected = (u128::from(total) * u128::from(rate.period_us)).div_ceil(window);
+    u128::from(remaining) >= expected
+}
+
 /// What one Envoy's share is computed from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShareInput {
@@ -181,9 +198,12 @@ pub struct ShareInput {
     pub mine: u64,
     /// All Envoys' demand over the demand window (this one's included).
     pub total: u64,
-    /// [`cap`], or `None` on a stream's first report for the bucket and
-    /// for an Envoy alone on it.
+    /// [`cap`], or `None` for an Envoy alone on the bucket, and on a
+    /// stream's first report for it unless the budget is [`plenty`].
     pub cap: Option<u64>,
+    /// [`plenty`]: the share is all that is unpromised (within the cap),
+    /// not this Envoy's part of it.
+    pub plenty: bool,
 }
 
 /// The requests one Envoy may admit until its next answer; 0 means
@@ -200,7 +220,10 @@ pub fn share(input: ShareInput) -> u64 {
     // instance's clock, a report still in flight): never more than all.
     let total = u128::from(input.total).max(mine);
     let remaining = u128::from(input.remaining);
-    let part = u64::try_from((remaining * mine).div_ceil(total)).unwrap_or(u64::MAX);
+    let part = match input.plenty {
+        true => unpromised,
+        false => u64::try_from((remaining * mine).div_ceil(total)).unwrap_or(u64::MAX),
+    };
     let mut share = part.min(unpromised);
     if let Some(cap) = input.cap {
         share = share.min(cap.max(1));
@@ -286,14 +309,24 @@ impl Ledger {
     /// The share for this Envoy, given the store's `counts` and its own
     /// demand `mine` (from [`Ledger::report`] or [`Ledger::demand`]).
     pub fn share(&self, rate: Rate, report_interval_us: u64, counts: Counts, mine: u64) -> u64 {
+        let plenty = plenty(
+            rate,
+            report_interval_us,
+            counts.remaining,
+            counts.total_demand,
+        );
+        // Alone on the bucket, an unused promise holds back nobody. With
+        // others, a first report is capped too when the budget is plenty:
+        // its share is then not a part of the budget but all of it.
+        let alone = counts.total_demand <= mine;
+        let capped = !alone && (self.reports > 1 || plenty);
         let share = share(ShareInput {
             remaining: counts.remaining,
             outstanding: counts.promised.saturating_sub(counts.settled),
             mine,
             total: counts.total_demand,
-            // Alone on the bucket, an unused promise holds back nobody.
-            cap: (self.reports > 1 && counts.total_demand > mine)
-                .then(|| cap(rate, report_interval_us, mine)),
+            cap: capped.then(|| cap(rate, report_interval_us, mine)),
+            plenty,
         });
         share.min(headroom(counts.promised))
     }

@@ -11,6 +11,7 @@ fn input(remaining: u64, outstanding: u64, mine: u64, total: u64) -> ShareInput 
         mine,
         total,
         cap: None,
+        plenty: false,
     }
 }
 
@@ -489,4 +490,56 @@ fn a_budget_near_the_counters_range_never_fills_the_promised_counter() {
     }
     assert!(promised <= COUNTER_LIMIT);
     assert_eq!(headroom(COUNTER_LIMIT), 1);
+}
+
+#[test]
+fn plenty_means_the_budget_covers_everyones_demand_for_a_whole_period() {
+    let hourly = Rate {
+        limit: 1_000_000_000,
+        period_us: 3_600 * SECOND,
+    };
+    // 330 000 requests in the 30 s demand window: 39.6 M in an hour.
+    assert!(plenty(hourly, INTERVAL, 1_000_000_000, 330_000));
+    assert!(plenty(hourly, INTERVAL, 39_600_000, 330_000));
+    assert!(!plenty(hourly, INTERVAL, 39_599_999, 330_000));
+    // 60 a minute against 8 a second: scarce.
+    let per_minute = Rate {
+        limit: 60,
+        period_us: MINUTE,
+    };
+    assert!(!plenty(per_minute, INTERVAL, 60, 240));
+    assert!(plenty(per_minute, INTERVAL, 60, 0));
+    // Plenty: all that is unpromised, not a part of it.
+    let plentiful = ShareInput {
+        plenty: true,
+        ..input(100, 30, 1, 40)
+    };
+    assert_eq!(share(plentiful), 70);
+}
+
+#[test]
+fn an_envoy_restarted_on_a_plentiful_bucket_is_not_starved_by_its_predecessors_demand() {
+    // A billion an hour; the Envoy that went away reported 330 000
+    // requests in the demand window. Its successor's first report comes
+    // with its first request: its demand is 1.
+    let rate = Rate {
+        limit: 1_000_000_000,
+        period_us: 3_600 * SECOND,
+    };
+    let spec = demand_spec(INTERVAL);
+    let mut ledger = Ledger::default();
+    let t0 = 1_700_000_000 * SECOND;
+    let mine = ledger.report(&spec, t0, 1);
+    let counts = Counts {
+        remaining: rate.limit - 330_001,
+        total_demand: 330_000 + mine,
+        promised: 0,
+        settled: 0,
+    };
+    let share = ledger.share(rate, INTERVAL, counts, mine);
+    // Split by demand it would be 3 030: a tenth of a second at 30 000 a
+    // second, then refusals until the next report. Plenty: the cap, the
+    // rule's rate over two reporting intervals.
+    assert_eq!(share, cap(rate, INTERVAL, mine));
+    assert!(share >= 30_000 * 10, "{share}");
 }
