@@ -30,23 +30,26 @@
 //! ```
 //!
 //! `mine / total` is this Envoy's part of the bucket's demand, so shares
-//! follow demand when the budget is scarce; when it is *plenty* (what
-//! remains covers everyone's demand at its recent rate for a whole period
-//! of the rule, [`plenty`]) the share is all that is unpromised, within
-//! the cap: splitting would only starve an Envoy whose demand the estimate
-//! has not seen yet, such as one that has just restarted (its first report
-//! is sent at its first request, while the demand of the Envoy it replaced
-//! stays in the shared estimate for the demand window).
-//! `remaining - outstanding` is what nobody has been
+//! follow demand; `remaining - outstanding` is what nobody has been
 //! promised, so shares never add up to more than the budget; `cap`, when
 //! other Envoys report the bucket too, keeps a share near what the Envoy
 //! can use before its next report (its demand over [`CAP_WINDOWS`]
 //! reporting intervals, or the rule's rate over the same span if more), so
-//! unused promises hold others back little. An Envoy alone on a bucket has
-//! no cap, nor has a stream's first report for a bucket whose budget is
-//! scarce (it has no demand history): it may burst up to all that is left,
-//! as with per-request decisions. An Envoy that joins a busy bucket gets
-//! its part at the incumbents' next reports.
+//! unused promises hold others back little. A stream's first report for a
+//! bucket has no demand history and no cap, nor has an Envoy alone on a
+//! bucket: it may burst up to all that is left, as with per-request
+//! decisions. An Envoy that joins a busy bucket gets its part at the
+//! incumbents' next reports.
+//!
+//! When the budget is *plenty* (what remains covers everyone's demand at
+//! its recent rate for a whole period of the rule, [`plenty`]), a share is
+//! at least the cap's amount (within what is unpromised), whatever the
+//! Envoy's part: a part of a plentiful budget would only starve an Envoy
+//! whose demand the estimate has not seen yet, such as one that has just
+//! restarted (its first report is sent at its first request, while the
+//! demand of the Envoy it replaced stays in the estimate for the demand
+//! window). Shares are never less than without this floor, so the bound
+//! below is unchanged.
 //!
 //! When a promise window ends, every Envoy holding a share (or DENY_ALL)
 //! gets a new one promised in the next window (`Ledger::turn_at`), so no
@@ -198,12 +201,12 @@ pub struct ShareInput {
     pub mine: u64,
     /// All Envoys' demand over the demand window (this one's included).
     pub total: u64,
-    /// [`cap`], or `None` for an Envoy alone on the bucket, and on a
-    /// stream's first report for it unless the budget is [`plenty`].
+    /// [`cap`], or `None` on a stream's first report for the bucket and
+    /// for an Envoy alone on it.
     pub cap: Option<u64>,
-    /// [`plenty`]: the share is all that is unpromised (within the cap),
-    /// not this Envoy's part of it.
-    pub plenty: bool,
+    /// When the budget is [`plenty`]: the least share (within what is
+    /// unpromised), [`cap`]'s amount, whatever this Envoy's part.
+    pub floor: Option<u64>,
 }
 
 /// The requests one Envoy may admit until its next answer; 0 means
@@ -220,13 +223,13 @@ pub fn share(input: ShareInput) -> u64 {
     // instance's clock, a report still in flight): never more than all.
     let total = u128::from(input.total).max(mine);
     let remaining = u128::from(input.remaining);
-    let part = match input.plenty {
-        true => unpromised,
-        false => u64::try_from((remaining * mine).div_ceil(total)).unwrap_or(u64::MAX),
-    };
+    let part = u64::try_from((remaining * mine).div_ceil(total)).unwrap_or(u64::MAX);
     let mut share = part.min(unpromised);
     if let Some(cap) = input.cap {
         share = share.min(cap.max(1));
+    }
+    if let Some(floor) = input.floor {
+        share = share.max(floor.min(unpromised));
     }
     share.min(COUNTER_LIMIT)
 }
@@ -315,18 +318,15 @@ impl Ledger {
             counts.remaining,
             counts.total_demand,
         );
-        // Alone on the bucket, an unused promise holds back nobody. With
-        // others, a first report is capped too when the budget is plenty:
-        // its share is then not a part of the budget but all of it.
-        let alone = counts.total_demand <= mine;
-        let capped = !alone && (self.reports > 1 || plenty);
+        let cap = cap(rate, report_interval_us, mine);
         let share = share(ShareInput {
             remaining: counts.remaining,
             outstanding: counts.promised.saturating_sub(counts.settled),
             mine,
             total: counts.total_demand,
-            cap: capped.then(|| cap(rate, report_interval_us, mine)),
-            plenty,
+            // Alone on the bucket, an unused promise holds back nobody.
+            cap: (self.reports > 1 && counts.total_demand > mine).then_some(cap),
+            floor: plenty.then_some(cap),
         });
         share.min(headroom(counts.promised))
     }

@@ -11,7 +11,7 @@ fn input(remaining: u64, outstanding: u64, mine: u64, total: u64) -> ShareInput 
         mine,
         total,
         cap: None,
-        plenty: false,
+        floor: None,
     }
 }
 
@@ -509,12 +509,15 @@ fn plenty_means_the_budget_covers_everyones_demand_for_a_whole_period() {
     };
     assert!(!plenty(per_minute, INTERVAL, 60, 240));
     assert!(plenty(per_minute, INTERVAL, 60, 0));
-    // Plenty: all that is unpromised, not a part of it.
-    let plentiful = ShareInput {
-        plenty: true,
+    // A floor: at least that much of what is unpromised, whatever the part
+    // (3 here).
+    let floored = |floor| ShareInput {
+        floor: Some(floor),
         ..input(100, 30, 1, 40)
     };
-    assert_eq!(share(plentiful), 70);
+    assert_eq!(share(floored(50)), 50);
+    assert_eq!(share(floored(90)), 70);
+    assert_eq!(share(floored(2)), 3);
 }
 
 #[test]
