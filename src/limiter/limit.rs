@@ -147,10 +147,41 @@ pub struct Calendar {
     pub time_zone: Tz,
 }
 
+/// Calendar windows found lately on this thread, with the bounds around
+/// them: a tenant's monthly quota asks for its month on every metered
+/// decision, and finding it in a time zone costs 40-90 ns (`window_at`) or
+/// 115-280 ns (`bounds_around`) where a lookup here costs about 4
+/// (`benches/core.rs`, group `calendar_month`). Eight hold the tenants'
+/// time zones a thread meets at once in all but unusual deployments; past
+/// that, entries take turns and a miss costs what no cache would. Entries
+/// never go stale: a window's bounds do not change, and one is used only
+/// for the instants inside it.
+const RECENT_WINDOWS: usize = 8;
+
+/// A calendar and the bounds around one of its windows
+/// ([`Calendar::bounds_around`]).
+type Bounds = (Calendar, [u64; 4]);
+
+thread_local! {
+    /// The windows, and where the next one goes (round robin).
+    static RECENT: std::cell::RefCell<([Option<Bounds>; RECENT_WINDOWS], usize)> =
+        const { std::cell::RefCell::new(([None; RECENT_WINDOWS], 0)) };
+}
+
 impl Calendar {
     /// The window that holds `now_us`: its start and end (µs since the
     /// epoch), the start included.
+    ///
+    /// Never inlined: `check` calls it for calendar counters only, and
+    /// inlined there (with the thread-local cache) it slowed every other
+    /// counter's check (`benches/core.rs`, BENCHMARKS.md).
+    #[inline(never)]
     pub fn window_at(self, now_us: u64) -> (u64, u64) {
+        let [_, start, end, _] = self.bounds_around(now_us);
+        (start, end)
+    }
+
+    fn find_window(self, now_us: u64) -> (u64, u64) {
         let now = DateTime::from_timestamp_micros(i64::try_from(now_us).unwrap_or(i64::MAX))
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let today = now.with_timezone(&self.time_zone).date_naive();
@@ -174,10 +205,23 @@ impl Calendar {
     /// so instances whose clocks disagree (by less than a window) still
     /// count in the same window.
     pub fn bounds_around(self, now_us: u64) -> [u64; 4] {
-        let (start, end) = self.window_at(now_us);
-        let (previous, _) = self.window_at(start.saturating_sub(1));
-        let (_, next_end) = self.window_at(end);
-        [previous, start, end, next_end]
+        let hit = |(calendar, bounds): &Bounds| {
+            *calendar == self && (bounds[1]..bounds[2]).contains(&now_us)
+        };
+        let cached =
+            RECENT.with_borrow(|(recent, _)| recent.iter().flatten().find(|e| hit(e)).map(|e| e.1));
+        if let Some(bounds) = cached {
+            return bounds;
+        }
+        let (start, end) = self.find_window(now_us);
+        let (previous, _) = self.find_window(start.saturating_sub(1));
+        let (_, next_end) = self.find_window(end);
+        let bounds = [previous, start, end, next_end];
+        RECENT.with_borrow_mut(|(recent, next)| {
+            recent[*next] = Some((self, bounds));
+            *next = (*next + 1) % RECENT_WINDOWS;
+        });
+        bounds
     }
 
     /// When `date` starts in the time zone, in µs since the epoch.
