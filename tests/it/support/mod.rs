@@ -120,7 +120,8 @@ fn rand_u16() -> u16 {
 
 /// Held by the tests that load the machine on purpose (the chaos soak,
 /// the wire-level fuzz, connection floods) and by the tests whose
-/// assertions depend on timing (Envoy's quota reports and assignments), so
+/// assertions depend on timing (Envoy's quota reports and assignments,
+/// Redis Sentinel's failover), so
 /// that neither kind runs beside the other on a two-core machine.
 pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
