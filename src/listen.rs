@@ -28,7 +28,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -224,7 +224,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Connection<T> {
         let filled = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > filled {
-            idle.last_read = Instant::now();
+            idle.read = true;
         }
         read
     }
@@ -272,27 +272,25 @@ impl<T> tonic::transport::server::Connected for Connection<T> {
 
 // === Idle connections ===
 
-/// The calls in flight on one connection, and when the last one ended.
-#[derive(Debug)]
-struct Activity {
-    in_flight: AtomicUsize,
-    /// When the last call ended (or the connection opened), in ms since
-    /// `opened`.
-    last_end_ms: AtomicU64,
-    opened: Instant,
-}
+/// The calls of one connection, in one word so that a call's end is one
+/// atomic add: the low 32 bits count the calls in flight, the high 32 the
+/// calls ended (wrapping; the timer only asks whether it changed). No
+/// clock is read per call: the timer, when it fires, sees whether anything
+/// happened since it last looked.
+#[derive(Debug, Default)]
+struct Activity(AtomicU64);
+
+/// One call begun: one more in flight.
+const BEGUN: u64 = 1;
+/// One call ended: one fewer in flight (never below zero, since it began),
+/// one more ended: `+2^32 - 1`.
+const ENDED: u64 = (1 << 32) - 1;
 
 impl Activity {
-    fn new() -> Activity {
-        Activity {
-            in_flight: AtomicUsize::new(0),
-            last_end_ms: AtomicU64::new(0),
-            opened: Instant::now(),
-        }
-    }
-
-    fn last_end(&self) -> Instant {
-        self.opened + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed))
+    /// The calls in flight, and the count of those ended.
+    fn load(&self) -> (u32, u32) {
+        let word = self.0.load(Ordering::Acquire);
+        (word as u32, (word >> 32) as u32)
     }
 }
 
@@ -303,7 +301,7 @@ pub struct ConnectionCalls(Arc<Activity>);
 
 impl ConnectionCalls {
     fn begin(&self) -> CallGuard {
-        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.0 .0.fetch_add(BEGUN, Ordering::AcqRel);
         CallGuard(self.0.clone())
     }
 }
@@ -315,11 +313,7 @@ struct CallGuard(Arc<Activity>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        let ms = self.0.opened.elapsed().as_millis();
-        self.0
-            .last_end_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0 .0.fetch_add(ENDED, Ordering::AcqRel);
     }
 }
 
@@ -328,11 +322,20 @@ impl Drop for CallGuard {
 /// a call that just arrived is counted before the idle check can miss it.
 const READ_GRACE: Duration = Duration::from_secs(1);
 
-/// The idle timer of one connection, polled by its reader.
+/// The idle timer of one connection, polled by its reader. Reads and calls
+/// only leave marks (a flag, the count of ended calls); the timer compares
+/// them when it fires, so a busy connection costs it nothing per call and
+/// one timer reset per timeout.
 struct IdleTimer {
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
-    last_read: Instant,
+    /// Since when no call has been in flight, as far as the timer has seen
+    /// (a call's end is taken as the check that first saw it).
+    quiet_since: Instant,
+    /// The count of ended calls at the last check.
+    ended: u32,
+    /// Bytes read since the last check.
+    read: bool,
     port: &'static str,
     expired: bool,
 }
@@ -342,31 +345,37 @@ impl IdleTimer {
         IdleTimer {
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
-            last_read: Instant::now(),
+            quiet_since: Instant::now(),
+            ended: 0,
+            read: false,
             port,
             expired: false,
         }
     }
 
     /// Ready once the connection has been idle for the timeout: no call in
-    /// flight, none ended and no bytes read lately.
+    /// flight, none ended and no bytes read lately. Every check sets the
+    /// next at least [`READ_GRACE`] later, so no read flag at a check means
+    /// no bytes for that long.
     fn poll_expired(&mut self, calls: &Activity, cx: &mut Context<'_>) -> Poll<()> {
         while !self.expired {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            let next = if calls.in_flight.load(Ordering::Acquire) > 0 {
-                now + self.timeout
-            } else {
-                (calls.last_end() + self.timeout).max(self.last_read + READ_GRACE)
-            };
-            if next <= now {
+            let (in_flight, ended) = calls.load();
+            if in_flight > 0 || ended != self.ended {
+                self.ended = ended;
+                self.quiet_since = now;
+            }
+            let read = std::mem::take(&mut self.read);
+            let quiet_until = self.quiet_since + self.timeout;
+            if !read && quiet_until <= now {
                 self.expired = true;
                 counter!(names::CONNECTIONS_IDLE_CLOSED, "port" => self.port).increment(1);
                 tracing::debug!(port = self.port, "closing an idle connection");
             } else {
-                self.sleep.as_mut().reset(next);
+                self.sleep.as_mut().reset(quiet_until.max(now + READ_GRACE));
             }
         }
         Poll::Ready(())
@@ -536,7 +545,7 @@ where
                                 io,
                                 unread,
                                 peer,
-                                calls: Arc::new(Activity::new()),
+                                calls: Arc::default(),
                                 idle: limits
                                     .idle_timeout
                                     .map(|timeout| IdleTimer::new(timeout, port)),
@@ -695,8 +704,7 @@ mod tests {
         let ended = Instant::now();
         let read = conn.read(&mut buf).await;
         assert!(matches!(read, Ok(0)), "{read:?}");
-        // (Call ends are kept to the millisecond.)
-        let quiet = ended.elapsed() + Duration::from_millis(1);
+        let quiet = ended.elapsed();
         assert!(quiet >= IDLE, "{quiet:?}");
         assert!(opened.elapsed() >= IDLE * 4);
         // And stays the end.

@@ -259,6 +259,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
+/// A blocking step on the PostgreSQL servers (see [`blocking`]).
+async fn on_pg<T: Send + 'static>(
+    pg: &Arc<PgCluster>,
+    f: impl FnOnce(&PgCluster) -> T + Send + 'static,
+) -> T {
+    let pg = pg.clone();
+    blocking(move || f(&pg)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
     let _machine = crate::support::MACHINE.lock().await;
@@ -408,18 +417,10 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         tokio::time::sleep_until(at(0.4).into()).await;
         faults.push(("stop and start PostgreSQL", now_us(), 0));
         let stopped_at = now_us();
-        blocking({
-            let pg = pg.clone();
-            move || pg.stop_servers()
-        })
-        .await;
+        on_pg(&pg, PgCluster::stop_servers).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let restarting_at = now_us();
-        blocking({
-            let pg = pg.clone();
-            move || pg.restart_servers()
-        })
-        .await;
+        on_pg(&pg, PgCluster::restart_servers).await;
         pg_down.push((stopped_at, restarting_at));
         faults.last_mut().unwrap().2 = now_us();
 
@@ -454,9 +455,8 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         let changing = CHANGING[(cycle as usize + 1) % 2];
         std::fs::write(&rules_file, rules(changing)).unwrap();
         let path = support::path_str(&rules_file);
-        blocking({
-            let pg = pg.clone();
-            move || pg.sluice_ok(KEY_SECRET, &["rules", "apply", &path])
+        on_pg(&pg, move |pg| {
+            pg.sluice_ok(KEY_SECRET, &["rules", "apply", &path])
         })
         .await;
         last_change = (now_us(), changing);
