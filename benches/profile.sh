@@ -5,6 +5,7 @@
 #   cargo build --release --bins
 #   benches/profile.sh sluice     # sluice serve, in-process store
 #   benches/profile.sh noop       # the no-op server (the ceiling)
+#   STORE=redis://127.0.0.1:6379 benches/profile.sh sluice   # on a Redis
 #
 # The server runs under callgrind with instrumentation off; WARM calls warm it up
 # (connections, metric registration, map growth), then instrumentation is switched
@@ -22,6 +23,7 @@ CONNECTIONS=${CONNECTIONS:-4}
 CONCURRENCY=${CONCURRENCY:-16}
 DOMAIN=${DOMAIN:-weather}
 EXTRA=${EXTRA:-}
+STORE=${STORE:-}
 PORT=${PORT:-18181}
 DIR=${DIR:-/tmp/sluice-profile}
 mkdir -p "$DIR"
@@ -30,7 +32,7 @@ rm -f "$out"*
 
 case "$target" in
 sluice) cmd=("$BIN/sluice" serve --rules "$RULES" --grpc-addr "127.0.0.1:$PORT"
-    --http-addr "127.0.0.1:$((PORT + 1))") ;;
+    --http-addr "127.0.0.1:$((PORT + 1))" ${STORE:+--store "$STORE" --key-secret profile}) ;;
 noop) cmd=("$BIN/sluice-load" noop-server --listen "127.0.0.1:$PORT") ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac

@@ -208,10 +208,20 @@ impl InlineFields {
 
 fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    for &b in bytes {
+        let [high, low] = hex_digits(b);
+        s.push(char::from(high));
+        s.push(char::from(low));
     }
     s
+}
+
+/// A byte's two lowercase hex digits. By table: `write!(s, "{b:02x}")`
+/// goes through the formatter, which cost a Redis decision some 3 500
+/// instructions for a key's sixteen bytes.
+fn hex_digits(b: u8) -> [u8; 2] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]
 }
 
 /// Identifies one counter: hashed descriptor, algorithm and period. Small and
@@ -229,9 +239,7 @@ impl CounterKey {
     pub fn write_redis_key(&self, prefix: &str, buf: &mut String) {
         buf.push_str(prefix);
         buf.push('{');
-        for b in self.hash {
-            let _ = write!(buf, "{b:02x}");
-        }
+        buf.extend(self.hash_hex().iter().map(|&d| char::from(d)));
         buf.push_str("}:");
         buf.push_str(match self.algorithm {
             Algorithm::SlidingWindow => "sw",
@@ -239,6 +247,15 @@ impl CounterKey {
             Algorithm::Gcra => "gcra",
         });
         let _ = write!(buf, ":{}", self.period_s);
+    }
+
+    /// The hash in hex: the Redis key's hash tag.
+    pub fn hash_hex(&self) -> [u8; 32] {
+        let mut tag = [0u8; 32];
+        for (pair, &b) in tag.chunks_exact_mut(2).zip(&self.hash) {
+            pair.copy_from_slice(&hex_digits(b));
+        }
+        tag
     }
 
     pub fn redis_key(&self, prefix: &str) -> String {
@@ -263,6 +280,21 @@ mod tests {
             .iter()
             .map(|&(key, value)| Entry { key, value })
             .collect()
+    }
+
+    #[test]
+    fn hex_by_table_is_the_formatter_s_hex() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let formatted: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&bytes), formatted);
+        let key = CounterKey {
+            hash: std::array::from_fn(|i| (i * 17) as u8),
+            algorithm: Algorithm::Gcra,
+            period_s: 60,
+        };
+        let tag: String = key.hash.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(key.hash_hex().as_slice(), tag.as_bytes());
+        assert_eq!(key.redis_key("p:"), format!("p:{{{tag}}}:gcra:60"));
     }
 
     #[test]

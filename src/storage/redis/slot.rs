@@ -37,13 +37,7 @@ pub fn key_slot(key: &[u8]) -> u16 {
 /// The slot of a counter: its hash tag is the hex of the key hash, so the
 /// slot is computed without building the key.
 pub fn counter_slot(key: &CounterKey) -> u16 {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut tag = [0u8; 32];
-    for (i, b) in key.hash.iter().enumerate() {
-        tag[2 * i] = HEX[usize::from(b >> 4)];
-        tag[2 * i + 1] = HEX[usize::from(b & 0xf)];
-    }
-    crc16(&tag) % SLOTS as u16
+    crc16(&key.hash_hex()) % SLOTS as u16
 }
 
 #[cfg(test)]
