@@ -6,6 +6,9 @@
 #   benches/profile.sh sluice     # sluice serve, in-process store
 #   benches/profile.sh noop       # the no-op server (the ceiling)
 #   STORE=redis://127.0.0.1:6379 benches/profile.sh sluice   # on a Redis
+# (with a store, the store timeout is SERVE_TIMEOUT, 2s by default: a server
+# under callgrind runs some fifty times slower, and the failure mode's
+# answers are not the path to profile)
 #
 # The server runs under callgrind with instrumentation off; WARM calls warm it up
 # (connections, metric registration, map growth), then instrumentation is switched
@@ -24,6 +27,7 @@ CONCURRENCY=${CONCURRENCY:-16}
 DOMAIN=${DOMAIN:-weather}
 EXTRA=${EXTRA:-}
 STORE=${STORE:-}
+SERVE_TIMEOUT=${SERVE_TIMEOUT:-2s}
 PORT=${PORT:-18181}
 DIR=${DIR:-/tmp/sluice-profile}
 mkdir -p "$DIR"
@@ -32,7 +36,7 @@ rm -f "$out"*
 
 case "$target" in
 sluice) cmd=("$BIN/sluice" serve --rules "$RULES" --grpc-addr "127.0.0.1:$PORT"
-    --http-addr "127.0.0.1:$((PORT + 1))" ${STORE:+--store "$STORE" --key-secret profile}) ;;
+    --http-addr "127.0.0.1:$((PORT + 1))" ${STORE:+--store "$STORE" --key-secret profile --store-timeout "$SERVE_TIMEOUT"}) ;;
 noop) cmd=("$BIN/sluice-load" noop-server --listen "127.0.0.1:$PORT") ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac

@@ -196,34 +196,51 @@ pub fn parse_error(value: &Value) -> Reply {
     }
 }
 
-/// Reads a script call's reply: `count` outcomes, four numbers each.
+/// One outcome in a script's reply: admitted (u8), then remaining,
+/// reset_us and used (f64), little-endian (`batch.lua`).
+const OUTCOME_BYTES: usize = 1 + 3 * 8;
+
+/// Reads a script call's reply: `count` outcomes, packed in one string.
 pub fn parse_outcomes(value: &Value, count: usize) -> Result<Vec<Outcome>, Reply> {
     match value {
-        Value::Array(items) if items.len() == 4 * count => items
-            .chunks_exact(4)
+        Value::BulkString(bytes) if bytes.len() == OUTCOME_BYTES * count => bytes
+            .chunks_exact(OUTCOME_BYTES)
             .map(|chunk| parse_outcome(chunk).map_err(Reply::Failed))
             .collect(),
-        Value::Array(items) => Err(Reply::Failed(format!(
-            "the script answered {} numbers for {count} counters",
-            items.len()
+        Value::BulkString(bytes) => Err(Reply::Failed(format!(
+            "the script answered {} bytes for {count} counters",
+            bytes.len()
         ))),
         other => Err(parse_error(other)),
     }
 }
 
-fn parse_outcome(items: &[Value]) -> Result<Outcome, String> {
-    let mut n = [0u64; 4];
-    for (slot, item) in n.iter_mut().zip(items) {
-        match item {
-            Value::Int(i) if *i >= 0 => *slot = *i as u64,
-            other => return Err(format!("unexpected script reply item {other:?}")),
+fn parse_outcome(record: &[u8]) -> Result<Outcome, String> {
+    let number = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&record[at..at + 8]);
+        let n = f64::from_le_bytes(word);
+        // Truncated, as Redis truncates a Lua number it replies.
+        if n >= 0.0 && n < 2f64.powi(64) {
+            Ok(n as u64)
+        } else {
+            Err(format!("unexpected number {n} in the script's reply"))
         }
-    }
+    };
+    let admitted = match record[0] {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(format!(
+                "unexpected admitted flag {other} in the script's reply"
+            ))
+        }
+    };
     Ok(Outcome {
-        admitted: n[0] == 1,
-        remaining: n[1],
-        reset_us: n[2],
-        used: n[3],
+        admitted,
+        remaining: number(1)?,
+        reset_us: number(9)?,
+        used: number(17)?,
     })
 }
 
@@ -317,22 +334,47 @@ mod tests {
 
     #[test]
     fn replies_parse() {
-        let v = Value::Array(vec![
-            Value::Int(1),
-            Value::Int(2),
-            Value::Int(3),
-            Value::Int(4),
-        ]);
+        let record = |admitted: u8, numbers: [f64; 3]| {
+            let mut bytes = vec![admitted];
+            for n in numbers {
+                bytes.extend_from_slice(&n.to_le_bytes());
+            }
+            bytes
+        };
+        let mut two = record(1, [2.0, 3.9, 4.0]);
+        two.extend(record(0, [0.0, 5e12, 7.0]));
+        let v = Value::BulkString(two);
         assert_eq!(
-            parse_outcomes(&v, 1),
-            Ok(vec![Outcome {
-                admitted: true,
-                remaining: 2,
-                reset_us: 3,
-                used: 4
-            }])
+            parse_outcomes(&v, 2),
+            Ok(vec![
+                Outcome {
+                    admitted: true,
+                    remaining: 2,
+                    reset_us: 3,
+                    used: 4
+                },
+                Outcome {
+                    admitted: false,
+                    remaining: 0,
+                    reset_us: 5_000_000_000_000,
+                    used: 7
+                }
+            ])
         );
-        assert!(matches!(parse_outcomes(&v, 2), Err(Reply::Failed(_))));
+        assert!(matches!(parse_outcomes(&v, 1), Err(Reply::Failed(_))));
+        for bad in [
+            record(2, [1.0; 3]),
+            record(1, [-1.0, 0.0, 0.0]),
+            record(1, [f64::NAN; 3]),
+        ] {
+            assert!(
+                matches!(
+                    parse_outcomes(&Value::BulkString(bad), 1),
+                    Err(Reply::Failed(_))
+                ),
+                "accepted a bad record"
+            );
+        }
         assert!(matches!(
             parse_outcomes(&Value::Nil, 1),
             Err(Reply::Failed(_))

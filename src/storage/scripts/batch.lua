@@ -21,7 +21,11 @@
 --          (fixed_window.lua `calendar_window`). One struct.unpack reads what
 --          would otherwise be nine arguments for Redis to parse and Lua to
 --          convert.
--- returns  { admitted (0/1), remaining, reset_us, used } per operation, flat
+-- returns  one binary string, packed little-endian per operation: admitted
+--          (u8: 0/1), remaining, reset_us, used (doubles: integers below
+--          2^53, truncated as Redis truncates a number it replies). One
+--          bulk string costs Redis and sluice far less than four integer
+--          replies per operation (scripts.rs `parse_outcomes`).
 local algorithms = { sliding_window, fixed_window, gcra, calendar_window }
 local reply = {}
 local redis_now
@@ -139,4 +143,4 @@ for u = 1, #ARGV do
 
     key_at = key_at + n
 end
-return reply
+return struct.pack('<' .. string.rep('Bddd', #reply / 4), unpack(reply))
