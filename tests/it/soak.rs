@@ -13,7 +13,8 @@
 //! waits past its deadline; the failure mode (`deny`) answers within the
 //! store timeout; decisions go on while PostgreSQL is down and resume once
 //! the network heals; a rule change reaches every instance, PostgreSQL's
-//! after its restart; no process panics.
+//! after its restart; no process panics; on runs of half an hour or more,
+//! each process's RSS holds after warm-up.
 //!
 //! `SLUICE_SOAK_SECS` sets the duration (default 40: one cycle; a cycle is
 //! 60 s when the run is longer, so an hour is sixty rounds of every fault:
@@ -585,6 +586,22 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
             .count()
     };
     let memory_bound = MEMORY_MAX_KEYS.div_ceil(64) * 64;
+    // Per window: the flood's counters are an hour's fixed windows, which
+    // all end together on the hour; past it, they make room for as many
+    // new ones. A window is known by its end (sent + reset, to the
+    // nearest hour: latency and clocks shift it by milliseconds).
+    const HOUR_US: u64 = 3_600_000_000;
+    let mut flood_by_window: HashMap<u64, usize> = HashMap::new();
+    for d in decisions
+        .iter()
+        .filter(|d| d.key == "flood" && d.answer == Answer::Admitted)
+    {
+        let end = d.sent_us + d.reset_us.unwrap_or(0);
+        *flood_by_window
+            .entry((end + HOUR_US / 2) / HOUR_US)
+            .or_default() += 1;
+    }
+    let flood_most_in_a_window = flood_by_window.values().copied().max().unwrap_or(0);
     // Decisions kept coming from PostgreSQL's instance while PostgreSQL
     // was down.
     let during_pg_outages = decisions
@@ -636,7 +653,7 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
     }
 
     println!(
-        "soak: {seconds} s, {} decisions ({} admitted, {} denied, {} by the failure mode ({} of them on the cluster outside the faults, the slowest in {} ms), {} refused while an instance restarted, {} past the {DEADLINE:?} deadline), faults: {}; flood: {} counters admitted, {} refused at the in-process store's bound; {during_pg_outages} decisions by PostgreSQL's instance while it was down; fixed-window windows over the limit: {}, GCRA spans over the bound: {}; slowest answer {} ms; RSS KiB / fds start {:?} end {:?}",
+        "soak: {seconds} s, {} decisions ({} admitted, {} denied, {} by the failure mode ({} of them on the cluster outside the faults, the slowest in {} ms), {} refused while an instance restarted, {} past the {DEADLINE:?} deadline), faults: {}; flood: {} counters admitted ({flood_most_in_a_window} in one hour's window at most), {} refused at the in-process store's bound; {during_pg_outages} decisions by PostgreSQL's instance while it was down; fixed-window windows over the limit: {}, GCRA spans over the bound: {}; slowest answer {} ms; RSS KiB / fds start {:?} end {:?}",
         decisions.len(),
         count(Answer::Admitted),
         count(Answer::Denied),
@@ -690,9 +707,8 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         flood(Answer::Admitted)
     );
     assert!(
-        flood(Answer::Admitted) <= memory_bound,
-        "{} flood counters admitted past a bound of {MEMORY_MAX_KEYS}",
-        flood(Answer::Admitted)
+        flood_most_in_a_window <= memory_bound,
+        "{flood_most_in_a_window} flood counters admitted in one hour's window, past a bound of {MEMORY_MAX_KEYS} ({flood_by_window:?})"
     );
     assert!(
         during_pg_outages > 0,
@@ -713,4 +729,28 @@ async fn admitted_never_passes_the_limit_through_failovers_and_restarts() {
         "limits other than {changed_to} 3 s after the change: {stale_limits:?}"
     );
     assert_eq!(panics, 0, "a panic in a sluice log:\n{}", logs.join("\n"));
+    // Memory flat after warm-up, on runs long enough to tell: the hour's
+    // run (docs/reliability.md) rose for some fifteen cycles, then held.
+    // The peak of the last third of the cycles may not pass the middle
+    // third's by more than a tenth (a leak of 0.2 MiB a cycle would).
+    if cycles >= 30 {
+        let third = rss_by_cycle.len() / 3;
+        for instance in [Instance::Yaml, Instance::Postgres, Instance::Memory] {
+            let peak = |cycles: &[Vec<(Instance, u64)>]| {
+                cycles
+                    .iter()
+                    .flatten()
+                    .filter(|(i, _)| *i == instance)
+                    .map(|(_, kib)| *kib)
+                    .max()
+                    .unwrap_or(0)
+            };
+            let middle = peak(&rss_by_cycle[third..2 * third]);
+            let last = peak(&rss_by_cycle[2 * third..]);
+            assert!(
+                last * 10 <= middle * 11,
+                "{instance:?}'s RSS still grows after warm-up: a peak of {middle} KiB in the middle third of the cycles, {last} KiB in the last"
+            );
+        }
+    }
 }
