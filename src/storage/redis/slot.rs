@@ -4,9 +4,9 @@ use crate::limiter::CounterKey;
 
 pub const SLOTS: usize = 16_384;
 
-/// CRC16-CCITT (XMODEM), as the Cluster specification defines it; by
-/// table, a byte a step (bit by bit, a counter's 32-digit tag cost some
-/// thousand instructions per Cluster decision).
+/// CRC16-CCITT (XMODEM), as the Cluster specification defines it (the
+/// `crc` crate's, by table; the bit-by-bit loop it replaced, as compiled,
+/// cost the same: some 380 instructions for a counter's 32-digit tag).
 const XMODEM: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM);
 
 pub fn crc16(bytes: &[u8]) -> u16 {
