@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, Value};
 use sluice::limiter::{Algorithm, CounterOp, CounterSpec, Entry, KeyHasher};
-use sluice::storage::redis::scripts::{add_load, add_script_call, Time, Unit};
+use sluice::storage::redis::scripts::{add_load, add_script_call, parse_outcomes, Time, Unit};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -158,7 +158,7 @@ async fn run(via: Arc<Via>, in_flight: usize, seconds: u64) -> (f64, Histogram<u
                 let values = via.call(&pipe, n).await;
                 hist.record(started.elapsed().as_micros() as u64).unwrap();
                 assert!(
-                    matches!(values.first(), Some(Value::Array(_))),
+                    values.first().is_some_and(|v| parse_outcomes(v, 1).is_ok()),
                     "{values:?}"
                 );
                 counter.fetch_add(1, Ordering::Relaxed);
