@@ -16,8 +16,8 @@
 //!   what is reported and allows all.
 //! - A limited bucket gets, at every report, a share of the window's
 //!   budget (`share`): a token bucket holding that many requests, with a
-//!   short time to live; DENY_ALL when nothing is left for it, and a new
-//!   share when the window turns.
+//!   short time to live; DENY_ALL when nothing is left for it, renewed
+//!   when the window turns.
 //! - A bucket whose Envoy reports no requests for the idle timeout is
 //!   abandoned: Envoy forgets it until a request falls into it again.
 //!

@@ -63,6 +63,14 @@ struct Evaluation {
     usage: Option<Usage>,
 }
 
+/// A held share to promise again in the promise window that has begun.
+struct Carry {
+    bucket: BucketId,
+    /// The promised counter, the share as its hits.
+    promise: CounterOp,
+    window_us: u64,
+}
+
 impl Session {
     pub(super) fn new(service: Arc<QuotaService>) -> Session {
         gauge!(names::RLQS_STREAMS).increment(1);
@@ -153,8 +161,9 @@ impl Session {
         Ok(actions)
     }
 
-    /// Renews the shares whose window has turned and abandons idle buckets;
-    /// call at [`Session::next_wake_us`].
+    /// At a promise window's turn, carries the shares held into the new
+    /// window and renews DENY_ALL (`Ledger::carry`); abandons idle
+    /// buckets. Call at [`Session::next_wake_us`].
     pub async fn wake(&mut self) -> Vec<Action> {
         let now = self.service.now_us();
         let Some(domain) = self.domain.clone() else {
@@ -162,31 +171,76 @@ impl Session {
         };
         let rules = self.service.limiter.rules().load_full();
         let mut actions = self.abandon_idle(now);
+        let mut carries = Vec::new();
         let mut evaluations = Vec::new();
         for (bucket, tracked) in &mut self.buckets {
             if tracked.turn_at_us.is_none_or(|at| at > now) {
                 continue;
             }
             tracked.turn_at_us = None;
-            match self.service.limit(&rules, &domain, bucket) {
-                Limit::Limited {
-                    counters,
-                    rate,
-                    rule,
-                } => evaluations.push(Evaluation {
+            // A reload that made it unlimited: its next report says so.
+            let Limit::Limited {
+                counters,
+                rate,
+                rule,
+            } = self.service.limit(&rules, &domain, bucket)
+            else {
+                continue;
+            };
+            let window_us = counters.promise_window_us;
+            match tracked.ledger.carry(now, window_us) {
+                Some(0) => tracked.turn_at_us = Some(tracked.ledger.turn_at(now, window_us)),
+                Some(share) => carries.push(Carry {
+                    bucket: bucket.clone(),
+                    promise: CounterOp {
+                        hits: share,
+                        ..counters.promised
+                    },
+                    window_us,
+                }),
+                None => evaluations.push(Evaluation {
                     bucket: bucket.clone(),
                     counters: *counters,
                     rate,
                     rule,
                     usage: None,
                 }),
-                // A reload made it unlimited: its next report says so.
-                Limit::Open | Limit::Shadow { .. } => {}
             }
         }
+        self.carry(carries, now).await;
         actions.extend(self.evaluate(evaluations, now).await);
         count_actions(&actions);
         actions
+    }
+
+    /// Promises the shares held from the window that has just ended in the
+    /// new one (one store call, whatever is unpromised: the Envoys hold
+    /// them whatever the store says). Nothing is sent: each Envoy keeps
+    /// its tokens until its next report settles the share. A share the
+    /// store fails to carry is forgotten with its window, as a broken
+    /// stream's is, and the bucket waits for its next report.
+    async fn carry(&mut self, carries: Vec<Carry>, now: u64) {
+        if carries.is_empty() {
+            return;
+        }
+        let ops: Vec<CounterOp> = carries.iter().map(|c| c.promise).collect();
+        let outcomes = match self.service.apply(&ops).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                counter!(names::STORE_ERRORS, "kind" => e.kind()).increment(1);
+                return;
+            }
+        };
+        for (carry, outcome) in carries.into_iter().zip(outcomes) {
+            let Some(tracked) = self.buckets.get_mut(&carry.bucket) else {
+                continue;
+            };
+            if outcome.admitted {
+                let share = carry.promise.hits;
+                tracked.ledger.promised(share, now, carry.window_us);
+                tracked.turn_at_us = Some(tracked.ledger.turn_at(now, carry.window_us));
+            }
+        }
     }
 
     /// When [`Session::wake`] has something to do, in µs since the epoch.
@@ -347,7 +401,7 @@ impl Session {
             };
             let window_us = e.counters.promise_window_us;
             tracked.ledger.promised(share, now, window_us);
-            tracked.turn_at_us = Some(Ledger::turn_at(now, window_us));
+            tracked.turn_at_us = Some(tracked.ledger.turn_at(now, window_us));
             // Should a reload lift its limit, ALLOW_ALL goes out at once.
             tracked.allow_all_due_us = now;
             let assignment = match u32::try_from(share) {

@@ -51,30 +51,38 @@
 //! window). Shares are never less than without this floor, so the bound
 //! below is unchanged.
 //!
-//! When a promise window ends, every Envoy holding a share (or DENY_ALL)
-//! gets a new one promised in the next window (`Ledger::turn_at`), so no
-//! share outlives the window that promised it by more than a round trip;
-//! and since promise windows divide the rule's period, an Envoy denied for
-//! the rest of a rule's window gets its new share when that window turns.
+//! When a promise window ends (`Ledger::turn_at`), a share an Envoy holds
+//! is carried: promised again in the new window, with nothing sent, so the
+//! Envoy keeps its tokens and its next report settles the share and counts
+//! what it admitted since the last (`Ledger::carry`). Renewing it instead
+//! would replace those tokens before the rule's counter knew what they
+//! had admitted, and let as many requests through again. An Envoy holding
+//! DENY_ALL gets a new share at the turn: since promise windows divide the
+//! rule's period, one denied for the rest of a rule's window gets its new
+//! share when that window turns.
 //!
 //! ## The bound on over-admission
 //!
 //! An Envoy admits at most its share between two answers, and every share
 //! is promised out of what nobody else holds. What escapes the promises:
 //! - what an Envoy admits between sending a report and applying the
-//!   answer, and between a promise window's end and its renewed share
-//!   (a round trip, plus [`TURN_MARGIN_US`]), out of its previous share;
+//!   answer (a round trip), out of its previous share;
+//! - at a promise window's turn, until a held share is carried
+//!   ([`TURN_MARGIN_US`] and a round trip to the store), it is not
+//!   outstanding in the new window: another Envoy's report in that gap may
+//!   be promised what is left of it;
 //! - a new bucket's requests before its first answer (Envoy lets them
 //!   through by its `no_assignment_behavior`);
 //! - when a stream breaks: what is left of its Envoy's share once the
 //!   promise window forgets it, and the usage the Envoy drops while it
 //!   cannot report (Envoy 1.40 discards a report it cannot send).
 //!
-//! So, while streams hold, the requests all Envoys admit for a bucket in a
-//! window exceed its limit by at most what each admits in one round trip
-//! per report and per promise window, plus new buckets' first requests
-//! (the simulation in `share/tests.rs` checks it; `tests/it/rlqs.rs`
-//! measures it with real Envoys). A broken stream adds at most its Envoy's
+//! So, while streams hold and no report falls in a turn's gap, the
+//! requests all Envoys admit for a bucket in a window exceed its limit by
+//! at most what each admits in one round trip per report, plus new
+//! buckets' first requests (the simulation in `share/tests.rs` checks it
+//! with reports at several phases of the promise window;
+//! `tests/it/rlqs.rs` measures it with real Envoys). A broken stream adds at most its Envoy's
 //! last share and one reporting interval of its traffic.
 
 use crate::limiter::{check, Algorithm, CounterSpec, CounterState};
@@ -94,7 +102,8 @@ pub const CAP_WINDOWS: u64 = 2;
 /// in every store.
 pub const COUNTER_LIMIT: u64 = u32::MAX as u64;
 
-/// How long after a window's end its shares are renewed: enough for the
+/// How long after a promise window's end its shares are carried into the
+/// next (and DENY_ALL renewed, after twice as long): enough for the
 /// store's clock (Redis' `TIME`) to be past the end too.
 pub const TURN_MARGIN_US: u64 = 50_000;
 
@@ -331,16 +340,42 @@ impl Ledger {
         share.min(headroom(counts.promised))
     }
 
+    /// At a promise window's turn, what to carry into the window `now_us`
+    /// falls in: the share held from an earlier window, to be promised
+    /// again in this one (and [`Ledger::promised`] with it once it is).
+    /// The Envoy keeps its tokens: replacing them would forget what it
+    /// admitted since its last report, which the rule's counter has not
+    /// counted yet; its next report settles the share and counts them.
+    /// `Some(0)` when the share is promised in this window already;
+    /// `None` when none is held (DENY_ALL): renew it instead, so that an
+    /// Envoy denied for the rest of a rule's window gets budget when the
+    /// window turns.
+    pub fn carry(&self, now_us: u64, window_us: u64) -> Option<u64> {
+        let (share, window) = self.held?;
+        Some(if window < now_us / window_us.max(1) {
+            share
+        } else {
+            0
+        })
+    }
+
     /// Records that `share` was promised at `now_us`.
     pub fn promised(&mut self, share: u64, now_us: u64, window_us: u64) {
         self.held = (share > 0).then_some((share, now_us / window_us.max(1)));
     }
 
-    /// When this bucket's share must be renewed for the next promise
-    /// window: the end of the one `now_us` falls in, plus a margin.
-    pub fn turn_at(now_us: u64, window_us: u64) -> u64 {
+    /// When this bucket must be looked at for the next promise window: the
+    /// end of the one `now_us` falls in, plus [`TURN_MARGIN_US`] to carry a
+    /// held share, or twice that to renew DENY_ALL. Renewals come after
+    /// the carries (every stream's turns are computed alike), so that a
+    /// renewed share is never promised what another Envoy still holds.
+    pub fn turn_at(&self, now_us: u64, window_us: u64) -> u64 {
         let window_us = window_us.max(1);
-        (now_us / window_us + 1) * window_us + TURN_MARGIN_US
+        let margin = match self.held {
+            Some(_) => TURN_MARGIN_US,
+            None => 2 * TURN_MARGIN_US,
+        };
+        (now_us / window_us + 1) * window_us + margin
     }
 }
 

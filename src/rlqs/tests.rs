@@ -181,7 +181,7 @@ async fn an_envoy_alone_gets_what_is_left_then_deny_all_then_a_new_window() {
 
     // DENY_ALL is renewed with each promise window (15 s) until the rule's
     // window ends, 50 s after T0; then the new window's budget, all hers.
-    let rule_turn = T0 + 50 * SECOND + share::TURN_MARGIN_US;
+    let rule_turn = T0 + 50 * SECOND + 2 * share::TURN_MARGIN_US;
     loop {
         let wake = session.next_wake_us().unwrap();
         assert!(wake <= rule_turn);
@@ -194,6 +194,40 @@ async fn an_envoy_alone_gets_what_is_left_then_deny_all_then_a_new_window() {
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn a_promise_windows_turn_carries_a_held_share_and_keeps_what_was_admitted() {
+    let f = fixture();
+    let (mut a, mut b) = (f.service.session(), f.service.session());
+    let alice = bucket(&[("client_id", "alice")]);
+    let actions = a
+        .report(report("weather", &[(&alice, 1, 0)]))
+        .await
+        .unwrap();
+    assert_eq!(assigned(&actions), [Assignment::Share(9)]);
+    // The promise window (15 s of the minute) turns 5 s after T0; the
+    // Envoy has admitted 6 of its 9 since and not reported them yet. Its
+    // share is carried into the new window: nothing is sent, so its
+    // tokens are not replaced (a renewed share of 9 would let 6 too many
+    // through).
+    let turn = a.next_wake_us().unwrap();
+    assert_eq!(turn, T0 + 5 * SECOND + share::TURN_MARGIN_US);
+    f.clock.set(turn);
+    assert_eq!(a.wake().await, vec![]);
+    assert_eq!(a.next_wake_us(), Some(turn + 15 * SECOND));
+    // Carried, the share is still promised: another Envoy gets nothing.
+    f.clock.advance(SECOND);
+    let actions = b
+        .report(report("weather", &[(&alice, 1, 0)]))
+        .await
+        .unwrap();
+    assert_eq!(assigned(&actions), [Assignment::DenyAll]);
+    // The next report counts the 6 and settles the 9: 10 - 1 - 1 - 6 are
+    // left.
+    f.clock.advance(SECOND);
+    let actions = a.report(report("", &[(&alice, 6, 0)])).await.unwrap();
+    assert_eq!(assigned(&actions), [Assignment::Share(2)]);
 }
 
 #[tokio::test]

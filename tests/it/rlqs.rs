@@ -227,9 +227,10 @@ async fn two_envoys_share_a_limit_through_two_sluices_on_one_redis() {
     );
 
     // The stated bound: the limit, plus what each Envoy admits in a round
-    // trip after each of its reports (12 a minute) and after each promise
-    // window's turn (4 a minute), plus a new bucket's first request. A
-    // round trip is taken as 250 ms, generous on a busy machine.
+    // trip after each of its reports (12 a minute), plus a new bucket's
+    // first request. A round trip is taken as 250 ms, generous on a busy
+    // machine, and 16 are allowed a minute: 4 more for the promise
+    // windows' turns (docs/rlqs.md, "How exact").
     let round_trip_us = 250_000;
     let report_us = ENVOY_REPORT_INTERVAL.as_micros() as u64;
     let exposed_us = round_trip_us * (12 + 4);

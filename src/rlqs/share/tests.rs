@@ -137,9 +137,16 @@ fn a_share_is_settled_in_the_window_that_promised_it() {
     );
     ledger.promised(0, t0, MINUTE);
     assert_eq!(ledger.settle(t0, MINUTE), 0, "DENY_ALL holds nothing");
+    // A held share is carried at the turn; DENY_ALL is renewed after.
+    ledger.promised(30, t0 + 10 * SECOND, MINUTE);
     assert_eq!(
-        Ledger::turn_at(t0 + 10 * SECOND, MINUTE),
+        ledger.turn_at(t0 + 10 * SECOND, MINUTE),
         t0 + MINUTE + TURN_MARGIN_US
+    );
+    ledger.promised(0, t0 + 10 * SECOND, MINUTE);
+    assert_eq!(
+        ledger.turn_at(t0 + 10 * SECOND, MINUTE),
+        t0 + MINUTE + 2 * TURN_MARGIN_US
     );
 }
 
@@ -168,6 +175,11 @@ const RTT: u64 = 20_000;
 const STEP: u64 = 1_000;
 /// The promise window of a per-minute rule.
 const WINDOW: u64 = 15 * SECOND;
+
+/// Where the first Envoy's reports fall in a promise window (5 s
+/// reports, 15 s windows): with them, on its turn, just before it and
+/// mid-way.
+const PHASES: [u64; 4] = [0, 400_000, 2_600_000, 4_950_000];
 
 #[derive(Clone, Copy, Debug)]
 enum Assignment {
@@ -287,13 +299,29 @@ impl Server {
         ledger.promised(share, now, WINDOW);
         share
     }
+
+    /// A promise window's turn, as the service handles it: a held share
+    /// is carried into the new window (no answer: the Envoy keeps its
+    /// tokens), DENY_ALL is renewed (the answer).
+    fn turn(&mut self, ledger: &mut Ledger, now: u64) -> Option<u64> {
+        match ledger.carry(now, WINDOW) {
+            Some(share) => {
+                if share > 0 {
+                    self.promised.apply(now, share);
+                    ledger.promised(share, now, WINDOW);
+                }
+                None
+            }
+            None => Some(self.evaluate(ledger, now, None)),
+        }
+    }
 }
 
-/// Envoys at `rates` requests per second (starting `start` apart) share
-/// `limit` a minute for `minutes`; per window and Envoy, what was admitted
-/// and refused.
-fn simulate(rates: &[u64], start: u64, limit: u64, minutes: u64) -> Vec<SimEnvoy> {
-    let t0 = 1_700_000_040 * SECOND; // 40 s into a minute
+/// Envoys at `rates` requests per second (starting `start` apart, the
+/// first `phase` after a promise window's turn) share `limit` a minute for
+/// `minutes`; per window and Envoy, what was admitted and refused.
+fn simulate(rates: &[u64], phase: u64, start: u64, limit: u64, minutes: u64) -> Vec<SimEnvoy> {
+    let t0 = 1_700_000_040 * SECOND + phase; // a minute's start, and the phase
     let mut server = Server::new(limit);
     let windows = usize::try_from(minutes + 2).unwrap();
     let mut envoys: Vec<SimEnvoy> = rates
@@ -351,18 +379,20 @@ fn simulate(rates: &[u64], start: u64, limit: u64, minutes: u64) -> Vec<SimEnvoy
                     envoy.next_report = Some(now);
                 }
             }
-            let report = envoy.next_report.is_some_and(|at| at <= now);
-            let turn = envoy.turn.is_some_and(|at| at <= now);
-            if report || turn {
-                let usage = report.then(|| {
-                    envoy.next_report = Some(now + INTERVAL);
-                    let usage = (envoy.allowed, envoy.allowed + envoy.denied);
-                    (envoy.allowed, envoy.denied) = (0, 0);
-                    usage
-                });
-                let share = server.evaluate(&mut envoy.ledger, now, usage);
+            if envoy.next_report.is_some_and(|at| at <= now) {
+                envoy.next_report = Some(now + INTERVAL);
+                let usage = (envoy.allowed, envoy.allowed + envoy.denied);
+                (envoy.allowed, envoy.denied) = (0, 0);
+                let share = server.evaluate(&mut envoy.ledger, now, Some(usage));
                 envoy.answer = Some((now + RTT, share));
-                envoy.turn = Some(Ledger::turn_at(now, WINDOW));
+                envoy.turn = Some(envoy.ledger.turn_at(now, WINDOW));
+            } else if envoy.turn.is_some_and(|at| at <= now) {
+                // What the Envoy admitted since its last report stays
+                // unreported: the turn must not forget it.
+                if let Some(share) = server.turn(&mut envoy.ledger, now) {
+                    envoy.answer = Some((now + RTT, share));
+                }
+                envoy.turn = Some(envoy.ledger.turn_at(now, WINDOW));
             }
         }
         now += STEP;
@@ -371,11 +401,11 @@ fn simulate(rates: &[u64], start: u64, limit: u64, minutes: u64) -> Vec<SimEnvoy
 }
 
 /// The stated bound: per window, the limit plus what each Envoy admits in
-/// a round trip after each of its reports and after the window's turn
-/// (plus the margin), and a new bucket's first request.
+/// a round trip after each of its reports, and a new bucket's first
+/// request. A promise window's turn adds nothing: a held share is carried,
+/// and DENY_ALL admits nothing until its renewal arrives.
 fn bound(rates: &[u64], limit: u64) -> u64 {
-    let answers = MINUTE / INTERVAL + MINUTE / WINDOW;
-    let exposed_us = RTT * answers + TURN_MARGIN_US * (MINUTE / WINDOW);
+    let exposed_us = RTT * (MINUTE / INTERVAL);
     limit
         + rates
             .iter()
@@ -389,15 +419,20 @@ fn admitted_in(envoys: &[SimEnvoy], window: usize) -> u64 {
 
 #[test]
 fn one_envoy_alone_never_exceeds_the_limit() {
-    for (rate, limit) in [(10, 20), (50, 600), (3, 100)] {
-        let envoys = simulate(&[rate], 0, limit, 4);
-        for window in 0..5 {
-            let admitted = admitted_in(&envoys, window);
-            assert!(admitted <= limit, "window {window}: {admitted} > {limit}");
-        }
-        // A full window with demand beyond the limit uses all of it.
-        if rate * 60 > limit {
-            assert_eq!(admitted_in(&envoys, 2), limit, "rate {rate}");
+    for (rate, limit) in [(10, 20), (50, 600), (3, 100), (25, 60)] {
+        for phase in PHASES {
+            let envoys = simulate(&[rate], phase, 0, limit, 4);
+            for window in 0..5 {
+                let admitted = admitted_in(&envoys, window);
+                assert!(
+                    admitted <= limit,
+                    "rate {rate}, phase {phase}, window {window}: {admitted} > {limit}"
+                );
+            }
+            // A full window with demand beyond the limit uses all of it.
+            if rate * 60 > limit {
+                assert_eq!(admitted_in(&envoys, 2), limit, "rate {rate}, phase {phase}");
+            }
         }
     }
 }
@@ -406,8 +441,10 @@ fn one_envoy_alone_never_exceeds_the_limit() {
 fn a_client_within_the_rules_rate_is_never_refused() {
     // 1 request a second against 100 a minute, and 2 a second against 600.
     for (rate, limit) in [(1, 100), (2, 600)] {
-        let envoys = simulate(&[rate], 0, limit, 3);
-        assert_eq!(envoys[0].refused.iter().sum::<u64>(), 0);
+        for phase in PHASES {
+            let envoys = simulate(&[rate], phase, 0, limit, 3);
+            assert_eq!(envoys[0].refused.iter().sum::<u64>(), 0, "phase {phase}");
+        }
     }
 }
 
@@ -420,23 +457,25 @@ fn envoys_sharing_a_limit_stay_within_the_bound() {
         (vec![40, 1], 300),
         (vec![100, 100], 50),
     ] {
-        let envoys = simulate(&rates, 1_300_000, limit, 5);
-        let bound = bound(&rates, limit);
-        for window in 0..6 {
-            let admitted = admitted_in(&envoys, window);
-            assert!(
-                admitted <= bound,
-                "{rates:?} limit {limit}, window {window}: {admitted} > {bound}"
-            );
-        }
-        // Full windows, where demand exceeds the limit: nothing is left
-        // unused.
-        for window in 1..5 {
-            let admitted = admitted_in(&envoys, window);
-            assert!(
-                admitted >= limit,
-                "{rates:?} limit {limit}, window {window}: {admitted} < {limit}"
-            );
+        for phase in PHASES {
+            let envoys = simulate(&rates, phase, 1_300_000, limit, 5);
+            let bound = bound(&rates, limit);
+            for window in 0..6 {
+                let admitted = admitted_in(&envoys, window);
+                assert!(
+                    admitted <= bound,
+                    "{rates:?} limit {limit}, phase {phase}, window {window}: {admitted} > {bound}"
+                );
+            }
+            // Full windows, where demand exceeds the limit: nothing is left
+            // unused.
+            for window in 1..5 {
+                let admitted = admitted_in(&envoys, window);
+                assert!(
+                    admitted >= limit,
+                    "{rates:?} limit {limit}, phase {phase}, window {window}: {admitted} < {limit}"
+                );
+            }
         }
     }
 }
@@ -444,7 +483,7 @@ fn envoys_sharing_a_limit_stay_within_the_bound() {
 #[test]
 fn shares_follow_demand() {
     let rates = [12, 4];
-    let envoys = simulate(&rates, 2_100_000, 120, 5);
+    let envoys = simulate(&rates, 0, 2_100_000, 120, 5);
     for window in 1..5 {
         let (a, b) = (envoys[0].admitted[window], envoys[1].admitted[window]);
         let busy = a as f64 / (a + b) as f64;
