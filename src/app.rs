@@ -19,7 +19,8 @@ use crate::events::amqp::AmqpSink;
 use crate::events::pipeline::{self, PipelineSettings};
 use crate::events::spool::Spool;
 use crate::grpc::{
-    ExplainHandler, RateLimitHandler, RateLimitQuotaHandler, RLQS_SERVICE_NAME, SERVICE_NAME,
+    ExplainHandler, RateLimitHandler, RateLimitQuotaHandler, ShortPath, RLQS_SERVICE_NAME,
+    SERVICE_NAME,
 };
 use crate::health::EventsStatus;
 use crate::health::Readiness;
@@ -116,9 +117,12 @@ async fn serve_until(
     // shutdown begins, so that draining does not wait for them.
     let quota = QuotaService::new(deps.limiter.clone(), deps.quota.clone());
     let limits = &deps.connections;
+    let rate_limit = Arc::new(RateLimitHandler::new(deps.limiter.clone()));
     let mut grpc_builder = tonic::transport::Server::builder()
         // Each connection's calls, for its idle timeout.
         .layer(listen::CountCalls)
+        // ShouldRateLimit, answered before tonic's router.
+        .layer(ShortPath::new(rate_limit.clone()))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(limits.keepalive_interval)
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
@@ -134,7 +138,7 @@ async fn serve_until(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RateLimitHandler::new(deps.limiter.clone()).into_server())
+        .add_service(RateLimitHandler::server(rate_limit))
         .add_service(ExplainHandler::new(deps.limiter.clone()).into_server())
         .add_service(RateLimitQuotaHandler::new(quota, stop_rx.clone()).into_server());
     // Both ports accept through `listen`: a cap on connections, and a

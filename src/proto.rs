@@ -6,7 +6,7 @@
 
 mod codec;
 
-pub use codec::Codec;
+pub use codec::{does_not_decode, Codec};
 
 /// A package's prost messages (and tonic service), and their proto3 JSON
 /// mapping: pbjson's serde impls.

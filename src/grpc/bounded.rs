@@ -73,10 +73,7 @@ impl http_body::Body for BoundedBody {
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
             if let Err(len) = this.prefixes.read(data, this.max) {
-                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                    "request message of {len} bytes is over the bound of {} bytes",
-                    this.max
-                )))));
+                return Poll::Ready(Some(Err(over_the_bound(len, this.max))));
             }
         }
         Poll::Ready(frame)
@@ -91,10 +88,17 @@ impl http_body::Body for BoundedBody {
     }
 }
 
+/// The answer to a request message of `len` bytes, over the bound `max`.
+pub(super) fn over_the_bound(len: usize, max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "request message of {len} bytes is over the bound of {max} bytes"
+    ))
+}
+
 /// Where a reader is in a stream of gRPC messages, each a compression flag
 /// byte, a big-endian u32 length, and that many bytes.
 #[derive(Debug, Default)]
-struct Prefixes {
+pub(super) struct Prefixes {
     prefix: [u8; 5],
     /// Bytes of `prefix` read so far.
     have: usize,
@@ -105,7 +109,7 @@ struct Prefixes {
 impl Prefixes {
     /// Reads the next bytes of the stream; `Err` with the length of a
     /// message longer than `max`.
-    fn read(&mut self, mut data: &[u8], max: usize) -> Result<(), usize> {
+    pub(super) fn read(&mut self, mut data: &[u8], max: usize) -> Result<(), usize> {
         while !data.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(data.len());

@@ -4,10 +4,12 @@
 //! else, and this is the one place where errors become `tonic::Status`.
 
 mod bounded;
+mod short;
 
 pub mod rlqs;
 
 pub use rlqs::{RateLimitQuotaHandler, RLQS_SERVICE_NAME};
+pub use short::ShortPath;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -56,43 +58,55 @@ impl RateLimitHandler {
 
     /// The service, its request messages bounded by
     /// [`MAX_REQUEST_BYTES`](crate::limiter::bounds::MAX_REQUEST_BYTES).
-    pub fn into_server(self) -> Bounded<RateLimitServiceServer<RateLimitHandler>> {
+    /// Uncompressed calls are answered before they reach it, by
+    /// [`ShortPath`] with the same handler.
+    pub fn server(
+        handler: Arc<RateLimitHandler>,
+    ) -> Bounded<RateLimitServiceServer<RateLimitHandler>> {
         Bounded::new(
-            RateLimitServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES),
+            RateLimitServiceServer::from_arc(handler).max_decoding_message_size(MAX_REQUEST_BYTES),
             MAX_REQUEST_BYTES,
         )
+    }
+
+    /// One call, whichever path it came by: its message, and its metadata
+    /// for the trace context.
+    async fn answer(
+        &self,
+        message: RateLimitRequest,
+        metadata: &MetadataMap,
+    ) -> Result<RateLimitResponse, tonic::Status> {
+        // A debug span: at the default `info` level an enabled span per
+        // call costs the fmt layer a formatted field and a registry slot,
+        // about 7% of the server's instructions per call (BENCHMARKS.md),
+        // for a span that nothing logs inside. It is on with
+        // `--otlp-endpoint` (exported as a child of the caller's
+        // `traceparent`, when Envoy traces) or with
+        // `--log-level info,sluice::grpc=debug`.
+        let span = tracing::debug_span!("should_rate_limit", domain = %message.domain);
+        if !span.is_disabled() {
+            let parent = TraceContextPropagator::new().extract(&Metadata(metadata));
+            // Fails only without the OpenTelemetry layer (logging alone).
+            let _ = span.set_parent(parent);
+        }
+        self.decide(message).instrument(span).await
     }
 }
 
 #[tonic::async_trait]
 impl RateLimitService for RateLimitHandler {
-    // A debug span: at the default `info` level an enabled span per call
-    // costs the fmt layer a formatted field and a registry slot, about 7% of
-    // the server's instructions per call (BENCHMARKS.md), for a span that
-    // nothing logs inside. It is on with `--otlp-endpoint` (exported as a
-    // child of the caller's `traceparent`, when Envoy traces) or with
-    // `--log-level info,sluice::grpc=debug`.
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, tonic::Status> {
-        let span = tracing::debug_span!("should_rate_limit", domain = %request.get_ref().domain);
-        if !span.is_disabled() {
-            let parent = TraceContextPropagator::new().extract(&Metadata(request.metadata()));
-            // Fails only without the OpenTelemetry layer (logging alone).
-            let _ = span.set_parent(parent);
-        }
-        self.decide(request).instrument(span).await
+        let (metadata, _, message) = request.into_parts();
+        self.answer(message, &metadata).await.map(Response::new)
     }
 }
 
 impl RateLimitHandler {
-    async fn decide(
-        &self,
-        request: Request<RateLimitRequest>,
-    ) -> Result<Response<RateLimitResponse>, tonic::Status> {
+    async fn decide(&self, message: RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
         let started = Instant::now();
-        let message = request.into_inner();
         let result = match request_from_proto(&message) {
             Ok(req) => self.limiter.should_rate_limit(&req).await,
             Err(e) => Err(DecideError::Invalid(e)),
@@ -101,7 +115,7 @@ impl RateLimitHandler {
             .get_or_init(|| histogram!(names::REQUEST_DURATION, "api" => "grpc"))
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(verdict) => Ok(Response::new(verdict_to_proto(&message, &verdict))),
+            Ok(verdict) => Ok(verdict_to_proto(&message, &verdict)),
             Err(e) => Err(to_status(e)),
         }
     }

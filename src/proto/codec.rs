@@ -49,15 +49,18 @@ impl<U: Message + Default> Decoder for InvalidArgument<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(|status| {
-            Status::invalid_argument(format!(
-                "the message does not decode as protobuf: {}",
-                status.message()
-            ))
-        })
+        self.0
+            .decode(buf)
+            .map_err(|status| does_not_decode(status.message()))
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// The answer to a request message that does not decode (`detail`: prost's
+/// error), on every path that decodes one.
+pub fn does_not_decode(detail: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("the message does not decode as protobuf: {detail}"))
 }
