@@ -10,6 +10,7 @@
 #   INFLIGHT="1x1 1x4 1x16 4x16" MODES=redis benches/peer.sh   # latency by calls in flight
 #   HALF=1 benches/peer.sh             # also p99 at half of each server's maximum
 #   OTHERS="before=/tmp/old/sluice" benches/peer.sh   # other sluice builds, same rounds
+#   NOOPS="tonic hyper raw-h2" benches/peer.sh   # the no-op on less and less of the stack
 #
 # LIMITADOR_BIN is a limitador-server built from its own source (see
 # BENCHMARKS.md); without it the peer's rows are left out. Modes:
@@ -42,6 +43,7 @@ WARMUP=${WARMUP:-2}
 INFLIGHT=${INFLIGHT:-4x16}          # CONNECTIONSxSTREAMS, space-separated list
 HALF=${HALF:-0}                     # 1: each run again at half the rate it reached
 NOOP=${NOOP:-1}                     # 0 leaves the no-op ceiling out
+NOOPS=${NOOPS:-tonic}               # no-op servers: tonic (sluice's stack), hyper, raw-h2
 OTHERS=${OTHERS:-}                  # "label=path ..." more sluice builds to alternate with
 WORK=${WORK:-/tmp/sluice-peer}
 BASE=${BASE:-24100}                 # Redis on BASE, Cluster on BASE+1..BASE+6
@@ -149,19 +151,33 @@ start_peer() { # storage args...
     wait_port "$PEER_PORT"
 }
 
+# Every no-op server: "label port pid" lines; "noop" is tonic's, the stack
+# sluice serves on, the others answer the same on less of it.
+noops=()
 start_noop() {
-    "$BIN/sluice-load" noop-server --listen "127.0.0.1:$NOOP_PORT" >"$WORK/noop.log" 2>&1 &
-    pids+=($!)
-    noop_pid=$!
-    wait_port "$NOOP_PORT"
+    local flavour port=$NOOP_PORT label args
+    noops=()
+    for flavour in $NOOPS; do
+        case $flavour in
+            tonic) label=noop args=() ;;
+            hyper) label=noop-hyper args=(--hyper) ;;
+            raw-h2) label=noop-raw-h2 args=(--raw-h2) ;;
+            *) echo "unknown no-op server $flavour" >&2; exit 1 ;;
+        esac
+        "$BIN/sluice-load" noop-server --listen "127.0.0.1:$port" "${args[@]}" >"$WORK/$label.log" 2>&1 &
+        pids+=($!)
+        noops+=("$label $port $!")
+        wait_port "$port"
+        port=$((port + 10))
+    done
 }
 
 stop_servers() {
     local s all=()
-    for s in "${sluices[@]}"; do all+=("${s##* }"); done
-    for pid in "${all[@]}" ${peer_pid:-} ${noop_pid:-}; do kill "$pid" 2>/dev/null || true; done
-    wait "${all[@]}" ${peer_pid:-} ${noop_pid:-} 2>/dev/null || true
-    sluices=() peer_pid= noop_pid=
+    for s in "${sluices[@]}" "${noops[@]}"; do all+=("${s##* }"); done
+    for pid in "${all[@]}" ${peer_pid:-}; do kill "$pid" 2>/dev/null || true; done
+    wait "${all[@]}" ${peer_pid:-} 2>/dev/null || true
+    sluices=() noops=() peer_pid=
 }
 
 # The rate of the last run (calls/s), for HALF=1.
@@ -236,7 +252,7 @@ contenders() { # mode -> "name port pid" lines, alternating order by round parit
     local mode=$1
     printf '%s\n' "${sluices[@]}"
     if [ -n "${peer_pid:-}" ]; then echo "limitador $PEER_PORT $peer_pid"; fi
-    if [ -n "${noop_pid:-}" ]; then echo "noop $NOOP_PORT $noop_pid"; fi
+    if [ "${#noops[@]}" -gt 0 ]; then printf '%s\n' "${noops[@]}"; fi
 }
 
 echo "load: h2load, DURATION=${DURATION}s after ${WARMUP}s warm-up, in flight $INFLIGHT, HALF=$HALF; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -5,6 +5,7 @@
 #   cargo build --release --bins
 #   benches/profile.sh sluice     # sluice serve, in-process store
 #   benches/profile.sh noop       # the no-op server (the ceiling)
+#   benches/profile.sh noop-hyper # the no-op on hyper alone (noop-raw-h2: on h2 alone)
 #   STORE=redis://127.0.0.1:6379 benches/profile.sh sluice   # on a Redis
 # (with a store, the store timeout is SERVE_TIMEOUT, 2s by default: a server
 # under callgrind runs some fifty times slower, and the failure mode's
@@ -17,7 +18,7 @@
 # callgrind_annotate $DIR/callgrind.out.sluice | head -60 shows where they go.
 set -euo pipefail
 
-target=${1:?usage: benches/profile.sh sluice|noop}
+target=${1:?usage: benches/profile.sh sluice|noop|noop-hyper|noop-raw-h2}
 BIN=${BIN:-target/release}
 RULES=${RULES:-examples/rules}
 WARM=${WARM:-2000}
@@ -38,6 +39,8 @@ case "$target" in
 sluice) cmd=("$BIN/sluice" serve --rules "$RULES" --grpc-addr "127.0.0.1:$PORT"
     --http-addr "127.0.0.1:$((PORT + 1))" ${STORE:+--store "$STORE" --key-secret profile --store-timeout "$SERVE_TIMEOUT"}) ;;
 noop) cmd=("$BIN/sluice-load" noop-server --listen "127.0.0.1:$PORT") ;;
+noop-hyper) cmd=("$BIN/sluice-load" noop-server --hyper --listen "127.0.0.1:$PORT") ;;
+noop-raw-h2) cmd=("$BIN/sluice-load" noop-server --raw-h2 --listen "127.0.0.1:$PORT") ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac
 
