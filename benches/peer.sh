@@ -160,8 +160,8 @@ start_noop() {
     for flavour in $NOOPS; do
         case $flavour in
             tonic) label=noop args=() ;;
-            hyper) label=noop-hyper args=(--hyper) ;;
-            raw-h2) label=noop-raw-h2 args=(--raw-h2) ;;
+            hyper) label=noop-hyper args=(--stack hyper) ;;
+            raw-h2) label=noop-raw-h2 args=(--stack raw-h2) ;;
             *) echo "unknown no-op server $flavour" >&2; exit 1 ;;
         esac
         "$BIN/sluice-load" noop-server --listen "127.0.0.1:$port" "${args[@]}" >"$WORK/$label.log" 2>&1 &

@@ -39,8 +39,8 @@ case "$target" in
 sluice) cmd=("$BIN/sluice" serve --rules "$RULES" --grpc-addr "127.0.0.1:$PORT"
     --http-addr "127.0.0.1:$((PORT + 1))" ${STORE:+--store "$STORE" --key-secret profile --store-timeout "$SERVE_TIMEOUT"}) ;;
 noop) cmd=("$BIN/sluice-load" noop-server --listen "127.0.0.1:$PORT") ;;
-noop-hyper) cmd=("$BIN/sluice-load" noop-server --hyper --listen "127.0.0.1:$PORT") ;;
-noop-raw-h2) cmd=("$BIN/sluice-load" noop-server --raw-h2 --listen "127.0.0.1:$PORT") ;;
+noop-hyper) cmd=("$BIN/sluice-load" noop-server --stack hyper --listen "127.0.0.1:$PORT") ;;
+noop-raw-h2) cmd=("$BIN/sluice-load" noop-server --stack raw-h2 --listen "127.0.0.1:$PORT") ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac
 

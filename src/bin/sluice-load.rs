@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! sluice-load --addr 127.0.0.1:8081 --connections 4 --concurrency 16 --duration 20s
-//! sluice-load noop-server --listen 127.0.0.1:9091
+//! sluice-load noop-server --listen 127.0.0.1:9091 [--stack tonic|hyper|raw-h2]
 //! ```
 //!
 //! `--connections` HTTP/2 connections each carry `--concurrency` calls in
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
+use sluice::grpc::{framed, ok_trailers, OkBody};
 use sluice::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
 use sluice::proto::rls::rate_limit_response::{Code, DescriptorStatus};
 use sluice::proto::rls::rate_limit_service_client::RateLimitServiceClient;
@@ -51,16 +52,22 @@ enum Command {
         /// Tokio worker threads (default: one per core, as `sluice serve`).
         #[arg(long)]
         threads: Option<usize>,
-        /// Serve gRPC on the `h2` crate directly, each connection's calls on
-        /// its own task, with no hyper, tower or tonic in between: the
-        /// ceiling of HTTP/2 itself.
-        #[arg(long, conflicts_with = "hyper")]
-        raw_h2: bool,
-        /// Serve gRPC on hyper's HTTP/2 server with a hand-written handler:
-        /// no tower or tonic in between.
-        #[arg(long)]
-        hyper: bool,
+        /// The stack to answer on.
+        #[arg(long, value_enum, default_value_t = Stack::Tonic)]
+        stack: Stack,
     },
+}
+
+/// What the no-op server answers on.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Stack {
+    /// tonic's server, as `sluice serve`.
+    Tonic,
+    /// hyper's HTTP/2 server with a hand-written handler: no tower or tonic.
+    Hyper,
+    /// The `h2` crate alone, each connection's calls polled in its own
+    /// task: the ceiling of HTTP/2 itself.
+    RawH2,
 }
 
 #[derive(Args, Debug)]
@@ -174,17 +181,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Some(Command::NoopServer {
-                listen,
-                raw_h2: true,
-                ..
-            }) => raw_h2_noop_server(listen).await,
-            Some(Command::NoopServer {
-                listen,
-                hyper: true,
-                ..
-            }) => hyper_noop_server(listen).await,
-            Some(Command::NoopServer { listen, .. }) => noop_server(listen).await,
+            Some(Command::NoopServer { listen, stack, .. }) => match stack {
+                Stack::Tonic => noop_server(listen).await,
+                Stack::Hyper => each_connection(listen, "hyper", hyper_noop_connection).await,
+                Stack::RawH2 => each_connection(listen, "raw h2", raw_h2_noop_connection).await,
+            },
             None => run_load(cli.load).await,
         }
     });
@@ -240,67 +241,57 @@ async fn noop_server(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The no-op answer on `h2` alone: read the call's one message, answer OK
-/// per descriptor, then the trailers.
-async fn raw_h2_noop_server(listen: SocketAddr) -> anyhow::Result<()> {
-    use futures::stream::{FuturesUnordered, StreamExt};
+/// Accepts connections on `listen` (TCP_NODELAY, as `sluice serve`) and
+/// serves each in its own task.
+async fn each_connection<F, Fut>(listen: SocketAddr, stack: &str, serve: F) -> anyhow::Result<()>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
-        "sluice-load: raw h2 no-op server on {}",
+        "sluice-load: {stack} no-op server on {}",
         listener.local_addr()?
     );
     loop {
         let (socket, _) = listener.accept().await?;
         socket.set_nodelay(true)?;
-        tokio::spawn(async move {
-            let Ok(mut conn) = h2::server::handshake(socket).await else {
-                return;
-            };
-            let mut calls = FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    next = conn.accept() => match next {
-                        Some(Ok((request, respond))) => calls.push(raw_h2_call(request, respond)),
-                        _ => break,
-                    },
-                    Some(_) = calls.next(), if !calls.is_empty() => {}
-                }
-            }
-        });
+        tokio::spawn(serve(socket));
     }
 }
 
-/// The no-op answer on hyper's HTTP/2 server.
-async fn hyper_noop_server(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    eprintln!(
-        "sluice-load: hyper no-op server on {}",
-        listener.local_addr()?
-    );
+/// One connection on `h2` alone: its calls are polled in its own task.
+async fn raw_h2_noop_connection(socket: tokio::net::TcpStream) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let Ok(mut conn) = h2::server::handshake(socket).await else {
+        return;
+    };
+    let mut calls = FuturesUnordered::new();
     loop {
-        let (socket, _) = listener.accept().await?;
-        socket.set_nodelay(true)?;
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(hyper_noop_call);
-            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
-                .await;
-        });
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => calls.push(raw_h2_call(request, respond)),
+                _ => break,
+            },
+            Some(_) = calls.next(), if !calls.is_empty() => {}
+        }
     }
+}
+
+/// One connection on hyper's HTTP/2 server.
+async fn hyper_noop_connection(socket: tokio::net::TcpStream) {
+    let service = hyper::service::service_fn(hyper_noop_call);
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+        .await;
 }
 
 async fn hyper_noop_call(
     request: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<UnaryBody>, hyper::Error> {
+) -> Result<http::Response<OkBody>, hyper::Error> {
     use http_body_util::BodyExt;
     let body = request.into_body().collect().await?.to_bytes();
-    let out = noop_reply(&body);
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let mut response = http::Response::new(UnaryBody {
-        data: Some(out),
-        trailers: Some(trailers),
-    });
+    let mut response = http::Response::new(OkBody::new(noop_reply(&body)));
     response.headers_mut().insert(
         "content-type",
         http::HeaderValue::from_static("application/grpc"),
@@ -308,39 +299,13 @@ async fn hyper_noop_call(
     Ok(response)
 }
 
-/// One gRPC message, then the trailers.
-struct UnaryBody {
-    data: Option<bytes::Bytes>,
-    trailers: Option<http::HeaderMap>,
-}
-
-impl http_body::Body for UnaryBody {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        let frame = match self.data.take() {
-            Some(data) => Some(http_body::Frame::data(data)),
-            None => self.trailers.take().map(http_body::Frame::trailers),
-        };
-        std::task::Poll::Ready(frame.map(Ok))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
-}
-
 /// The no-op answer to one framed `RateLimitRequest`, framed.
-fn noop_reply(framed: &[u8]) -> bytes::Bytes {
+fn noop_reply(framed_request: &[u8]) -> bytes::Bytes {
     use prost::Message;
-    let n = RateLimitRequest::decode(framed.get(5..).unwrap_or_default())
+    let n = RateLimitRequest::decode(framed_request.get(5..).unwrap_or_default())
         .map(|r| r.descriptors.len())
         .unwrap_or(0);
-    let reply = RateLimitResponse {
+    framed(&RateLimitResponse {
         overall_code: Code::Ok as i32,
         statuses: vec![
             DescriptorStatus {
@@ -350,13 +315,7 @@ fn noop_reply(framed: &[u8]) -> bytes::Bytes {
             n
         ],
         ..RateLimitResponse::default()
-    };
-    let len = reply.encoded_len();
-    let mut out = bytes::BytesMut::with_capacity(5 + len);
-    out.extend_from_slice(&[0]);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    let _ = reply.encode(&mut out);
-    out.freeze()
+    })
 }
 
 async fn raw_h2_call(
@@ -370,16 +329,13 @@ async fn raw_h2_call(
         let _ = body.flow_control().release_capacity(chunk.len());
         buf.extend_from_slice(&chunk);
     }
-    let out = noop_reply(&buf);
     let response = http::Response::builder()
         .header("content-type", "application/grpc")
         .body(())
         .unwrap_or_default();
     let mut send = respond.send_response(response, false)?;
-    send.send_data(out, false)?;
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    send.send_trailers(trailers)
+    send.send_data(noop_reply(&buf), false)?;
+    send.send_trailers(ok_trailers())
 }
 
 // === The load ===

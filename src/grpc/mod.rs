@@ -9,7 +9,7 @@ mod short;
 pub mod rlqs;
 
 pub use rlqs::{RateLimitQuotaHandler, RLQS_SERVICE_NAME};
-pub use short::ShortPath;
+pub use short::{framed, ok_trailers, OkBody, ShortPath};
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

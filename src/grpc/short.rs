@@ -97,14 +97,18 @@ type Answer<E> = futures::future::Map<
 /// uncompressed. A compressed call goes to tonic, which refuses it as it
 /// refuses every compressed call (sluice accepts no compression).
 fn takes(request: &http::Request<Body>) -> bool {
+    // The path first: every other call is passed on after one comparison.
+    if request.uri().path() != SHOULD_RATE_LIMIT {
+        return false;
+    }
     let headers = request.headers();
     let protobuf = headers.get(header::CONTENT_TYPE).is_some_and(|t| {
         t.as_bytes() == b"application/grpc" || t.as_bytes() == b"application/grpc+proto"
     });
-    let identity = headers
-        .get("grpc-encoding")
-        .is_none_or(|e| e.as_bytes() == b"identity");
-    request.uri().path() == SHOULD_RATE_LIMIT && protobuf && identity
+    protobuf
+        && headers
+            .get("grpc-encoding")
+            .is_none_or(|e| e.as_bytes() == b"identity")
 }
 
 async fn answer(
@@ -180,15 +184,7 @@ fn first_message_len(buf: &[u8]) -> Option<usize> {
 
 /// A successful answer: the message in one data frame, then the trailers.
 fn ok(message: &RateLimitResponse) -> http::Response<Body> {
-    let len = message.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    message.encode_raw(&mut buf);
-    let mut response = http::Response::new(Body::new(Unary {
-        data: Some(buf.freeze()),
-        done: false,
-    }));
+    let mut response = http::Response::new(Body::new(OkBody::new(framed(message))));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
@@ -196,13 +192,41 @@ fn ok(message: &RateLimitResponse) -> http::Response<Body> {
     response
 }
 
-/// One message, then `grpc-status: 0`.
-struct Unary {
+/// `message` as one gRPC message: the uncompressed flag, its length (u32,
+/// big-endian), its bytes.
+pub fn framed(message: &impl prost::Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message.encode_raw(&mut buf);
+    buf.freeze()
+}
+
+/// The trailers of a successful call.
+pub fn ok_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers
+}
+
+/// A successful call's response body: one framed message, then
+/// [`ok_trailers`].
+pub struct OkBody {
     data: Option<Bytes>,
     done: bool,
 }
 
-impl http_body::Body for Unary {
+impl OkBody {
+    pub fn new(framed: Bytes) -> OkBody {
+        OkBody {
+            data: Some(framed),
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for OkBody {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -217,9 +241,7 @@ impl http_body::Body for Unary {
             return Poll::Ready(None);
         }
         self.done = true;
-        let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        Poll::Ready(Some(Ok(Frame::trailers(ok_trailers()))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -238,7 +260,7 @@ impl http_body::Body for Unary {
 mod tests {
     use super::*;
 
-    fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    fn prefixed(flag: u8, message: &[u8]) -> Vec<u8> {
         let mut m = vec![flag];
         m.extend_from_slice(&(message.len() as u32).to_be_bytes());
         m.extend_from_slice(message);
@@ -255,8 +277,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_message_is_read_in_any_split() {
-        let mut stream = framed(0, b"hello");
-        stream.extend(framed(0, b"ignored"));
+        let mut stream = prefixed(0, b"hello");
+        stream.extend(prefixed(0, b"ignored"));
         for size in 1..stream.len() {
             let chunks = stream.chunks(size).map(<[u8]>::to_vec).collect();
             assert_eq!(read_chunks(chunks).await.unwrap(), &b"hello"[..], "{size}");
@@ -279,10 +301,10 @@ mod tests {
             (code, message.as_str()),
             (tonic::Code::Internal, "Unexpected EOF decoding stream.")
         );
-        let (code, message) = status(read_chunks(vec![framed(1, b"x")]).await);
+        let (code, message) = status(read_chunks(vec![prefixed(1, b"x")]).await);
         assert_eq!(code, tonic::Code::Internal);
         assert!(message.contains("compressed-flag"), "{message}");
-        let (code, message) = status(read_chunks(vec![framed(7, b"x")]).await);
+        let (code, message) = status(read_chunks(vec![prefixed(7, b"x")]).await);
         assert_eq!(code, tonic::Code::Internal);
         assert!(message.contains("invalid compression flag: 7"), "{message}");
         // Over the bound: refused from the prefix, the rest never sent.
@@ -310,6 +332,95 @@ mod tests {
         assert_eq!(first_message_len(&bytes), Some(bytes.len() - 5));
         let decoded = RateLimitResponse::decode(&bytes[5..]).unwrap();
         assert_eq!(decoded.overall_code, 1);
+    }
+
+    /// The service behind the layer: it answers UNIMPLEMENTED, so a call
+    /// that reaches it is told so.
+    #[derive(Clone)]
+    struct Unimplemented;
+
+    impl tower_service::Service<http::Request<Body>> for Unimplemented {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<http::Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            std::future::ready(Ok(Status::unimplemented("not here").into_http()))
+        }
+    }
+
+    fn limiter() -> Arc<crate::service::RateLimiter> {
+        use crate::limiter::{Algorithm, KeyHasher, PlanOptions};
+        use crate::service::{FailureMode, LimiterSettings};
+        let yaml = "domain: api\ndescriptors:\n  - key: client\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n";
+        let root = crate::rules::yaml::parse_str("api.yaml", yaml).unwrap();
+        let rules = crate::rules::yaml::compile_all(&[("api.yaml".into(), root)]).unwrap();
+        let clock = Arc::new(crate::clock::ManualClock::new(1_700_000_000_000_000));
+        let store = Arc::new(crate::storage::memory::MemoryStore::new(100, clock.clone()));
+        Arc::new(crate::service::RateLimiter::new(
+            Arc::new(arc_swap::ArcSwap::from_pointee(rules)),
+            store,
+            KeyHasher::from_secret(b"test"),
+            LimiterSettings {
+                plan: PlanOptions {
+                    default_algorithm: Algorithm::SlidingWindow,
+                    global_shadow: false,
+                    global_quota: false,
+                },
+                failure_mode: FailureMode::Allow,
+                store_timeout: std::time::Duration::from_secs(1),
+                rate_limit_headers: false,
+                dynamic_metadata: false,
+            },
+            clock,
+        ))
+    }
+
+    #[tokio::test]
+    async fn should_rate_limit_is_answered_by_the_layer_and_the_rest_passed_on() {
+        use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
+        use tower_layer::Layer as _;
+        use tower_service::Service as _;
+        let handler = Arc::new(RateLimitHandler::new(limiter()));
+        let mut service = ShortPath::new(handler).layer(Unimplemented);
+        let message = RateLimitRequest {
+            domain: "api".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "client".into(),
+                    value: "a".into(),
+                }],
+                ..RateLimitDescriptor::default()
+            }],
+            ..RateLimitRequest::default()
+        };
+        let call = |path: &str| {
+            http::Request::builder()
+                .uri(format!("http://sluice{path}"))
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .body(Body::new(http_body_util::Full::new(framed(&message))))
+                .unwrap()
+        };
+        // Decided here, against the rule: OK, then OVER_LIMIT (1 a minute).
+        for expected in [1, 2] {
+            let response = service.call(call(SHOULD_RATE_LIMIT)).await.unwrap();
+            assert!(response.headers().get("grpc-status").is_none());
+            let collected = response.into_body().collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+            let bytes = collected.to_bytes();
+            let answer = RateLimitResponse::decode(&bytes[5..]).unwrap();
+            assert_eq!(answer.overall_code, expected);
+        }
+        // Any other method reaches the service behind.
+        let response = service
+            .call(call("/sluice.v1.Sluice/Explain"))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["grpc-status"], "12");
     }
 
     #[test]
