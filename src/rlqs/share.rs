@@ -82,8 +82,9 @@
 //! at most what each admits in one round trip per report, plus new
 //! buckets' first requests (the simulation in `share/tests.rs` checks it
 //! with reports at several phases of the promise window;
-//! `tests/it/rlqs.rs` measures it with real Envoys). A broken stream adds at most its Envoy's
-//! last share and one reporting interval of its traffic.
+//! `tests/it/rlqs.rs` measures it with real Envoys). A broken stream adds
+//! at most its Envoy's last share and one reporting interval of its
+//! traffic.
 
 use crate::limiter::{check, Algorithm, CounterSpec, CounterState};
 
@@ -313,7 +314,7 @@ impl Ledger {
     /// and its promise with it).
     pub fn settle(&mut self, now_us: u64, window_us: u64) -> u64 {
         match self.held.take() {
-            Some((share, window)) if window == now_us / window_us.max(1) => share,
+            Some((share, window)) if window == window_of(now_us, window_us) => share,
             _ => 0,
         }
     }
@@ -352,7 +353,7 @@ impl Ledger {
     /// window turns.
     pub fn carry(&self, now_us: u64, window_us: u64) -> Option<u64> {
         let (share, window) = self.held?;
-        Some(if window < now_us / window_us.max(1) {
+        Some(if window < window_of(now_us, window_us) {
             share
         } else {
             0
@@ -361,7 +362,7 @@ impl Ledger {
 
     /// Records that `share` was promised at `now_us`.
     pub fn promised(&mut self, share: u64, now_us: u64, window_us: u64) {
-        self.held = (share > 0).then_some((share, now_us / window_us.max(1)));
+        self.held = (share > 0).then_some((share, window_of(now_us, window_us)));
     }
 
     /// When this bucket must be looked at for the next promise window: the
@@ -370,13 +371,17 @@ impl Ledger {
     /// the carries (every stream's turns are computed alike), so that a
     /// renewed share is never promised what another Envoy still holds.
     pub fn turn_at(&self, now_us: u64, window_us: u64) -> u64 {
-        let window_us = window_us.max(1);
         let margin = match self.held {
             Some(_) => TURN_MARGIN_US,
             None => 2 * TURN_MARGIN_US,
         };
-        (now_us / window_us + 1) * window_us + margin
+        (window_of(now_us, window_us) + 1) * window_us.max(1) + margin
     }
+}
+
+/// The number of the promise window (of `window_us`) `now_us` falls in.
+fn window_of(now_us: u64, window_us: u64) -> u64 {
+    now_us / window_us.max(1)
 }
 
 #[cfg(test)]
