@@ -26,7 +26,9 @@ pub use ruleset::{
     ApiKey, Level, Match, Matched, Node, Rule, RuleLimit, RuleSet, Scope, ValueMatch,
 };
 pub use wildcard::{Pattern, PatternSet};
-pub use window::{check, gcra_interval_us, Checked, CounterSpec, CounterState, Outcome};
+pub use window::{
+    check, gcra_interval_us, window_name, Checked, CounterSpec, CounterState, Outcome,
+};
 
 use std::fmt;
 

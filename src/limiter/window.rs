@@ -77,6 +77,20 @@ pub fn check(spec: &CounterSpec, state: Option<CounterState>, now_us: u64, hits:
     }
 }
 
+/// The window `now_us` falls in, as [`CounterState::Window`] names it (an
+/// index, or a calendar window's start); `None` for GCRA, which has none.
+/// A store that keeps only part of a window's name recovers the rest from
+/// this (see `storage::memory`).
+pub fn window_name(spec: &CounterSpec, now_us: u64) -> Option<u64> {
+    match (spec.calendar, spec.algorithm) {
+        (Some(calendar), _) => Some(calendar.window_at(now_us).0),
+        (None, Algorithm::Gcra) => None,
+        (None, Algorithm::SlidingWindow | Algorithm::FixedWindow) => {
+            Some(now_us / spec.period_us.max(1))
+        }
+    }
+}
+
 /// Time per hit for GCRA, rounded up so the rate is never exceeded.
 pub fn gcra_interval_us(limit: u64, period_us: u64) -> u64 {
     period_us.div_ceil(limit.max(1))

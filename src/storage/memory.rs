@@ -2,8 +2,8 @@
 //! nothing else. Sharded maps behind short-lived locks, idle keys expired by
 //! a sweeper, and a hard bound on the number of keys.
 //!
-//! An entry is 36 bytes with no heap allocation of its own: the counter key
-//! folded into 12 bytes, and the state packed into 24 (see [`Slot`]), both
+//! An entry is 32 bytes with no heap allocation of its own: the counter key
+//! folded into 12 bytes, and the state packed into 20 (see [`Slot`]), both
 //! 4-byte aligned. The map hashes nothing: the key already is a keyed
 //! BLAKE3 hash.
 
@@ -16,7 +16,9 @@ use async_trait::async_trait;
 
 use super::{CounterOp, CounterStore, StoreError};
 use crate::clock::Clock;
-use crate::limiter::{check, Algorithm, CounterKey, CounterState, Outcome};
+use crate::limiter::{
+    check, window_name, Algorithm, CounterKey, CounterSpec, CounterState, Outcome,
+};
 
 const SHARDS: usize = 64;
 
@@ -119,17 +121,32 @@ impl Hasher for FoldedHasher {
     }
 }
 
-/// A counter's state in 24 bytes. Window counts are kept in 32 bits:
+/// A counter's state in 20 bytes. Window counts are kept in 32 bits:
 /// limits are `requests_per_unit`, a u32, and a count never passes its limit
 /// (a larger one would saturate, never wrap).
+///
+/// Two things are left out, both recovered exactly:
+/// - GCRA's theoretical arrival time is its expiry: once it has passed, the
+///   bucket is full again and the state says nothing `check` needs, so it
+///   is dropped then, and `expires_at_us` holds it.
+/// - Of a window's name (an index, or a calendar window's start), only the
+///   low 32 bits are kept. A state is read only while it is live, and a
+///   live state's window is the current one or, for a sliding window, the
+///   one before it ([`check`] sets its expiry so); the current window's
+///   name, from the clock and the spec, supplies the high bits. `check`
+///   asks only whether the stored window is the current one or the one
+///   before, and the answer is the same for the recovered name as for the
+///   whole one, wherever the clock is set, unless the two lie a multiple of
+///   2^32 windows apart (136 years of one-second windows).
 #[derive(Clone, Copy)]
 #[repr(C, packed(4))]
 struct Slot {
-    /// The window index, or GCRA's theoretical arrival time.
-    window_or_tat: u64,
+    /// When the state may be dropped (µs since the epoch); GCRA's TAT.
+    expires_at_us: u64,
+    /// The window name's low 32 bits.
+    window: u32,
     count: u32,
     previous: u32,
-    expires_at_us: u64,
 }
 
 impl Slot {
@@ -141,31 +158,38 @@ impl Slot {
                 count,
                 previous,
             } => Slot {
-                window_or_tat: window,
+                expires_at_us,
+                window: window as u32, // the low bits, on purpose
                 count: narrow(count),
                 previous: narrow(previous),
-                expires_at_us,
             },
             CounterState::Gcra { tat_us } => Slot {
-                window_or_tat: tat_us,
+                expires_at_us: tat_us,
+                window: 0,
                 count: 0,
                 previous: 0,
-                expires_at_us,
             },
         }
     }
 
-    fn state(&self, algorithm: Algorithm) -> CounterState {
-        match algorithm {
-            Algorithm::Gcra => CounterState::Gcra {
-                tat_us: self.window_or_tat,
-            },
-            Algorithm::SlidingWindow | Algorithm::FixedWindow => CounterState::Window {
-                window: self.window_or_tat,
-                count: u64::from(self.count),
-                previous: u64::from(self.previous),
-            },
-        }
+    /// The state as `check` wants it, for `spec` at `now_us`. `None` for a
+    /// window that cannot be the current one or any before it (a clock set
+    /// back past it): `check` counts that as no state, as it would count
+    /// the window it was.
+    fn state(&self, spec: &CounterSpec, now_us: u64) -> Option<CounterState> {
+        let Some(current) = window_name(spec, now_us) else {
+            return Some(CounterState::Gcra {
+                tat_us: self.expires_at_us,
+            });
+        };
+        // How many windows back the stored one is, modulo 2^32.
+        let behind = (current as u32).wrapping_sub(self.window);
+        let window = current.checked_sub(u64::from(behind))?;
+        Some(CounterState::Window {
+            window,
+            count: u64::from(self.count),
+            previous: u64::from(self.previous),
+        })
     }
 }
 
@@ -206,7 +230,7 @@ impl MemoryStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let key = Folded::from(&op.key);
-        let state = shard.live_state(key, op.key.algorithm, now_us);
+        let state = shard.live_state(key, &op.spec, now_us);
         let checked = check(&op.spec, state, now_us, op.hits);
         if let Some(new_state) = checked.state {
             let slot = Slot::new(new_state, checked.expires_at_us);
@@ -268,11 +292,7 @@ impl MemoryStore {
                 .find(|(key, ..)| *key == op.key)
                 .map(|&(_, state, _)| state)
                 .or_else(|| {
-                    guards[guard_of(&op.key)].live_state(
-                        Folded::from(&op.key),
-                        op.key.algorithm,
-                        now_us,
-                    )
+                    guards[guard_of(&op.key)].live_state(Folded::from(&op.key), &op.spec, now_us)
                 });
             let c = check(&op.spec, state, now_us, op.hits);
             if let Some(state) = c.state {
@@ -293,7 +313,7 @@ impl MemoryStore {
                     if c.outcome.admitted {
                         let state = guards[guard_of(&op.key)].live_state(
                             Folded::from(&op.key),
-                            op.key.algorithm,
+                            &op.spec,
                             now_us,
                         );
                         check(&op.spec, state, now_us, 0).outcome
@@ -328,7 +348,7 @@ impl MemoryStore {
         for (key, state, expires_at_us) in pending {
             let slot = Slot::new(state, expires_at_us);
             let shard = &mut guards[guard_of(&key)];
-            shard.next_expiry_us = shard.next_expiry_us.min(expires_at_us);
+            shard.next_expiry_us = shard.next_expiry_us.min(slot.expires_at_us);
             if shard.map.insert(Folded::from(&key), slot).is_none() {
                 self.len.fetch_add(1, Ordering::Relaxed);
             }
@@ -360,11 +380,11 @@ impl MemoryStore {
 }
 
 impl Shard {
-    fn live_state(&self, key: Folded, algorithm: Algorithm, now_us: u64) -> Option<CounterState> {
+    fn live_state(&self, key: Folded, spec: &CounterSpec, now_us: u64) -> Option<CounterState> {
         self.map
             .get(&key)
             .filter(|slot| slot.expires_at_us > now_us)
-            .map(|slot| slot.state(algorithm))
+            .and_then(|slot| slot.state(spec, now_us))
     }
 
     fn evict_expired(&mut self, now_us: u64) -> usize {
@@ -546,8 +566,84 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_thirty_six_bytes() {
-        assert_eq!(std::mem::size_of::<(Folded, Slot)>(), 36);
+    fn an_entry_is_thirty_two_bytes() {
+        assert_eq!(std::mem::size_of::<(Folded, Slot)>(), 32);
+    }
+
+    /// What a store keeping whole states would answer: `check` on the full
+    /// state, dropped at its expiry.
+    #[derive(Default)]
+    struct Oracle(Option<(CounterState, u64)>);
+
+    impl Oracle {
+        fn apply(&mut self, spec: &CounterSpec, now_us: u64, hits: u64) -> Outcome {
+            let live = self.0.filter(|&(_, expires)| expires > now_us);
+            let checked = check(spec, live.map(|(state, _)| state), now_us, hits);
+            if let Some(state) = checked.state {
+                self.0 = Some((state, checked.expires_at_us));
+            }
+            checked.outcome
+        }
+    }
+
+    proptest::proptest! {
+        /// The slot keeps a window's low 32 bits and GCRA's TAT as its
+        /// expiry, and answers as whole states do: periods of a few µs
+        /// around window 2^32, with the clock stepping forward and back.
+        #[test]
+        fn the_compact_slot_answers_as_whole_states_do(
+            algorithm in proptest::sample::select(Algorithm::ALL.to_vec()),
+            period_us in 1u64..5,
+            limit in 1u64..4,
+            steps in proptest::collection::vec((-12i64..12, 0u64..3), 1..60),
+        ) {
+            let spec = CounterSpec { algorithm, limit, period_us, burst: limit, calendar: None };
+            let store = MemoryStore::new(1_000, Arc::new(ManualClock::new(0)));
+            let h = KeyHasher::from_secret(b"t");
+            let entries = [crate::limiter::Entry { key: "k", value: "v" }];
+            let key = h.counter_key("d", &entries, &[], algorithm, 1);
+            let mut oracle = Oracle::default();
+            // Just below window 2^32, so the low bits wrap within the run.
+            let mut now = (1u64 << 32) * period_us - 20;
+            for (step, hits) in steps {
+                now = now.saturating_add_signed(step);
+                let op = CounterOp { key, spec, hits };
+                let got = store.apply_one(&op, now).unwrap();
+                proptest::prop_assert_eq!(got, oracle.apply(&spec, now, hits), "at {}", now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_name_is_recovered_across_a_wrap_of_its_low_bits() {
+        let spec = CounterSpec {
+            algorithm: Algorithm::SlidingWindow,
+            limit: 10,
+            period_us: 1,
+            burst: 10,
+            calendar: None,
+        };
+        let slot = Slot::new(
+            CounterState::Window {
+                window: u64::from(u32::MAX),
+                count: 3,
+                previous: 2,
+            },
+            u64::from(u32::MAX) + 2,
+        );
+        let at = |now| slot.state(&spec, now);
+        let whole = |window| {
+            Some(CounterState::Window {
+                window,
+                count: 3,
+                previous: 2,
+            })
+        };
+        assert_eq!(at(u64::from(u32::MAX)), whole(u64::from(u32::MAX)));
+        assert_eq!(at(1 << 32), whole(u64::from(u32::MAX)), "one window on");
+        // A clock set back before it: no window at or before now has these
+        // low bits, so it reads as no state, as a future window would.
+        assert_eq!(at(5), None);
     }
 
     #[test]
