@@ -47,6 +47,25 @@ pub struct LimiterSettings {
     pub dynamic_metadata: bool,
 }
 
+#[cfg(test)]
+impl LimiterSettings {
+    /// The settings unit tests decide with: sliding windows by default, a
+    /// one-second store timeout, no extra headers or metadata.
+    pub(crate) fn for_tests(failure_mode: FailureMode) -> LimiterSettings {
+        LimiterSettings {
+            plan: PlanOptions {
+                default_algorithm: crate::limiter::Algorithm::SlidingWindow,
+                global_shadow: false,
+                global_quota: false,
+            },
+            failure_mode,
+            store_timeout: Duration::from_secs(1),
+            rate_limit_headers: false,
+            dynamic_metadata: false,
+        }
+    }
+}
+
 pub struct RateLimiter {
     rules: RulesHandle,
     store: Arc<dyn CounterStore>,

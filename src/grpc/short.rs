@@ -354,7 +354,7 @@ mod tests {
     }
 
     fn limiter() -> Arc<crate::service::RateLimiter> {
-        use crate::limiter::{Algorithm, KeyHasher, PlanOptions};
+        use crate::limiter::KeyHasher;
         use crate::service::{FailureMode, LimiterSettings};
         let yaml = "domain: api\ndescriptors:\n  - key: client\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n";
         let root = crate::rules::yaml::parse_str("api.yaml", yaml).unwrap();
@@ -365,17 +365,7 @@ mod tests {
             Arc::new(arc_swap::ArcSwap::from_pointee(rules)),
             store,
             KeyHasher::from_secret(b"test"),
-            LimiterSettings {
-                plan: PlanOptions {
-                    default_algorithm: Algorithm::SlidingWindow,
-                    global_shadow: false,
-                    global_quota: false,
-                },
-                failure_mode: FailureMode::Allow,
-                store_timeout: std::time::Duration::from_secs(1),
-                rate_limit_headers: false,
-                dynamic_metadata: false,
-            },
+            LimiterSettings::for_tests(FailureMode::Allow),
             clock,
         ))
     }

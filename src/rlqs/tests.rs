@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::clock::{Clock, ManualClock};
-use crate::limiter::{Algorithm, Code, Descriptor, Outcome, PlanOptions, Request};
+use crate::limiter::{Code, Descriptor, Outcome, Request};
 use crate::service::{FailureMode, LimiterSettings};
 use crate::storage::memory::MemoryStore;
 use crate::storage::{CounterStore, StoreError};
@@ -54,17 +54,7 @@ fn fixture_with(
         Arc::new(ArcSwap::from_pointee(rules)),
         store,
         KeyHasher::from_secret(b"test"),
-        LimiterSettings {
-            plan: PlanOptions {
-                default_algorithm: Algorithm::SlidingWindow,
-                global_shadow: false,
-                global_quota: false,
-            },
-            failure_mode,
-            store_timeout: Duration::from_secs(1),
-            rate_limit_headers: false,
-            dynamic_metadata: false,
-        },
+        LimiterSettings::for_tests(failure_mode),
         clock.clone(),
     ));
     let settings = QuotaSettings {
