@@ -19,8 +19,8 @@ use crate::events::amqp::AmqpSink;
 use crate::events::pipeline::{self, PipelineSettings};
 use crate::events::spool::Spool;
 use crate::grpc::{
-    ExplainHandler, RateLimitHandler, RateLimitQuotaHandler, ShortPath, RLQS_SERVICE_NAME,
-    SERVICE_NAME,
+    ExplainHandler, GrpcServer, RateLimitHandler, RateLimitQuotaHandler, ServerSettings,
+    RLQS_SERVICE_NAME, SERVICE_NAME,
 };
 use crate::health::EventsStatus;
 use crate::health::Readiness;
@@ -118,46 +118,44 @@ async fn serve_until(
     let quota = QuotaService::new(deps.limiter.clone(), deps.quota.clone());
     let limits = &deps.connections;
     let rate_limit = Arc::new(RateLimitHandler::new(deps.limiter.clone()));
-    let mut grpc_builder = tonic::transport::Server::builder()
-        // Each connection's calls, for its idle timeout.
-        .layer(listen::CountCalls)
-        // ShouldRateLimit, answered before tonic's router.
-        .layer(ShortPath::new(rate_limit.clone()))
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_keepalive_interval(limits.keepalive_interval)
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .http2_max_header_list_size(limits.max_header_bytes);
-    if let Some(age) = limits.max_connection_age {
-        // Past its age a connection gets a GOAWAY; its calls in flight have
-        // the shutdown grace period to finish.
-        grpc_builder = grpc_builder
-            .max_connection_age(age)
-            .max_connection_age_grace(deps.shutdown_grace);
-    }
-    let grpc_router = grpc_builder
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RateLimitHandler::server(rate_limit))
+        .add_service(RateLimitHandler::server(rate_limit.clone()))
         .add_service(ExplainHandler::new(deps.limiter.clone()).into_server())
         .add_service(RateLimitQuotaHandler::new(quota, stop_rx.clone()).into_server());
+    // sluice's own server on h2: ShouldRateLimit answered in each
+    // connection's task, everything else through tonic's router.
+    let grpc_server = Arc::new(GrpcServer::new(
+        rate_limit,
+        routes,
+        ServerSettings {
+            max_concurrent_streams: limits.max_concurrent_streams,
+            max_header_list_size: limits.max_header_bytes,
+            keepalive_interval: limits.keepalive_interval,
+            keepalive_timeout: limits.keepalive_timeout,
+            max_connection_age: limits.max_connection_age,
+            // Past its age a connection gets a GOAWAY; its calls in flight
+            // have the shutdown grace period to finish.
+            max_connection_age_grace: deps.shutdown_grace,
+        },
+    ));
     // Both ports accept through `listen`: a cap on connections, and a
     // deadline for the handshake (TLS and the HTTP/2 preface) before the
     // server keeps any state for a connection.
-    let grpc_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match &deps.tls {
-            Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
-                tls::incoming(grpc, tls.clone(), limits.grpc, limits.max_tls_handshakes),
-                stopped(stop_rx.clone()),
-            )),
-            None => Box::pin(grpc_router.serve_with_incoming_shutdown(
-                listen::incoming(grpc, "grpc", limits.grpc, |mut tcp| async move {
-                    let preface = listen::read_preface(&mut tcp).await?;
-                    Ok::<_, std::io::Error>((tcp, preface))
-                }),
-                stopped(stop_rx.clone()),
-            )),
-        };
+    let grpc_server: Pin<Box<dyn Future<Output = ()> + Send>> = match &deps.tls {
+        Some(tls) => Box::pin(grpc_server.serve(
+            tls::incoming(grpc, tls.clone(), limits.grpc, limits.max_tls_handshakes),
+            stopped(stop_rx.clone()),
+        )),
+        None => Box::pin(grpc_server.serve(
+            listen::incoming(grpc, "grpc", limits.grpc, |mut tcp| async move {
+                let preface = listen::read_preface(&mut tcp).await?;
+                Ok::<_, std::io::Error>((tcp, preface))
+            }),
+            stopped(stop_rx.clone()),
+        )),
+    };
     let router = http::router(http::HttpState {
         limiter: deps.limiter.clone(),
         readiness: deps.readiness.clone(),
@@ -167,7 +165,10 @@ async fn serve_until(
 
     let servers = async {
         tokio::try_join!(
-            async { grpc_server.await.context("gRPC server failed") },
+            async {
+                grpc_server.await;
+                Ok::<_, anyhow::Error>(())
+            },
             async {
                 http_server.await;
                 Ok(())

@@ -9,7 +9,7 @@
 //! | `app`       | composition root: build store, rules, servers; run until shutdown |
 //! | `commands`  | subcommands (`check`, `explain`, `rules`, the PostgreSQL admin ones, `admin`, `admin-tokens`) |
 //! | `config`    | the command line (every flag also a `SLUICE_*` env var), mapped to domain types |
-//! | `grpc`      | Envoy's `RateLimitService` (`ShouldRateLimit` on a short path before tonic's router), `sluice.v1.Sluice` (`Explain`), health, reflection |
+//! | `grpc`      | sluice's gRPC server on `h2` (`ShouldRateLimit` answered in each connection's task, the rest through tonic's router): Envoy's `RateLimitService`, `sluice.v1.Sluice` (`Explain`), health, reflection |
 //! | `http`      | `/json`, `/explain`, `/metrics`, `/healthz`, `/readyz` |
 //! | `tls`       | TLS and mutual TLS for gRPC and the admin API, with certificate reloads |
 //! | `listen`    | accepting connections within bounds: a cap, handshake deadlines, idle timeouts |

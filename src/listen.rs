@@ -16,8 +16,8 @@
 //! streams per connection, HTTP/2 keepalive, the HTTP request head timeout,
 //! message sizes (`grpc`, `http`, `app`). One bound is kept here because
 //! hyper has none for HTTP/2: an idle timeout on the gRPC port. The calls
-//! on each connection are counted ([`CountCalls`], a layer on the server,
-//! finds the connection's [`ConnectionCalls`] in each request), and a
+//! on each connection are counted (the gRPC server begins a call on the
+//! connection's [`ConnectionCalls`] for each stream), and a
 //! connection with no call in flight for the timeout is closed by its own
 //! reader, so a client that opens connections and leaves them idle holds
 //! its places under the cap for that long at most. Keepalive PINGs answered
@@ -42,7 +42,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::http;
 
 use crate::task::OwnedTask;
 use crate::telemetry::names;
@@ -57,7 +56,7 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Close a connection with no call in flight for this long; `None`:
     /// never, or the port's server has a timeout of its own (HTTP's head
-    /// timeout). Only for servers that count calls with [`CountCalls`]: a
+    /// timeout). Only for servers that count calls ([`Connection::calls`]): a
     /// connection whose calls go uncounted looks idle throughout.
     pub idle_timeout: Option<Duration>,
 }
@@ -164,12 +163,26 @@ pub struct Connection<T> {
     peer: SocketAddr,
     calls: Arc<Activity>,
     idle: Option<IdleTimer>,
+    /// Reads that returned bytes, for the server's keepalive.
+    reads: Arc<AtomicU64>,
     _slot: Slot,
 }
 
 impl<T> Connection<T> {
     pub fn get_ref(&self) -> &T {
         &self.io
+    }
+
+    /// The connection's calls: a call begun on them holds off the idle
+    /// timeout until it ends.
+    pub fn calls(&self) -> ConnectionCalls {
+        ConnectionCalls(self.calls.clone())
+    }
+
+    /// The count of reads that returned bytes: it moves while the client
+    /// sends anything at all (a keepalive's sign of life).
+    pub fn reads(&self) -> Arc<AtomicU64> {
+        self.reads.clone()
     }
 
     /// The client's address.
@@ -213,18 +226,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for Connection<T> {
             this.unread.advance(n);
             return Poll::Ready(Ok(()));
         }
-        let Some(idle) = this.idle.as_mut() else {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        };
         // Idle: the end of the stream, as if the client had closed it. The
         // server then closes its side; no call is in flight to lose.
-        if idle.poll_expired(&this.calls, cx).is_ready() {
-            return Poll::Ready(Ok(()));
+        if let Some(idle) = this.idle.as_mut() {
+            if idle.poll_expired(&this.calls, cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
         }
         let filled = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > filled {
-            idle.read = true;
+            this.reads.fetch_add(1, Ordering::Relaxed);
+            if let Some(idle) = this.idle.as_mut() {
+                idle.read = true;
+            }
         }
         read
     }
@@ -260,16 +275,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Connection<T> {
     }
 }
 
-/// What tonic puts in each request's extensions: the connection's calls
-/// (see [`CountCalls`]).
-impl<T> tonic::transport::server::Connected for Connection<T> {
-    type ConnectInfo = ConnectionCalls;
-
-    fn connect_info(&self) -> ConnectionCalls {
-        ConnectionCalls(self.calls.clone())
-    }
-}
-
 // === Idle connections ===
 
 /// The calls of one connection, in one word so that a call's end is one
@@ -294,22 +299,23 @@ impl Activity {
     }
 }
 
-/// A connection's calls, found in each request's extensions on a server
-/// whose connections come from [`incoming`].
+/// A connection's calls (see [`Connection::calls`]).
 #[derive(Clone, Debug)]
 pub struct ConnectionCalls(Arc<Activity>);
 
 impl ConnectionCalls {
-    fn begin(&self) -> CallGuard {
+    /// One call begun; it ends when the guard is dropped.
+    pub fn begin(&self) -> CallGuard {
         self.0 .0.fetch_add(BEGUN, Ordering::AcqRel);
         CallGuard(self.0.clone())
     }
 }
 
-/// One call in flight: it ends when its response body is dropped (sent in
-/// full, or the stream reset), so a streaming call counts while it lasts.
+/// One call in flight: it ends when the guard is dropped, once the call's
+/// answer is written (or its stream reset), so a streaming call counts
+/// while it lasts.
 #[derive(Debug)]
-struct CallGuard(Arc<Activity>);
+pub struct CallGuard(Arc<Activity>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
@@ -379,100 +385,6 @@ impl IdleTimer {
             }
         }
         Poll::Ready(())
-    }
-}
-
-/// A layer for tonic's server that counts each connection's calls, for
-/// the idle timeout ([`Incoming::idle_timeout`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CountCalls;
-
-impl<S> tower_layer::Layer<S> for CountCalls {
-    type Service = CountedCalls<S>;
-
-    fn layer(&self, inner: S) -> CountedCalls<S> {
-        CountedCalls { inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct CountedCalls<S> {
-    inner: S,
-}
-
-impl<S, B, R> tower_service::Service<http::Request<B>> for CountedCalls<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
-{
-    type Response = http::Response<CallBody<R>>;
-    type Error = S::Error;
-    type Future = CallFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = request
-            .extensions()
-            .get::<ConnectionCalls>()
-            .map(ConnectionCalls::begin);
-        CallFuture {
-            inner: self.inner.call(request),
-            call,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A call's response on its way: the call stays counted in its body.
-    pub struct CallFuture<F> {
-        #[pin]
-        inner: F,
-        call: Option<CallGuard>,
-    }
-}
-
-impl<F, R, E> Future for CallFuture<F>
-where
-    F: Future<Output = Result<http::Response<R>, E>>,
-{
-    type Output = Result<http::Response<CallBody<R>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = futures::ready!(this.inner.poll(cx));
-        let call = this.call.take();
-        Poll::Ready(response.map(|r| r.map(|inner| CallBody { inner, _call: call })))
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that ends its call when dropped.
-    pub struct CallBody<B> {
-        #[pin]
-        inner: B,
-        _call: Option<CallGuard>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for CallBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -549,6 +461,7 @@ where
                                 idle: limits
                                     .idle_timeout
                                     .map(|timeout| IdleTimer::new(timeout, port)),
+                                reads: Arc::default(),
                                 _slot: slot,
                             }))
                             .await;
@@ -677,7 +590,6 @@ mod tests {
     /// not while a call is (tokio's clock, paused: no waiting for real).
     #[tokio::test(start_paused = true)]
     async fn a_connection_reads_its_end_once_idle_and_never_during_a_call() {
-        use tonic::transport::server::Connected as _;
         const IDLE: Duration = Duration::from_secs(10);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -695,7 +607,7 @@ mod tests {
         conn.read_exact(&mut preface).await.unwrap();
 
         // A call in flight: no end, however long it lasts.
-        let call = conn.connect_info().begin();
+        let call = conn.calls().begin();
         let mut buf = [0u8; 16];
         let read = tokio::time::timeout(IDLE * 3, conn.read(&mut buf)).await;
         assert!(read.is_err(), "read {read:?} during a call");

@@ -4,12 +4,14 @@
 //! else, and this is the one place where errors become `tonic::Status`.
 
 mod bounded;
+mod server;
 mod short;
 
 pub mod rlqs;
 
 pub use rlqs::{RateLimitQuotaHandler, RLQS_SERVICE_NAME};
-pub use short::{framed, ok_trailers, OkBody, ShortPath};
+pub use server::{GrpcServer, ServerSettings};
+pub use short::{framed, ok_trailers, OkBody};
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -59,7 +61,7 @@ impl RateLimitHandler {
     /// The service, its request messages bounded by
     /// [`MAX_REQUEST_BYTES`](crate::limiter::bounds::MAX_REQUEST_BYTES).
     /// Uncompressed calls are answered before they reach it, by
-    /// [`ShortPath`] with the same handler.
+    /// the short path (`short`) with the same handler.
     pub fn server(
         handler: Arc<RateLimitHandler>,
     ) -> Bounded<RateLimitServiceServer<RateLimitHandler>> {

@@ -1,17 +1,17 @@
 //! `ShouldRateLimit` on a short path: the call Envoy makes for every request
-//! is answered by a layer in front of tonic's router, which reads the one
-//! request message and writes the answer itself. Everything else (the other
-//! services, and calls this layer leaves alone: compressed ones) goes
-//! through tonic as before, and so do tonic's own layers around it (the
-//! `grpc-timeout` deadline, the call count of [`crate::listen::CountCalls`]).
+//! is answered inside its connection's task ([`super::server`]), which reads
+//! the one request message and writes the answer on the HTTP/2 stream
+//! itself. Every other call (the other services, and calls this path leaves
+//! alone: compressed ones) goes to tonic's router.
 //!
 //! The answer is the one tonic's generated service gives, from the same
 //! [`RateLimitHandler`]: the same statuses and messages (a message that
 //! does not decode is `INVALID_ARGUMENT`, as the generated services' codec makes it), the same bound on
 //! the request message ([`MAX_REQUEST_BYTES`], `RESOURCE_EXHAUSTED` as
 //! [`super::Bounded`] answers), one data frame and `grpc-status: 0` in the
-//! trailers. What it saves per call is the router, tonic's streaming codec
-//! and its boxed futures and bodies (BENCHMARKS.md has the numbers).
+//! trailers. What it saves per call is the router, tonic's streaming codec,
+//! a task, and the boxed futures and bodies between them (BENCHMARKS.md has
+//! the numbers).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -19,84 +19,29 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
-use futures::future::{BoxFuture, Either, FutureExt as _};
+use h2::server::SendResponse;
+use h2::RecvStream;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use prost::Message as _;
-use tonic::body::Body;
 use tonic::codegen::http::{self, header, HeaderMap, HeaderValue};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::bounded::{over_the_bound, Prefixes};
+use super::server::{deadline, deadline_passed, within, RequestBody};
 use super::RateLimitHandler;
 use crate::limiter::bounds::MAX_REQUEST_BYTES;
+use crate::listen::CallGuard;
 use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
 
-/// The one method this layer answers.
+/// The one method this path answers.
 pub const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 
-/// A layer for tonic's server that answers `ShouldRateLimit` itself.
-#[derive(Clone)]
-pub struct ShortPath {
-    handler: Arc<RateLimitHandler>,
-}
-
-impl ShortPath {
-    pub fn new(handler: Arc<RateLimitHandler>) -> ShortPath {
-        ShortPath { handler }
-    }
-}
-
-impl<S> tower_layer::Layer<S> for ShortPath {
-    type Service = ShortPathService<S>;
-
-    fn layer(&self, inner: S) -> ShortPathService<S> {
-        ShortPathService {
-            inner,
-            handler: self.handler.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct ShortPathService<S> {
-    inner: S,
-    handler: Arc<RateLimitHandler>,
-}
-
-impl<S> tower_service::Service<http::Request<Body>> for ShortPathService<S>
-where
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Either<S::Future, Answer<S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if !takes(&request) {
-            return Either::Left(self.inner.call(request));
-        }
-        let answer: BoxFuture<'static, http::Response<Body>> =
-            Box::pin(answer(self.handler.clone(), request));
-        Either::Right(answer.map(Ok as fn(_) -> _))
-    }
-}
-
-/// The short path's answer, as the inner service's result.
-type Answer<E> = futures::future::Map<
-    BoxFuture<'static, http::Response<Body>>,
-    fn(http::Response<Body>) -> Result<http::Response<Body>, E>,
->;
-
-/// Whether this layer answers `request`: `ShouldRateLimit` in protobuf,
+/// Whether the short path answers `request`: `ShouldRateLimit` in protobuf,
 /// uncompressed. A compressed call goes to tonic, which refuses it as it
 /// refuses every compressed call (sluice accepts no compression).
-fn takes(request: &http::Request<Body>) -> bool {
+pub fn takes<B>(request: &http::Request<B>) -> bool {
     // The path first: every other call is passed on after one comparison.
     if request.uri().path() != SHOULD_RATE_LIMIT {
         return false;
@@ -111,34 +56,65 @@ fn takes(request: &http::Request<Body>) -> bool {
             .is_none_or(|e| e.as_bytes() == b"identity")
 }
 
-async fn answer(
+/// Answers one `ShouldRateLimit` call on its stream, within the call's
+/// `grpc-timeout`. The call counts on its connection until it is answered.
+pub async fn answer(
     handler: Arc<RateLimitHandler>,
-    request: http::Request<Body>,
-) -> http::Response<Body> {
+    request: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    _call: CallGuard,
+) {
     let (parts, body) = request.into_parts();
-    let message = match read_message(body).await {
-        Ok(bytes) => bytes,
-        Err(status) => return status.into_http(),
+    let deadline = deadline(&parts.headers);
+    let decided = within(deadline, decide(&handler, parts.headers, body)).await;
+    let (head, message) = match decided {
+        Some(Ok(message)) => (ok_head(), framed(&message)),
+        Some(Err(status)) => (status.into_http::<()>(), Bytes::new()),
+        None => (deadline_passed().into_http::<()>(), Bytes::new()),
     };
-    let message = match RateLimitRequest::decode(message) {
-        Ok(message) => message,
-        Err(e) => return crate::proto::does_not_decode(e).into_http(),
+    // A status alone is a trailers-only response: the head ends the stream.
+    let Ok(mut stream) = respond.send_response(head, message.is_empty()) else {
+        return;
     };
-    let metadata = MetadataMap::from_headers(parts.headers);
-    match handler.answer(message, &metadata).await {
-        Ok(response) => ok(&response),
-        Err(status) => status.into_http(),
+    if !message.is_empty() && stream.send_data(message, false).is_ok() {
+        let _ = stream.send_trailers(ok_trailers());
     }
+}
+
+async fn decide(
+    handler: &RateLimitHandler,
+    headers: HeaderMap,
+    body: RecvStream,
+) -> Result<RateLimitResponse, Status> {
+    let message = read_message(RequestBody::new(body)).await?;
+    let message = RateLimitRequest::decode(message).map_err(crate::proto::does_not_decode)?;
+    let metadata = MetadataMap::from_headers(headers);
+    handler.answer(message, &metadata).await
+}
+
+/// The head of a successful answer.
+fn ok_head() -> http::Response<()> {
+    let mut head = http::Response::new(());
+    head.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    head
 }
 
 /// The call's first message, without its prefix; the rest of the body is
 /// read for the bound and dropped, as tonic's unary calls do.
-async fn read_message(body: Body) -> Result<Bytes, Status> {
+async fn read_message<B>(body: B) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut body = std::pin::pin!(body);
     let mut prefixes = Prefixes::default();
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
+        let frame = frame.map_err(|e| Status::from_error(e.into()))?;
+        let Ok(data) = frame.into_data() else {
             continue;
         };
         prefixes
@@ -180,16 +156,6 @@ fn first_message_len(buf: &[u8]) -> Option<usize> {
         [_, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d]) as usize),
         _ => None,
     }
-}
-
-/// A successful answer: the message in one data frame, then the trailers.
-fn ok(message: &RateLimitResponse) -> http::Response<Body> {
-    let mut response = http::Response::new(Body::new(OkBody::new(framed(message))));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    response
 }
 
 /// `message` as one gRPC message: the uncompressed flag, its length (u32,
@@ -272,7 +238,7 @@ mod tests {
             .into_iter()
             .map(|c| Ok::<_, Status>(Frame::data(Bytes::from(c))));
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        read_message(Body::new(body)).await
+        read_message(body).await
     }
 
     #[tokio::test]
@@ -318,101 +284,6 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_answer_is_one_message_then_grpc_status_0() {
-        let response = ok(&RateLimitResponse {
-            overall_code: 1,
-            ..RateLimitResponse::default()
-        });
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/grpc");
-        let collected = response.into_body().collect().await.unwrap();
-        let trailers = collected.trailers().cloned().unwrap();
-        assert_eq!(trailers["grpc-status"], "0");
-        let bytes = collected.to_bytes();
-        assert_eq!(first_message_len(&bytes), Some(bytes.len() - 5));
-        let decoded = RateLimitResponse::decode(&bytes[5..]).unwrap();
-        assert_eq!(decoded.overall_code, 1);
-    }
-
-    /// The service behind the layer: it answers UNIMPLEMENTED, so a call
-    /// that reaches it is told so.
-    #[derive(Clone)]
-    struct Unimplemented;
-
-    impl tower_service::Service<http::Request<Body>> for Unimplemented {
-        type Response = http::Response<Body>;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<http::Response<Body>, Infallible>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
-            std::future::ready(Ok(Status::unimplemented("not here").into_http()))
-        }
-    }
-
-    fn limiter() -> Arc<crate::service::RateLimiter> {
-        use crate::limiter::KeyHasher;
-        use crate::service::{FailureMode, LimiterSettings};
-        let yaml = "domain: api\ndescriptors:\n  - key: client\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n";
-        let root = crate::rules::yaml::parse_str("api.yaml", yaml).unwrap();
-        let rules = crate::rules::yaml::compile_all(&[("api.yaml".into(), root)]).unwrap();
-        let clock = Arc::new(crate::clock::ManualClock::new(1_700_000_000_000_000));
-        let store = Arc::new(crate::storage::memory::MemoryStore::new(100, clock.clone()));
-        Arc::new(crate::service::RateLimiter::new(
-            Arc::new(arc_swap::ArcSwap::from_pointee(rules)),
-            store,
-            KeyHasher::from_secret(b"test"),
-            LimiterSettings::for_tests(FailureMode::Allow),
-            clock,
-        ))
-    }
-
-    #[tokio::test]
-    async fn should_rate_limit_is_answered_by_the_layer_and_the_rest_passed_on() {
-        use crate::proto::common::{rate_limit_descriptor::Entry, RateLimitDescriptor};
-        use tower_layer::Layer as _;
-        use tower_service::Service as _;
-        let handler = Arc::new(RateLimitHandler::new(limiter()));
-        let mut service = ShortPath::new(handler).layer(Unimplemented);
-        let message = RateLimitRequest {
-            domain: "api".into(),
-            descriptors: vec![RateLimitDescriptor {
-                entries: vec![Entry {
-                    key: "client".into(),
-                    value: "a".into(),
-                }],
-                ..RateLimitDescriptor::default()
-            }],
-            ..RateLimitRequest::default()
-        };
-        let call = |path: &str| {
-            http::Request::builder()
-                .uri(format!("http://sluice{path}"))
-                .header(header::CONTENT_TYPE, "application/grpc")
-                .body(Body::new(http_body_util::Full::new(framed(&message))))
-                .unwrap()
-        };
-        // Decided here, against the rule: OK, then OVER_LIMIT (1 a minute).
-        for expected in [1, 2] {
-            let response = service.call(call(SHOULD_RATE_LIMIT)).await.unwrap();
-            assert!(response.headers().get("grpc-status").is_none());
-            let collected = response.into_body().collect().await.unwrap();
-            assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
-            let bytes = collected.to_bytes();
-            let answer = RateLimitResponse::decode(&bytes[5..]).unwrap();
-            assert_eq!(answer.overall_code, expected);
-        }
-        // Any other method reaches the service behind.
-        let response = service
-            .call(call("/sluice.v1.Sluice/Explain"))
-            .await
-            .unwrap();
-        assert_eq!(response.headers()["grpc-status"], "12");
-    }
-
     #[test]
     fn only_uncompressed_should_rate_limit_calls_are_taken() {
         let request = |path: &str, content_type: &str, encoding: Option<&str>| {
@@ -422,7 +293,7 @@ mod tests {
             if let Some(e) = encoding {
                 r = r.header("grpc-encoding", e);
             }
-            r.body(Body::default()).unwrap()
+            r.body(()).unwrap()
         };
         assert!(takes(&request(SHOULD_RATE_LIMIT, "application/grpc", None)));
         assert!(takes(&request(
