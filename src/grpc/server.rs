@@ -42,7 +42,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
-use tonic::codegen::http::{self, HeaderMap};
+use tonic::codegen::http::{self, HeaderMap, HeaderName};
 use tonic::service::Routes;
 use tonic::Status;
 use tower_service::Service as _;
@@ -192,7 +192,7 @@ impl GrpcServer {
                         let call = calls.begin();
                         if short::takes(&request) {
                             decisions.push(short::answer(
-                                self.rate_limit.clone(),
+                                &self.rate_limit,
                                 request,
                                 respond,
                                 call,
@@ -459,7 +459,9 @@ impl http_body::Body for RequestBody {
 /// at most 8 digits, then `H`, `M`, `S`, `m`, `u` or `n`). One that does
 /// not parse is ignored, as tonic's server ignores it.
 pub fn deadline(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.as_bytes();
+    // A name known at compile time: looked up without parsing it per call.
+    const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    let value = headers.get(&GRPC_TIMEOUT)?.as_bytes();
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

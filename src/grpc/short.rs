@@ -15,7 +15,6 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -24,7 +23,7 @@ use h2::RecvStream;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use prost::Message as _;
-use tonic::codegen::http::{self, header, HeaderMap, HeaderValue};
+use tonic::codegen::http::{self, header, HeaderMap, HeaderName, HeaderValue};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -37,6 +36,10 @@ use crate::proto::rls::{RateLimitRequest, RateLimitResponse};
 
 /// The one method this path answers.
 pub const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+// Names known at compile time: looked up without parsing them per call.
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether the short path answers `request`: `ShouldRateLimit` in protobuf,
 /// uncompressed. A compressed call goes to tonic, which refuses it as it
@@ -52,21 +55,21 @@ pub fn takes<B>(request: &http::Request<B>) -> bool {
     });
     protobuf
         && headers
-            .get("grpc-encoding")
+            .get(&GRPC_ENCODING)
             .is_none_or(|e| e.as_bytes() == b"identity")
 }
 
 /// Answers one `ShouldRateLimit` call on its stream, within the call's
 /// `grpc-timeout`. The call counts on its connection until it is answered.
 pub async fn answer(
-    handler: Arc<RateLimitHandler>,
+    handler: &RateLimitHandler,
     request: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     _call: CallGuard,
 ) {
     let (parts, body) = request.into_parts();
     let deadline = deadline(&parts.headers);
-    let decided = within(deadline, decide(&handler, parts.headers, body)).await;
+    let decided = within(deadline, decide(handler, parts.headers, body)).await;
     let (head, message) = match decided {
         Some(Ok(message)) => (ok_head(), framed(&message)),
         Some(Err(status)) => (status.into_http::<()>(), Bytes::new()),
@@ -172,7 +175,7 @@ pub fn framed(message: &impl prost::Message) -> Bytes {
 /// The trailers of a successful call.
 pub fn ok_trailers() -> HeaderMap {
     let mut trailers = HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
     trailers
 }
 

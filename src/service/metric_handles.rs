@@ -17,7 +17,7 @@
 //! the first `--metrics-tenants` tenants of the rules snapshot (by name),
 //! else `other`, so the label has at most that many values plus one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap as StdHashMap, HashSet};
 use std::sync::{Arc, OnceLock, Weak};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -25,6 +25,12 @@ use metrics::{counter, histogram, Counter, Histogram};
 
 use crate::limiter::{Code, Decision, RuleSet};
 use crate::telemetry::names;
+
+/// The handles' maps: foldhash, not SipHash, as the rules' own maps
+/// (`limiter::ruleset`). Their keys are bounded by the rules (a domain of
+/// the rules or the unknown label, a rule's path, a tenant label), so no
+/// client can fill them; a decision looks up two of them.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 /// Decision counters by domain label, then by rule path; the store's
 /// latency histogram.
