@@ -185,32 +185,22 @@ impl GrpcServer {
         // Calls for tonic's router, each in a task of its own, ended with
         // the connection.
         let mut routed = JoinSet::new();
+        let start = |request: http::Request<RecvStream>, respond| {
+            let call = calls.begin();
+            if short::takes(&request) {
+                Call::Decision(short::answer(&self.rate_limit, request, respond, call))
+            } else {
+                Call::Routed(route(self.routes.clone(), request, respond, call))
+            }
+        };
         loop {
             tokio::select! {
-                accepted = h2.accept() => match accepted {
-                    Some(Ok((request, respond))) => {
-                        let call = calls.begin();
-                        if short::takes(&request) {
-                            decisions.push(short::answer(
-                                &self.rate_limit,
-                                request,
-                                respond,
-                                call,
-                            ));
-                        } else {
-                            routed.spawn(route(self.routes.clone(), request, respond, call));
-                        }
-                    }
-                    Some(Err(e)) => {
+                closed = poll_fn(|cx| poll_calls(&mut h2, &mut decisions, &mut routed, &start, cx)) => {
+                    if let Err(e) = closed {
                         tracing::debug!(%peer, error = %e, "gRPC connection failed");
-                        break;
                     }
-                    // Closed, by the client or after a GOAWAY once the
-                    // last call ended.
-                    None => break,
-                },
-                Some(()) = decisions.next(), if !decisions.is_empty() => {}
-                Some(_) = routed.join_next(), if !routed.is_empty() => {}
+                    break;
+                }
                 () = &mut stopping, if !stopped => {
                     stopped = true;
                     h2.graceful_shutdown();
@@ -231,6 +221,58 @@ impl GrpcServer {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// A call begun: a decision, polled in its connection's task, or a call
+/// for tonic's router, spawned.
+enum Call<D, R> {
+    Decision(D),
+    Routed(R),
+}
+
+/// Drives a connection's calls: accepts every stream that has arrived,
+/// starts its call, and polls the decisions under way, round after round
+/// until nothing moves. The connection is polled again after every round
+/// that answered a call, so the answers of one wake-up go out together, in
+/// one write, not in one write each. Ready when the connection has closed
+/// (`Ok`) or failed.
+fn poll_calls<T, D, R>(
+    h2: &mut h2::server::Connection<T, Bytes>,
+    decisions: &mut FuturesUnordered<D>,
+    routed: &mut JoinSet<()>,
+    start: &impl Fn(http::Request<RecvStream>, SendResponse<Bytes>) -> Call<D, R>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), h2::Error>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    D: Future<Output = ()>,
+    R: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        loop {
+            match h2.poll_accept(cx) {
+                Poll::Ready(Some(Ok((request, respond)))) => match start(request, respond) {
+                    Call::Decision(decision) => decisions.push(decision),
+                    Call::Routed(call) => {
+                        routed.spawn(call);
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                // Closed, by the client or after a GOAWAY once the last
+                // call ended.
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => break,
+            }
+        }
+        let mut answered = false;
+        while let Poll::Ready(Some(())) = decisions.poll_next_unpin(cx) {
+            answered = true;
+        }
+        while let Poll::Ready(Some(_)) = routed.poll_join_next(cx) {}
+        if !answered {
+            return Poll::Pending;
         }
     }
 }
