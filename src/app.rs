@@ -19,8 +19,8 @@ use crate::events::amqp::AmqpSink;
 use crate::events::pipeline::{self, PipelineSettings};
 use crate::events::spool::Spool;
 use crate::grpc::{
-    ExplainHandler, GrpcServer, RateLimitHandler, RateLimitQuotaHandler, ServerSettings,
-    RLQS_SERVICE_NAME, SERVICE_NAME,
+    ExplainHandler, GrpcServer, RateLimitHandler, RateLimitQuotaHandler, RLQS_SERVICE_NAME,
+    SERVICE_NAME,
 };
 use crate::health::EventsStatus;
 use crate::health::Readiness;
@@ -129,16 +129,10 @@ async fn serve_until(
     let grpc_server = Arc::new(GrpcServer::new(
         rate_limit,
         routes,
-        ServerSettings {
-            max_concurrent_streams: limits.max_concurrent_streams,
-            max_header_list_size: limits.max_header_bytes,
-            keepalive_interval: limits.keepalive_interval,
-            keepalive_timeout: limits.keepalive_timeout,
-            max_connection_age: limits.max_connection_age,
-            // Past its age a connection gets a GOAWAY; its calls in flight
-            // have the shutdown grace period to finish.
-            max_connection_age_grace: deps.shutdown_grace,
-        },
+        limits.clone(),
+        // Past its age a connection gets a GOAWAY; its calls in flight have
+        // the shutdown grace period to finish.
+        deps.shutdown_grace,
     ));
     // Both ports accept through `listen`: a cap on connections, and a
     // deadline for the handshake (TLS and the HTTP/2 preface) before the

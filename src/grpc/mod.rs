@@ -10,7 +10,7 @@ mod short;
 pub mod rlqs;
 
 pub use rlqs::{RateLimitQuotaHandler, RLQS_SERVICE_NAME};
-pub use server::{GrpcServer, ServerSettings};
+pub use server::GrpcServer;
 pub use short::{framed, ok_trailers, OkBody};
 
 use std::sync::{Arc, OnceLock};

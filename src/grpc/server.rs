@@ -49,7 +49,7 @@ use tower_service::Service as _;
 
 use super::short;
 use super::RateLimitHandler;
-use crate::listen::{CallGuard, Connection, Incoming};
+use crate::listen::{CallGuard, Connection, ConnectionSettings, Incoming};
 
 /// The HTTP/2 flow-control windows a client may fill before it waits for
 /// an update: hyper's defaults, which tonic's server used.
@@ -58,43 +58,30 @@ const WINDOW: u32 = 1024 * 1024;
 /// client's window (hyper's default).
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 
-/// The bounds of the server's connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServerSettings {
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`: calls in flight on one connection.
-    pub max_concurrent_streams: u32,
-    /// `SETTINGS_MAX_HEADER_LIST_SIZE`, in bytes.
-    pub max_header_list_size: u32,
-    /// A PING after this long with nothing read from the client; `None`:
-    /// never.
-    pub keepalive_interval: Option<Duration>,
-    /// How long a PING may go unanswered before the connection is closed.
-    pub keepalive_timeout: Duration,
-    /// A GOAWAY once a connection is this old; `None`: never.
-    pub max_connection_age: Option<Duration>,
-    /// How long the calls in flight on a connection past its age may take
-    /// before the connection is closed under them.
-    pub max_connection_age_grace: Duration,
-}
-
 /// What the server answers with: `ShouldRateLimit` on the short path, and
 /// tonic's router for everything else.
 pub struct GrpcServer {
     rate_limit: Arc<RateLimitHandler>,
     routes: Routes,
-    settings: ServerSettings,
+    /// The port's bounds: streams, header size, keepalive, connection age.
+    settings: ConnectionSettings,
+    /// How long the calls in flight on a connection past its age may take
+    /// before the connection is closed under them.
+    age_grace: Duration,
 }
 
 impl GrpcServer {
     pub fn new(
         rate_limit: Arc<RateLimitHandler>,
         routes: Routes,
-        settings: ServerSettings,
+        settings: ConnectionSettings,
+        age_grace: Duration,
     ) -> GrpcServer {
         GrpcServer {
             rate_limit,
             routes: routes.prepare(),
             settings,
+            age_grace,
         }
     }
 
@@ -138,7 +125,7 @@ impl GrpcServer {
             .initial_connection_window_size(WINDOW)
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .max_concurrent_streams(self.settings.max_concurrent_streams)
-            .max_header_list_size(self.settings.max_header_list_size);
+            .max_header_list_size(self.settings.max_header_bytes);
         builder
     }
 
@@ -212,9 +199,7 @@ impl GrpcServer {
                     }
                     aged = true;
                     h2.graceful_shutdown();
-                    age = Some(Box::pin(tokio::time::sleep(
-                        self.settings.max_connection_age_grace,
-                    )));
+                    age = Some(Box::pin(tokio::time::sleep(self.age_grace)));
                 }
                 () = poll_fn(|cx| poll_keepalive(&mut keepalive, cx)), if keepalive.is_some() => {
                     tracing::debug!(%peer, "keepalive PING unanswered: closing the connection");
@@ -626,16 +611,8 @@ mod tests {
         ))
     }
 
-    fn settings() -> ServerSettings {
-        ServerSettings {
-            max_concurrent_streams: 64,
-            max_header_list_size: 16 * 1024,
-            keepalive_interval: None,
-            keepalive_timeout: Duration::from_secs(10),
-            max_connection_age: None,
-            max_connection_age_grace: Duration::from_secs(10),
-        }
-    }
+    /// The grace past a connection's age, in the tests.
+    const GRACE: Duration = Duration::from_millis(300);
 
     struct Running {
         addr: SocketAddr,
@@ -643,7 +620,7 @@ mod tests {
         served: tokio::task::JoinHandle<()>,
     }
 
-    async fn start(settings: ServerSettings) -> Running {
+    async fn start(settings: ConnectionSettings) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limits = Limits {
@@ -658,7 +635,7 @@ mod tests {
         let (_, health) = tonic_health::server::health_reporter();
         let routes = Routes::new(health).add_service(Slow);
         let handler = Arc::new(RateLimitHandler::new(limiter()));
-        let server = Arc::new(GrpcServer::new(handler, routes, settings));
+        let server = Arc::new(GrpcServer::new(handler, routes, settings, GRACE));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(server.serve(incoming, async {
             let _ = stopped.await;
@@ -742,7 +719,7 @@ mod tests {
 
     #[tokio::test]
     async fn decisions_are_answered_and_other_calls_routed() {
-        let server = start(settings()).await;
+        let server = start(ConnectionSettings::default()).await;
         let mut client = RateLimitServiceClient::connect(format!("http://{}", server.addr))
             .await
             .unwrap();
@@ -794,7 +771,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_past_its_grpc_timeout_is_answered_deadline_exceeded() {
-        let server = start(settings()).await;
+        let server = start(ConnectionSettings::default()).await;
         let mut client = h2_client(server.addr).await;
         let head = call(&mut client, Slow::PATH, Some("50m")).await;
         assert_eq!(head.headers["grpc-status"], "4", "{head:?}");
@@ -805,7 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_sends_a_goaway_and_waits_for_the_calls_in_flight() {
-        let mut server = start(settings()).await;
+        let mut server = start(ConnectionSettings::default()).await;
         let mut client = h2_client(server.addr).await;
         let in_flight = tokio::spawn(async move { call(&mut client, Slow::PATH, None).await });
         // The call is under way when the server is told to stop.
@@ -832,10 +809,10 @@ mod tests {
     #[tokio::test]
     async fn an_unanswered_keepalive_ping_closes_the_connection_and_an_answered_one_does_not() {
         const INTERVAL: Duration = Duration::from_millis(200);
-        let server = start(ServerSettings {
+        let server = start(ConnectionSettings {
             keepalive_interval: Some(INTERVAL),
             keepalive_timeout: Duration::from_millis(300),
-            ..settings()
+            ..ConnectionSettings::default()
         })
         .await;
         // A client that answers nothing: a PING, then the end.
@@ -858,10 +835,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_past_its_age_gets_a_goaway_then_closes_after_the_grace() {
-        let server = start(ServerSettings {
+        let server = start(ConnectionSettings {
             max_connection_age: Some(Duration::from_millis(300)),
-            max_connection_age_grace: Duration::from_millis(300),
-            ..settings()
+            ..ConnectionSettings::default()
         })
         .await;
         let mut raw = raw_client(server.addr).await;
